@@ -1,0 +1,33 @@
+# rafsd: see README.md. Tests need root (FUSE, EROFS and fanotify mounts).
+GO        ?= go
+GIT_COMMIT = $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+VERSION    = $(shell git describe --tags --always 2>/dev/null || echo dev)
+LDFLAGS    = -X github.com/rafsd/rafsd/internal/version.Version=$(VERSION) -X github.com/rafsd/rafsd/internal/version.GitCommit=$(GIT_COMMIT)
+BIN        = bin
+
+.PHONY: all build test deps bench demo fuzz clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+
+# deps installs the system tools the tests use (Debian).
+deps:
+	./.ci/deps
+
+test: build
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 60m ./...
+
+fuzz:
+	./.ci/fuzz 10s
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
+
+demo: build
+	./scripts/demo.sh
+
+clean:
+	rm -rf $(BIN)
