@@ -47,17 +47,27 @@ func (i *Inode) Spans(off, n uint64) []Span {
 	pos := off
 	for ; pos < end; k++ {
 		if k >= len(i.Chunks) || i.Chunks[k].FileOffset >= end {
-			out = append(out, Span{FileOffset: pos, Len: uint32(end - pos)})
+			out = appendHole(out, pos, end)
 			break
 		}
 		c := i.Chunks[k]
 		if c.FileOffset > pos {
-			out = append(out, Span{FileOffset: pos, Len: uint32(c.FileOffset - pos)})
+			out = appendHole(out, pos, c.FileOffset)
 			pos = c.FileOffset
 		}
 		cend := min(c.FileOffset+uint64(c.UncompressedSize), end)
 		out = append(out, Span{FileOffset: pos, Len: uint32(cend - pos), Chunk: c.Chunk, ChunkOffset: uint32(pos - c.FileOffset)})
 		pos = cend
+	}
+	return out
+}
+
+// appendHole adds hole spans for [from, to), split so each Len fits in 32 bits.
+func appendHole(out []Span, from, to uint64) []Span {
+	for from < to {
+		n := min(to-from, 1<<31)
+		out = append(out, Span{FileOffset: from, Len: uint32(n)})
+		from += n
 	}
 	return out
 }
