@@ -19,6 +19,7 @@ deps:
 test: build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 60m ./...
+	./.ci/fuzz 5s
 
 fuzz:
 	./.ci/fuzz 10s
