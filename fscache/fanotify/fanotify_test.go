@@ -1,0 +1,249 @@
+package fanotify
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func pattern(off, n uint64) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = byte((off + uint64(i)) * 31 >> 3)
+	}
+	return p
+}
+
+// patternFiller writes the pattern for the event's range through the
+// event's fd, or fails as told.
+type patternFiller struct {
+	fail  error
+	block bool
+	calls atomic.Int32
+}
+
+func (p *patternFiller) Fill(ctx context.Context, f *os.File, ev Event) error {
+	p.calls.Add(1)
+	if p.block {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	if p.fail != nil {
+		return p.fail
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	off, n := ev.Offset, ev.Count
+	if !ev.HasRange || off+n > uint64(fi.Size()) {
+		off, n = 0, uint64(fi.Size())
+	}
+	_, err = f.WriteAt(pattern(off, n), int64(off))
+	return err
+}
+
+// serve marks a fresh sparse file and serves it with f until the test ends.
+func serve(t *testing.T, f Filler, opts Options) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "blob.cache")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	g, err := New()
+	if err != nil {
+		t.Fatalf("this kernel must support pre-content events: %v", err)
+	}
+	if err := g.Mark(path); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- g.Serve(ctx, f, opts) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		g.Close()
+	})
+	return path
+}
+
+func readAt(path string, off int64, n int) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	p := make([]byte, n)
+	m, err := f.ReadAt(p, off)
+	return p[:m], err
+}
+
+func TestFillOnRead(t *testing.T) {
+	fl := &patternFiller{}
+	path := serve(t, fl, Options{})
+	for _, tc := range []struct {
+		off int64
+		n   int
+	}{{0, 4096}, {123456, 777}, {1<<20 - 10, 10}} {
+		got, err := readAt(path, tc.off, tc.n)
+		if err != nil {
+			t.Fatalf("read at %d: %v", tc.off, err)
+		}
+		if !bytes.Equal(got, pattern(uint64(tc.off), uint64(tc.n))) {
+			t.Fatalf("read at %d: bytes differ from the fill", tc.off)
+		}
+	}
+	if fl.calls.Load() == 0 {
+		t.Fatal("no fill was asked for")
+	}
+}
+
+func TestFailedFillIsEIO(t *testing.T) {
+	path := serve(t, &patternFiller{fail: errors.New("backend down")}, Options{})
+	_, err := readAt(path, 0, 4096)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read = %v, want EIO", err)
+	}
+}
+
+func TestErrnoPassedThrough(t *testing.T) {
+	path := serve(t, &patternFiller{fail: unix.ENOSPC}, Options{})
+	if _, err := readAt(path, 0, 1); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("read = %v, want ENOSPC", err)
+	}
+}
+
+// A stuck backend must not hang the reader past the deadline.
+func TestDeadline(t *testing.T) {
+	path := serve(t, &patternFiller{block: true}, Options{Timeout: 300 * time.Millisecond})
+	start := time.Now()
+	_, err := readAt(path, 0, 4096)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read = %v, want EIO", err)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Fatalf("reader waited %s", took)
+	}
+}
+
+func event(mask uint64, fd, pid int32, rng *[2]uint64) []byte {
+	b := make([]byte, metadataLen)
+	le := binary.LittleEndian
+	b[4] = unix.FANOTIFY_METADATA_VERSION
+	le.PutUint16(b[6:], metadataLen)
+	le.PutUint64(b[8:], mask)
+	le.PutUint32(b[16:], uint32(fd))
+	le.PutUint32(b[20:], uint32(pid))
+	if rng != nil {
+		r := make([]byte, infoRangeLen)
+		r[0] = unix.FAN_EVENT_INFO_TYPE_RANGE
+		le.PutUint16(r[2:], infoRangeLen)
+		le.PutUint64(r[8:], rng[0])
+		le.PutUint64(r[16:], rng[1])
+		b = append(b, r...)
+	}
+	le.PutUint32(b[0:], uint32(len(b)))
+	return b
+}
+
+func TestParseEvents(t *testing.T) {
+	buf := append(event(unix.FAN_PRE_ACCESS, 7, 100, &[2]uint64{4096, 131072}), event(unix.FAN_PRE_ACCESS, 8, 101, nil)...)
+	evs, err := ParseEvents(buf)
+	if err != nil || len(evs) != 2 {
+		t.Fatalf("%v %v", evs, err)
+	}
+	if e := evs[0]; !e.HasRange || e.Offset != 4096 || e.Count != 131072 || e.Fd != 7 || e.Pid != 100 {
+		t.Errorf("event 0: %+v", e)
+	}
+	if e := evs[1]; e.HasRange || e.Fd != 8 {
+		t.Errorf("event 1: %+v", e)
+	}
+	bad := map[string][]byte{
+		"short":        buf[:10],
+		"length past":  func() []byte { b := bytes.Clone(buf); binary.LittleEndian.PutUint32(b, 9999); return b }(),
+		"length small": func() []byte { b := bytes.Clone(buf); binary.LittleEndian.PutUint32(b, 3); return b }(),
+		"version":      func() []byte { b := bytes.Clone(buf); b[4] = 9; return b }(),
+		"info length":  func() []byte { b := bytes.Clone(buf); binary.LittleEndian.PutUint16(b[metadataLen+2:], 200); return b }(),
+		"info zero":    func() []byte { b := bytes.Clone(buf); binary.LittleEndian.PutUint16(b[metadataLen+2:], 0); return b }(),
+	}
+	for name, b := range bad {
+		if _, err := ParseEvents(b); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func FuzzParseEvents(f *testing.F) {
+	f.Add(event(unix.FAN_PRE_ACCESS, 7, 100, &[2]uint64{0, 4096}))
+	f.Add(append(event(unix.FAN_PRE_ACCESS, 7, 100, nil), event(0, -1, 0, nil)...))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		evs, _ := ParseEvents(b)
+		if len(evs)*metadataLen > len(b) {
+			t.Fatalf("%d events from %d bytes", len(evs), len(b))
+		}
+	})
+}
+
+// While a second holder keeps the group alive, a reader that arrives when no
+// daemon serves blocks (no zeros) and is answered by the next daemon that
+// serves the same group.
+func TestHandoverKeepsReadersBlocked(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "blob.cache")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(path, 1<<16)
+	g, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Mark(path); err != nil {
+		t.Fatal(err)
+	}
+	held, err := unix.Dup(g.FD()) // the supervisor's copy
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.Close() // the first daemon is gone
+
+	type result struct {
+		b   []byte
+		err error
+	}
+	res := make(chan result, 1)
+	go func() { b, err := readAt(path, 100, 200); res <- result{b, err} }()
+	select {
+	case r := <-res:
+		t.Fatalf("reader was answered with no daemon serving: %v %v", r.b[:8], r.err)
+	case <-time.After(300 * time.Millisecond):
+	}
+
+	g2 := FromFD(held)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- g2.Serve(ctx, &patternFiller{}, Options{}) }()
+	defer func() { cancel(); <-done; g2.Close() }()
+	select {
+	case r := <-res:
+		if r.err != nil || !bytes.Equal(r.b, pattern(100, 200)) {
+			t.Fatalf("after handover: %v, bytes ok=%v", r.err, bytes.Equal(r.b, pattern(100, 200)))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("reader not answered by the new daemon")
+	}
+}
