@@ -196,3 +196,20 @@ func TestSpansHoles(t *testing.T) {
 		t.Errorf("hole file spans %+v", s)
 	}
 }
+
+func TestBlobLayout(t *testing.T) {
+	img, _, _ := testImage(t)
+	ls := img.BlobLayouts()
+	if len(ls) != 1 || len(ls[0].Chunks) != 3 {
+		t.Fatalf("layouts %+v", ls)
+	}
+	l := ls[0]
+	for _, tc := range []struct {
+		off, n uint64
+		want   int
+	}{{0, 1, 1}, {0, 4096, 1}, {0, 4097, 2}, {4095, 2, 2}, {8192, 100, 1}, {9000, 1 << 40, 0}, {0, ^uint64(0), 3}} {
+		if got := l.Range(tc.off, tc.n); len(got) != tc.want {
+			t.Errorf("Range(%d,%d) = %d chunks, want %d", tc.off, tc.n, len(got), tc.want)
+		}
+	}
+}
