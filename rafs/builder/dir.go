@@ -1,0 +1,160 @@
+package builder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rafsd/rafsd/rafs"
+)
+
+// AddDir reads the layer from directory dir (nydus-image --type
+// dir-rafs): every file, with mode, owner, times (ns), xattrs, hardlinks
+// (same device and inode), symlinks, devices, fifos and sockets. The
+// directory's own attributes become the root's. OCI whiteout files in the
+// tree act on the parent image, if any, and are kept otherwise.
+func (b *Builder) AddDir(ctx context.Context, dir string) error {
+	r := &dirReader{b: b, links: map[[2]uint64]*node{}, buf: make([]byte, b.opts.ChunkSize)}
+	root, err := r.node(ctx, dir)
+	if err != nil {
+		return err
+	}
+	if !root.isDir() {
+		return fmt.Errorf("builder: %s is not a directory", dir)
+	}
+	return b.addLayer(root)
+}
+
+type dirReader struct {
+	b     *Builder
+	links map[[2]uint64]*node
+	buf   []byte
+}
+
+func (r *dirReader) node(ctx context.Context, p string) (*node, error) {
+	var st unix.Stat_t
+	if err := unix.Lstat(p, &st); err != nil {
+		return nil, fmt.Errorf("builder: %w", &os.PathError{Op: "lstat", Path: p, Err: err})
+	}
+	typ := st.Mode & syscall.S_IFMT
+	key := [2]uint64{st.Dev, st.Ino}
+	if typ != syscall.S_IFDIR && st.Nlink > 1 {
+		if n, ok := r.links[key]; ok {
+			return n, nil
+		}
+	}
+	n := &node{
+		mode: st.Mode, uid: st.Uid, gid: st.Gid,
+		mtime: st.Mtim.Sec, mtimeNsec: uint32(st.Mtim.Nsec),
+	}
+	xattrs, err := readXattrs(p)
+	if err != nil {
+		return nil, err
+	}
+	n.xattrs = xattrs
+	switch typ {
+	case syscall.S_IFDIR:
+		n.children = map[string]*node{}
+		names, err := readDirNames(p)
+		if err != nil {
+			return nil, err
+		}
+		for _, name := range names {
+			c, err := r.node(ctx, filepath.Join(p, name))
+			if err != nil {
+				return nil, err
+			}
+			n.children[name] = c
+		}
+	case syscall.S_IFREG:
+		f, err := os.Open(p)
+		if err != nil {
+			return nil, fmt.Errorf("builder: %w", err)
+		}
+		n.size = uint64(st.Size)
+		n.chunks, err = r.b.readChunks(ctx, f, st.Size, r.buf)
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("builder: %s: %w", p, err)
+		}
+	case syscall.S_IFLNK:
+		t, err := os.Readlink(p)
+		if err != nil {
+			return nil, fmt.Errorf("builder: %w", err)
+		}
+		n.target = t
+	case syscall.S_IFCHR, syscall.S_IFBLK:
+		n.rdev = st.Rdev
+	}
+	if typ != syscall.S_IFDIR && st.Nlink > 1 {
+		r.links[key] = n
+	}
+	return n, nil
+}
+
+func readDirNames(p string) ([]string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, fmt.Errorf("builder: %w", err)
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
+	if err != nil {
+		return nil, fmt.Errorf("builder: read directory %s: %w", p, err)
+	}
+	sort.Strings(names)
+	return names, nil
+}
+
+// readXattrs returns a file's extended attributes (not following
+// symlinks), sorted by name so that builds are reproducible.
+func readXattrs(p string) ([]rafs.Xattr, error) {
+	size, err := unix.Llistxattr(p, nil)
+	if err != nil {
+		if errors.Is(err, unix.ENOTSUP) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("builder: llistxattr %s: %w", p, err)
+	}
+	if size == 0 {
+		return nil, nil
+	}
+	buf := make([]byte, size)
+	size, err = unix.Llistxattr(p, buf)
+	if err != nil {
+		return nil, fmt.Errorf("builder: llistxattr %s: %w", p, err)
+	}
+	var names []string
+	for _, name := range strings.Split(string(buf[:size]), "\x00") {
+		if name != "" {
+			names = append(names, name)
+		}
+	}
+	sort.Strings(names)
+	var out []rafs.Xattr
+	for _, name := range names {
+		vsize, err := unix.Lgetxattr(p, name, nil)
+		if err != nil {
+			if errors.Is(err, unix.ENODATA) {
+				continue // removed meanwhile
+			}
+			return nil, fmt.Errorf("builder: lgetxattr %s %s: %w", p, name, err)
+		}
+		val := make([]byte, vsize)
+		if vsize > 0 {
+			vsize, err = unix.Lgetxattr(p, name, val)
+			if err != nil {
+				return nil, fmt.Errorf("builder: lgetxattr %s %s: %w", p, name, err)
+			}
+		}
+		out = append(out, rafs.Xattr{Name: name, Value: val[:vsize]})
+	}
+	return out, nil
+}
