@@ -403,8 +403,10 @@ func (d *decoder) inodes() (map[uint64]*rafs.Inode, error) {
 			// Dirents are laid out like visits, minus the root.
 			dirents[vi-1] = rafs.Dirent{Name: str(nameB)}
 			if m = byIno[in.ino]; m != nil {
-				if m.IsDir() || isDir(in.mode) || m.Mode&syscall.S_IFMT != in.mode&syscall.S_IFMT {
-					return nil, errf("inode %d: %q is a hardlink to a directory or to a different file type", in.ino, nameB)
+				// v5 hardlinks are regular files only (nydus-image gives
+				// every other inode its own number).
+				if !m.IsRegular() || !isReg(in.mode) {
+					return nil, errf("inode %d: %q shares the inode number of a %#o inode but v5 hardlinks only regular files", in.ino, nameB, m.Mode&syscall.S_IFMT)
 				}
 				dirents[vi-1].Ino = m.Ino
 				model[vi] = m
@@ -552,8 +554,8 @@ func parseXattrs(b []byte, ino uint64) ([]rafs.Xattr, error) {
 			return nil, errf("inode %d: xattr pair of %d bytes in %d", ino, n, len(b))
 		}
 		name, value, ok := bytes.Cut(b[:n], []byte{0})
-		if !ok || len(name) == 0 {
-			return nil, errf("inode %d: malformed xattr pair", ino)
+		if !ok || len(name) == 0 || len(name) > maxXattrName || len(value) > maxXattrValue {
+			return nil, errf("inode %d: malformed xattr pair (name of %d bytes, value of %d)", ino, len(name), len(value))
 		}
 		out = append(out, rafs.Xattr{Name: string(name), Value: bytes.Clone(value)})
 		b = b[n:]

@@ -28,10 +28,9 @@ const (
 // blob; symlink targets of 1..65535 bytes; device numbers that fit 32 bits;
 // xattr names of 1..255 bytes without NUL and values up to 64 KiB. Only
 // regular files can be hardlinked in v5, so any other inode with several
-// names is written as one inode per name (as nydus-image does). Directories
-// with Size 0 get nydus's pseudo size, symlinks with Size 0 their target
-// length. Per-blob readahead hints, project ids and chunk CRCs are written
-// as zero.
+// names is written as one inode per name (as nydus-image does). Sizes are
+// written as given (see PseudoDirSize for nydus-image's directory sizes).
+// Per-blob readahead hints, project ids and chunk CRCs are written as zero.
 func Write(w io.Writer, img *rafs.Image) error {
 	if err := img.Validate(); err != nil {
 		return fmt.Errorf("rafs v5: write: %w", err)
@@ -397,15 +396,8 @@ func (e *encoder) record(buf []byte, n *node) []byte {
 	case m.IsDir():
 		in.childIndex = n.childIndex
 		in.childCount = uint32(len(m.Entries))
-		if in.size == 0 {
-			in.size = pseudoDirSize(m)
-		}
 	case m.IsRegular():
 		in.childCount = uint32(len(m.Chunks))
-	case m.IsSymlink():
-		if in.size == 0 {
-			in.size = uint64(len(m.Target))
-		}
 	}
 	// nydus-image counts the xattrs into i_blocks, but nydusd's cached
 	// mode rejects a regular file whose i_blocks is not ceil(size/512).
@@ -452,9 +444,11 @@ func (e *encoder) record(buf []byte, n *node) []byte {
 	return buf
 }
 
-// pseudoDirSize is nydus-image's stable v5 directory size: 8 plus the name
-// length per entry, rounded up to 4 KiB, and 4 KiB when empty.
-func pseudoDirSize(m *rafs.Inode) uint64 {
+// PseudoDirSize is the size nydus-image gives a v5 directory, which has no
+// on-disk entries to measure: 8 plus the name length per entry, rounded up
+// to 4 KiB, and 4 KiB when empty. Builders set it so that images are
+// reproducible.
+func PseudoDirSize(m *rafs.Inode) uint64 {
 	var s uint64
 	for _, e := range m.Entries {
 		s += uint64(len(e.Name)) + 8
