@@ -484,7 +484,7 @@ func TestNonRegularHardlinksSplit(t *testing.T) {
 
 func TestWriteRejects(t *testing.T) {
 	cases := []struct {
-		name  string
+		name   string
 		break_ func(img *rafs.Image)
 	}{
 		{"invalid model", func(img *rafs.Image) { img.Root().Entries[0].Name = "a/b" }},
