@@ -1,0 +1,575 @@
+// Package fs serves a RAFS image read-only as a go-fuse RawFileSystem.
+//
+// The filesystem is stateless: FUSE node ids are the image's inode numbers
+// and file handles are zero, so a daemon that takes over a live FUSE
+// connection and loads the same bootstrap answers the kernel's existing
+// node ids and open files without any saved state. Because the image is
+// immutable, every open asks the kernel to keep its page cache and to cache
+// directory contents.
+package fs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/rafsd/rafsd/rafs"
+)
+
+// Options tune how the kernel caches what the filesystem answers.
+type Options struct {
+	// EntryTimeout is how long the kernel may cache a name lookup
+	// (nydusd config entry_timeout); AttrTimeout how long it may cache
+	// attributes (attr_timeout). The image never changes, so long values
+	// are safe; zero means the kernel asks every time.
+	EntryTimeout time.Duration
+	AttrTimeout  time.Duration
+	// NegativeTimeout is how long the kernel may cache a failed lookup.
+	NegativeTimeout time.Duration
+	// Logger receives read errors; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultOptions are nydusd's defaults (entry_timeout and attr_timeout of
+// 5 seconds).
+func DefaultOptions() Options {
+	return Options{EntryTimeout: 5 * time.Second, AttrTimeout: 5 * time.Second}
+}
+
+// FS is a read-only fuse.RawFileSystem over a rafs.Image.
+type FS struct {
+	img       *rafs.Image
+	cr        rafs.ChunkReader
+	opts      Options
+	log       *slog.Logger
+	hasXattrs bool
+	stats     Stats
+}
+
+// Stats are cumulative counters, safe to read while serving.
+type Stats struct {
+	Lookups    atomic.Uint64
+	Opens      atomic.Uint64
+	Reads      atomic.Uint64
+	ReadBytes  atomic.Uint64
+	ReadErrors atomic.Uint64
+}
+
+var _ fuse.RawFileSystem = (*FS)(nil)
+
+// New returns a filesystem serving img, reading file data through cr. img
+// must have passed Validate (every decoder guarantees it).
+func New(img *rafs.Image, cr rafs.ChunkReader, opts Options) *FS {
+	l := opts.Logger
+	if l == nil {
+		l = slog.Default()
+	}
+	return &FS{img: img, cr: cr, opts: opts, log: l, hasXattrs: img.HasXattrs()}
+}
+
+// Image returns the image being served.
+func (f *FS) Image() *rafs.Image { return f.img }
+
+// Stats returns the filesystem's counters.
+func (f *FS) Stats() *Stats { return &f.stats }
+
+// String implements fuse.RawFileSystem.
+func (f *FS) String() string { return "rafs" }
+
+// SetDebug implements fuse.RawFileSystem; debug output comes from go-fuse.
+func (f *FS) SetDebug(bool) {}
+
+// Init implements fuse.RawFileSystem. The filesystem never talks back to
+// the kernel: nothing it serves ever changes.
+func (f *FS) Init(*fuse.Server) {}
+
+// OnUnmount implements fuse.RawFileSystem.
+func (f *FS) OnUnmount() {}
+
+// chanCtx turns go-fuse's per-request cancel channel (closed on
+// FUSE_INTERRUPT or connection teardown) into a context without a
+// goroutine per request.
+type chanCtx struct {
+	context.Context
+	done <-chan struct{}
+}
+
+func (c chanCtx) Done() <-chan struct{} { return c.done }
+
+func (c chanCtx) Err() error {
+	select {
+	case <-c.done:
+		return context.Canceled
+	default:
+		return nil
+	}
+}
+
+// Context returns a context cancelled when cancel is closed.
+func Context(cancel <-chan struct{}) context.Context {
+	if cancel == nil {
+		return context.Background()
+	}
+	return chanCtx{Context: context.Background(), done: cancel}
+}
+
+func (f *FS) inode(ino uint64) (*rafs.Inode, fuse.Status) {
+	i, err := f.img.Inode(ino)
+	if err != nil {
+		return nil, fuse.ENOENT
+	}
+	return i, fuse.OK
+}
+
+// FillAttr sets out from inode i the way nydusd reports it: atime and
+// ctime equal mtime, 4 KiB preferred I/O size, blocks from the size.
+func FillAttr(i *rafs.Inode, out *fuse.Attr) {
+	*out = fuse.Attr{
+		Ino:       i.Ino,
+		Size:      i.Size,
+		Blocks:    (i.Size + 511) / 512,
+		Atime:     uint64(i.Mtime),
+		Mtime:     uint64(i.Mtime),
+		Ctime:     uint64(i.Mtime),
+		Atimensec: i.MtimeNsec,
+		Mtimensec: i.MtimeNsec,
+		Ctimensec: i.MtimeNsec,
+		Mode:      i.Mode,
+		Nlink:     max(i.Nlink, 1),
+		Owner:     fuse.Owner{Uid: i.UID, Gid: i.GID},
+		Rdev:      uint32(i.Rdev),
+		Blksize:   4096,
+	}
+	if i.IsSymlink() {
+		out.Size = uint64(len(i.Target))
+		out.Blocks = (out.Size + 511) / 512
+	}
+}
+
+func (f *FS) fillEntry(i *rafs.Inode, out *fuse.EntryOut) {
+	out.NodeId = i.Ino
+	out.Generation = 0
+	out.SetEntryTimeout(f.opts.EntryTimeout)
+	out.SetAttrTimeout(f.opts.AttrTimeout)
+	FillAttr(i, &out.Attr)
+}
+
+// Lookup implements fuse.RawFileSystem.
+func (f *FS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	f.stats.Lookups.Add(1)
+	dir, st := f.inode(h.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	var c *rafs.Inode
+	var err error
+	switch name {
+	case ".":
+		c = dir
+	case "..":
+		c, err = f.img.Inode(dir.Parent)
+	default:
+		c, err = f.img.Lookup(dir, name)
+	}
+	if err != nil {
+		st := fuse.Status(rafs.Errno(err))
+		if st == fuse.ENOENT && f.opts.NegativeTimeout > 0 {
+			// A zero node id with a timeout is a cacheable negative entry.
+			*out = fuse.EntryOut{}
+			out.SetEntryTimeout(f.opts.NegativeTimeout)
+			return fuse.OK
+		}
+		return st
+	}
+	f.fillEntry(c, out)
+	return fuse.OK
+}
+
+// Forget implements fuse.RawFileSystem; inodes live as long as the image.
+func (f *FS) Forget(nodeid, nlookup uint64) {}
+
+// GetAttr implements fuse.RawFileSystem.
+func (f *FS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	i, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	FillAttr(i, &out.Attr)
+	out.SetTimeout(f.opts.AttrTimeout)
+	return fuse.OK
+}
+
+// Statx implements fuse.RawFileSystem; the kernel falls back to GETATTR.
+func (f *FS) Statx(cancel <-chan struct{}, in *fuse.StatxIn, out *fuse.StatxOut) fuse.Status {
+	return fuse.ENOSYS
+}
+
+// Open implements fuse.RawFileSystem.
+func (f *FS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	i, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY || in.Flags&syscall.O_TRUNC != 0 {
+		return fuse.EROFS
+	}
+	if i.IsDir() {
+		return fuse.EISDIR
+	}
+	f.stats.Opens.Add(1)
+	out.Fh = 0
+	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	return fuse.OK
+}
+
+// Read implements fuse.RawFileSystem.
+func (f *FS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	i, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return nil, st
+	}
+	if !i.IsRegular() {
+		return nil, fuse.EISDIR
+	}
+	if int(in.Size) < len(buf) {
+		buf = buf[:in.Size]
+	}
+	if in.Offset > rafs.MaxFileSize {
+		return fuse.ReadResultData(nil), fuse.OK
+	}
+	n, err := f.img.ReadAt(Context(cancel), f.cr, i, buf, int64(in.Offset))
+	f.stats.Reads.Add(1)
+	if err != nil && !errors.Is(err, io.EOF) {
+		f.stats.ReadErrors.Add(1)
+		if errors.Is(err, context.Canceled) {
+			return nil, fuse.EINTR
+		}
+		f.log.Warn("rafs read failed", "ino", i.Ino, "offset", in.Offset, "size", in.Size, "err", err)
+		return nil, fuse.Status(rafs.Errno(err))
+	}
+	f.stats.ReadBytes.Add(uint64(n))
+	return fuse.ReadResultData(buf[:n]), fuse.OK
+}
+
+// Lseek implements fuse.RawFileSystem; the kernel handles SEEK_SET/CUR/END.
+func (f *FS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
+	return fuse.ENOSYS
+}
+
+// Release implements fuse.RawFileSystem.
+func (f *FS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {}
+
+// Flush implements fuse.RawFileSystem.
+func (f *FS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status { return fuse.OK }
+
+// Fsync implements fuse.RawFileSystem: nothing is ever dirty.
+func (f *FS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status { return fuse.OK }
+
+// FsyncDir implements fuse.RawFileSystem.
+func (f *FS) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status { return fuse.OK }
+
+// OpenDir implements fuse.RawFileSystem.
+func (f *FS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	i, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if !i.IsDir() {
+		return fuse.ENOTDIR
+	}
+	out.Fh = 0
+	out.OpenFlags = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR
+	return fuse.OK
+}
+
+// dirEntry returns entry k of directory d's stream: ".", "..", then
+// d.Entries in order. Offsets are stable: the entry at index k has offset
+// k+1, so a reader can resume anywhere.
+func (f *FS) dirEntry(d *rafs.Inode, k uint64) (string, *rafs.Inode, bool) {
+	switch {
+	case k == 0:
+		return ".", d, true
+	case k == 1:
+		p, err := f.img.Inode(d.Parent)
+		if err != nil {
+			p = d
+		}
+		return "..", p, true
+	case k-2 < uint64(len(d.Entries)):
+		e := d.Entries[k-2]
+		c, err := f.img.Inode(e.Ino)
+		if err != nil {
+			return "", nil, false
+		}
+		return e.Name, c, true
+	}
+	return "", nil, false
+}
+
+// ReadDir implements fuse.RawFileSystem.
+func (f *FS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	d, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if !d.IsDir() {
+		return fuse.ENOTDIR
+	}
+	for k := in.Offset; ; k++ {
+		name, c, ok := f.dirEntry(d, k)
+		if !ok {
+			break
+		}
+		if !out.AddDirEntry(fuse.DirEntry{Name: name, Ino: c.Ino, Mode: c.Mode, Off: k + 1}) {
+			break
+		}
+	}
+	return fuse.OK
+}
+
+// ReadDirPlus implements fuse.RawFileSystem. Entries other than "." and
+// ".." carry their attributes, which counts as a lookup for the kernel;
+// "." and ".." carry none (the kernel ignores them).
+func (f *FS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	d, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if !d.IsDir() {
+		return fuse.ENOTDIR
+	}
+	for k := in.Offset; ; k++ {
+		name, c, ok := f.dirEntry(d, k)
+		if !ok {
+			break
+		}
+		e := out.AddDirLookupEntry(fuse.DirEntry{Name: name, Ino: c.Ino, Mode: c.Mode, Off: k + 1})
+		if e == nil {
+			break
+		}
+		if k >= 2 {
+			f.fillEntry(c, e)
+		}
+	}
+	return fuse.OK
+}
+
+// ReleaseDir implements fuse.RawFileSystem.
+func (f *FS) ReleaseDir(in *fuse.ReleaseIn) {}
+
+// Readlink implements fuse.RawFileSystem.
+func (f *FS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Status) {
+	i, st := f.inode(h.NodeId)
+	if !st.Ok() {
+		return nil, st
+	}
+	if !i.IsSymlink() {
+		return nil, fuse.EINVAL
+	}
+	return []byte(i.Target), fuse.OK
+}
+
+// Access implements fuse.RawFileSystem: write access is refused; read and
+// execute are checked against the mode bits like generic_permission.
+func (f *FS) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Status {
+	i, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if in.Mask&2 != 0 { // W_OK
+		return fuse.EROFS
+	}
+	return checkAccess(i, in.Caller, in.Mask)
+}
+
+func checkAccess(i *rafs.Inode, c fuse.Caller, mask uint32) fuse.Status {
+	mask &= 7
+	if mask == 0 {
+		return fuse.OK
+	}
+	if c.Uid == 0 {
+		// Root may read anything, and execute anything with an x bit or a directory.
+		if mask&1 != 0 && !i.IsDir() && i.Mode&0o111 == 0 {
+			return fuse.EACCES
+		}
+		return fuse.OK
+	}
+	perm := i.Mode & 7
+	switch {
+	case c.Uid == i.UID:
+		perm = (i.Mode >> 6) & 7
+	case c.Gid == i.GID:
+		perm = (i.Mode >> 3) & 7
+	}
+	if perm&mask != mask {
+		return fuse.EACCES
+	}
+	return fuse.OK
+}
+
+// GetXAttr implements fuse.RawFileSystem. An image without any xattr
+// answers ENOSYS, so the kernel stops asking for the whole mount (ls -l
+// would otherwise ask for security.* and ACLs of every file).
+func (f *FS) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {
+	if !f.hasXattrs {
+		return 0, fuse.ENOSYS
+	}
+	i, st := f.inode(h.NodeId)
+	if !st.Ok() {
+		return 0, st
+	}
+	v, err := i.Getxattr(attr)
+	if err != nil {
+		return 0, fuse.ENOATTR
+	}
+	if len(dest) < len(v) {
+		return uint32(len(v)), fuse.ERANGE
+	}
+	return uint32(copy(dest, v)), fuse.OK
+}
+
+// ListXAttr implements fuse.RawFileSystem.
+func (f *FS) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
+	if !f.hasXattrs {
+		return 0, fuse.ENOSYS
+	}
+	i, st := f.inode(h.NodeId)
+	if !st.Ok() {
+		return 0, st
+	}
+	n := 0
+	for _, x := range i.Xattrs {
+		n += len(x.Name) + 1
+	}
+	if len(dest) < n {
+		return uint32(n), fuse.ERANGE
+	}
+	p := dest[:0]
+	for _, x := range i.Xattrs {
+		p = append(p, x.Name...)
+		p = append(p, 0)
+	}
+	return uint32(n), fuse.OK
+}
+
+// StatFs implements fuse.RawFileSystem.
+func (f *FS) StatFs(cancel <-chan struct{}, h *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
+	var size uint64
+	for _, i := range f.img.Inodes {
+		if i.IsRegular() {
+			size += (i.Size + 4095) / 4096
+		}
+	}
+	*out = fuse.StatfsOut{
+		Blocks:  size,
+		Files:   uint64(len(f.img.Inodes)),
+		Bsize:   4096,
+		Frsize:  4096,
+		NameLen: 255,
+	}
+	return fuse.OK
+}
+
+// The image is read-only: every modifying operation fails with EROFS.
+
+// SetAttr implements fuse.RawFileSystem.
+func (f *FS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+	return fuse.EROFS
+}
+
+// Mknod implements fuse.RawFileSystem.
+func (f *FS) Mknod(cancel <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+
+// Mkdir implements fuse.RawFileSystem.
+func (f *FS) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+
+// Unlink implements fuse.RawFileSystem.
+func (f *FS) Unlink(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	return fuse.EROFS
+}
+
+// Rmdir implements fuse.RawFileSystem.
+func (f *FS) Rmdir(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	return fuse.EROFS
+}
+
+// Rename implements fuse.RawFileSystem.
+func (f *FS) Rename(cancel <-chan struct{}, in *fuse.RenameIn, oldName, newName string) fuse.Status {
+	return fuse.EROFS
+}
+
+// Link implements fuse.RawFileSystem.
+func (f *FS) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+
+// Symlink implements fuse.RawFileSystem.
+func (f *FS) Symlink(cancel <-chan struct{}, h *fuse.InHeader, target, name string, out *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+
+// SetXAttr implements fuse.RawFileSystem.
+func (f *FS) SetXAttr(cancel <-chan struct{}, in *fuse.SetXAttrIn, attr string, data []byte) fuse.Status {
+	return fuse.EROFS
+}
+
+// RemoveXAttr implements fuse.RawFileSystem.
+func (f *FS) RemoveXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string) fuse.Status {
+	return fuse.EROFS
+}
+
+// Create implements fuse.RawFileSystem.
+func (f *FS) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
+	return fuse.EROFS
+}
+
+// Tmpfile implements fuse.RawFileSystem.
+func (f *FS) Tmpfile(cancel <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
+	return fuse.EROFS
+}
+
+// Write implements fuse.RawFileSystem.
+func (f *FS) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	return 0, fuse.EROFS
+}
+
+// Writev implements fuse.RawFileSystem.
+func (f *FS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
+	return 0, fuse.EROFS
+}
+
+// CopyFileRange implements fuse.RawFileSystem.
+func (f *FS) CopyFileRange(cancel <-chan struct{}, in *fuse.CopyFileRangeIn) (uint32, fuse.Status) {
+	return 0, fuse.EROFS
+}
+
+// Fallocate implements fuse.RawFileSystem.
+func (f *FS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
+	return fuse.EROFS
+}
+
+// Ioctl implements fuse.RawFileSystem.
+func (f *FS) Ioctl(cancel <-chan struct{}, in *fuse.IoctlIn, inbuf []byte, out *fuse.IoctlOut, outbuf []byte) fuse.Status {
+	return fuse.ENOSYS
+}
+
+// GetLk implements fuse.RawFileSystem; the kernel does local locking.
+func (f *FS) GetLk(cancel <-chan struct{}, in *fuse.LkIn, out *fuse.LkOut) fuse.Status {
+	return fuse.ENOSYS
+}
+
+// SetLk implements fuse.RawFileSystem.
+func (f *FS) SetLk(cancel <-chan struct{}, in *fuse.LkIn) fuse.Status { return fuse.ENOSYS }
+
+// SetLkw implements fuse.RawFileSystem.
+func (f *FS) SetLkw(cancel <-chan struct{}, in *fuse.LkIn) fuse.Status { return fuse.ENOSYS }
