@@ -250,8 +250,10 @@ func (f *FS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Rea
 		if errors.Is(err, context.Canceled) {
 			return nil, fuse.EINTR
 		}
+		// Whatever failed underneath (a missing blob file, a bad digest,
+		// a backend timeout), read(2) reports it as an I/O error.
 		f.log.Warn("rafs read failed", "ino", i.Ino, "offset", in.Offset, "size", in.Size, "err", err)
-		return nil, fuse.Status(rafs.Errno(err))
+		return nil, fuse.EIO
 	}
 	f.stats.ReadBytes.Add(uint64(n))
 	return fuse.ReadResultData(buf[:n]), fuse.OK
