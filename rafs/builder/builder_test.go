@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
@@ -245,21 +246,21 @@ func TestHostileTars(t *testing.T) {
 		return buf.Bytes()
 	}
 	cases := map[string][]byte{
-		"dotdot":         mk(&tar.Header{Name: "../evil", Typeflag: tar.TypeReg, Mode: 0o644}),
-		"dotdot-mid":     mk(&tar.Header{Name: "a/../../evil", Typeflag: tar.TypeReg, Mode: 0o644}),
-		"link-missing":   mk(&tar.Header{Name: "a", Typeflag: tar.TypeLink, Linkname: "nope"}),
-		"link-dir":       mk(&tar.Header{Name: "d/", Typeflag: tar.TypeDir, Mode: 0o755}, &tar.Header{Name: "a", Typeflag: tar.TypeLink, Linkname: "d"}),
-		"link-root":      mk(&tar.Header{Name: "a", Typeflag: tar.TypeLink, Linkname: "/"}),
-		"root-file":      mk(&tar.Header{Name: ".", Typeflag: tar.TypeReg, Mode: 0o644}),
-		"long-name":      mk(&tar.Header{Name: strings.Repeat("x", 256), Typeflag: tar.TypeReg, Mode: 0o644, Format: tar.FormatPAX}),
-		"empty-symlink":  mk(&tar.Header{Name: "s", Typeflag: tar.TypeSymlink}),
-		"truncated":      mk(&tar.Header{Name: "f", Typeflag: tar.TypeReg, Size: 100000})[:1536],
-		"garbage":        bytes.Repeat([]byte{0x55}, 4096),
-		"bad-gzip":       {0x1f, 0x8b, 8, 0, 1, 2, 3},
-		"bad-zstd":       {0x28, 0xb5, 0x2f, 0xfd, 9, 9, 9, 9},
-		"negative-uid":   mk(&tar.Header{Name: "f", Typeflag: tar.TypeReg, Uid: -5, Format: tar.FormatPAX}),
-		"xattr-no-name":  mk(&tar.Header{Name: "f", Typeflag: tar.TypeReg, PAXRecords: map[string]string{"SCHILY.xattr.": "v"}}),
-		"unknown-type":   mk(&tar.Header{Name: "f", Typeflag: 'Z'}),
+		"dotdot":        mk(&tar.Header{Name: "../evil", Typeflag: tar.TypeReg, Mode: 0o644}),
+		"dotdot-mid":    mk(&tar.Header{Name: "a/../../evil", Typeflag: tar.TypeReg, Mode: 0o644}),
+		"link-missing":  mk(&tar.Header{Name: "a", Typeflag: tar.TypeLink, Linkname: "nope"}),
+		"link-dir":      mk(&tar.Header{Name: "d/", Typeflag: tar.TypeDir, Mode: 0o755}, &tar.Header{Name: "a", Typeflag: tar.TypeLink, Linkname: "d"}),
+		"link-root":     mk(&tar.Header{Name: "a", Typeflag: tar.TypeLink, Linkname: "/"}),
+		"root-file":     mk(&tar.Header{Name: ".", Typeflag: tar.TypeReg, Mode: 0o644}),
+		"long-name":     mk(&tar.Header{Name: strings.Repeat("x", 256), Typeflag: tar.TypeReg, Mode: 0o644, Format: tar.FormatPAX}),
+		"empty-symlink": mk(&tar.Header{Name: "s", Typeflag: tar.TypeSymlink}),
+		"truncated":     mk(&tar.Header{Name: "f", Typeflag: tar.TypeReg, Size: 100000})[:1536],
+		"garbage":       bytes.Repeat([]byte{0x55}, 4096),
+		"bad-gzip":      {0x1f, 0x8b, 8, 0, 1, 2, 3},
+		"bad-zstd":      {0x28, 0xb5, 0x2f, 0xfd, 9, 9, 9, 9},
+		"negative-uid":  mk(&tar.Header{Name: "f", Typeflag: tar.TypeReg, Uid: -5, Format: tar.FormatPAX}),
+		"xattr-no-name": mk(&tar.Header{Name: "f", Typeflag: tar.TypeReg, PAXRecords: map[string]string{"SCHILY.xattr.": "v"}}),
+		"unknown-type":  mk(&tar.Header{Name: "f", Typeflag: 'Z'}),
 	}
 	for name, data := range cases {
 		b, err := New(Options{}, io.Discard)
@@ -315,8 +316,9 @@ func TestPrefetch(t *testing.T) {
 
 func TestManyFiles(t *testing.T) {
 	requireRoot(t)
+	t0 := time.Now()
 	n := 100_000
-	src := t.TempDir()
+	src := tmpfsDir(t)
 	for k := range n {
 		d := filepath.Join(src, fmt.Sprintf("d%03d", k%300))
 		if k < 300 {
@@ -328,15 +330,28 @@ func TestManyFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	t.Logf("generate: %v", time.Since(t0))
 	setTimes(t, src)
+	t0 = time.Now()
 	b := buildDir(t, Options{ChunkSize: 4096}, src)
+	t.Logf("build: %v", time.Since(t0))
 	if got := len(b.img.Inodes); got != n+301 {
 		t.Fatalf("%d inodes, want %d", got, n+301)
 	}
 	if b.blob.ChunkCount != 5000 {
 		t.Errorf("%d chunks stored, want 5000 (deduplicated)", b.blob.ChunkCount)
 	}
-	compareTrees(t, src, unpackDir(t, b.img, b.reader()))
+	for _, img := range roundTrips(t, b.img)[1:] {
+		if len(img.Inodes) != len(b.img.Inodes) {
+			t.Errorf("v%d: %d inodes", img.Version, len(img.Inodes))
+		}
+	}
+	t0 = time.Now()
+	out := unpackInto(t, b.img, b.reader(), tmpfsDir(t))
+	t.Logf("unpack: %v", time.Since(t0))
+	t0 = time.Now()
+	compareTrees(t, src, out)
+	t.Logf("compare: %v", time.Since(t0))
 }
 
 // TestSymlinkDevices checks the modes the builder records for special

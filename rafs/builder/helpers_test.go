@@ -88,9 +88,29 @@ func buildDir(t testing.TB, opts Options, src string) built {
 	return build(t, opts, "", func(b *Builder) error { return b.AddDir(context.Background(), src) })
 }
 
+// tmpfsDir returns a fresh directory on a tmpfs mounted for the test:
+// big trees are created and compared in RAM instead of on the CI disk.
+func tmpfsDir(t testing.TB) string {
+	t.Helper()
+	d := t.TempDir()
+	if err := unix.Mount("tmpfs", d, "tmpfs", 0, "size=2g,mode=0755"); err != nil {
+		t.Fatalf("mount tmpfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(d, 0); err != nil {
+			unix.Unmount(d, unix.MNT_DETACH)
+		}
+	})
+	return d
+}
+
 func unpackDir(t testing.TB, img *rafs.Image, cr rafs.ChunkReader) string {
 	t.Helper()
-	out := t.TempDir()
+	return unpackInto(t, img, cr, t.TempDir())
+}
+
+func unpackInto(t testing.TB, img *rafs.Image, cr rafs.ChunkReader, out string) string {
+	t.Helper()
 	if err := unpack.ToDir(context.Background(), img, cr, out); err != nil {
 		t.Fatal(err)
 	}
