@@ -89,10 +89,7 @@ func (a *Agent) Serve(ctx context.Context, rw io.ReadWriter) error {
 	for {
 		line, err := readLine(br)
 		if errors.Is(err, ErrMessageTooLarge) {
-			a.log().Warn("dropping oversized request")
-			if err := skipLine(br); err != nil {
-				return err
-			}
+			a.log().Warn("dropped an oversized request")
 			continue
 		}
 		if err != nil {
@@ -148,18 +145,6 @@ func (a *Agent) Serve(ctx context.Context, rw io.ReadWriter) error {
 				go a.powerOff()
 			}
 		}()
-	}
-}
-
-func skipLine(br *bufio.Reader) error {
-	for {
-		_, err := br.ReadSlice('\n')
-		if err == nil {
-			return nil
-		}
-		if err != bufio.ErrBufferFull {
-			return err
-		}
 	}
 }
 

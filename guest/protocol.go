@@ -184,19 +184,29 @@ type CancelRequest struct {
 var ErrMessageTooLarge = errors.New("guest: message too large")
 
 // readLine reads one newline-terminated message of at most MaxMessage bytes.
-func readLine(r *bufio.Reader) ([]byte, error) {
+func readLine(r *bufio.Reader) ([]byte, error) { return readLineMax(r, MaxMessage) }
+
+// readLineMax reads one line of at most max bytes. A longer line is consumed
+// whole and reported as ErrMessageTooLarge, so the stream stays in step.
+func readLineMax(r *bufio.Reader, max int) ([]byte, error) {
 	var buf []byte
+	tooLarge := false
 	for {
 		frag, err := r.ReadSlice('\n')
-		if len(buf)+len(frag) > MaxMessage {
-			return nil, ErrMessageTooLarge
+		if !tooLarge && len(buf)+len(frag) > max {
+			tooLarge, buf = true, nil
 		}
-		buf = append(buf, frag...)
+		if !tooLarge {
+			buf = append(buf, frag...)
+		}
 		if err == nil {
+			if tooLarge {
+				return nil, ErrMessageTooLarge
+			}
 			return bytes.TrimRight(buf, "\r\n"), nil
 		}
 		if err != bufio.ErrBufferFull {
-			if err == io.EOF && len(buf) > 0 {
+			if err == io.EOF && (len(buf) > 0 || tooLarge) {
 				return nil, io.ErrUnexpectedEOF
 			}
 			return nil, err
