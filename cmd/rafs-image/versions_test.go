@@ -1,0 +1,8 @@
+package main
+
+// RAFS versions the round-trip tests cover, and the nydus fixtures check
+// must pass on.
+var (
+	supportedVersions = []string{"5"}
+	fixtureNames      = []string{"v5-none-sha256"}
+)
