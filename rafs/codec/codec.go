@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 
 	kgzip "github.com/klauspost/compress/gzip"
@@ -132,7 +133,9 @@ var (
 
 func encoder() *zstd.Encoder {
 	zstdEncOnce.Do(func() {
-		zstdEnc, _ = zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1))
+		// EncodeAll is serialised on this many encoders: one per CPU lets
+		// callers (the builder) compress chunks in parallel.
+		zstdEnc, _ = zstd.NewWriter(nil, zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)))
 	})
 	return zstdEnc
 }
