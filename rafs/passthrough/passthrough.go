@@ -999,4 +999,3 @@ func (f *FS) Nodes() int {
 	defer f.mu.Unlock()
 	return len(f.nodes)
 }
-
