@@ -40,12 +40,9 @@ func Read(r io.ReaderAt, size int64) (*rafs.Image, error) {
 	if size <= SuperblockSize || size > MaxMetadataSize || size%align != 0 {
 		return nil, errf("bootstrap size %d (want 8-byte aligned, in (%d, %d])", size, SuperblockSize, int64(MaxMetadataSize))
 	}
-	buf := make([]byte, size)
-	if n, err := r.ReadAt(buf, 0); n < len(buf) {
-		if err == nil || err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, fmt.Errorf("rafs v5: read %d-byte bootstrap: got %d bytes: %w", size, n, err)
+	buf, err := readAll(r, size)
+	if err != nil {
+		return nil, err
 	}
 	d := decoder{buf: buf}
 	img, err := d.decode()
@@ -53,6 +50,27 @@ func Read(r io.ReaderAt, size int64) (*rafs.Image, error) {
 		return nil, err
 	}
 	return img, nil
+}
+
+// readAll reads size bytes from r, growing its buffer as bytes arrive so
+// that a size larger than the input costs no more than the input.
+func readAll(r io.ReaderAt, size int64) ([]byte, error) {
+	buf := make([]byte, 0, min(size, 1<<20))
+	for int64(len(buf)) < size {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, int(min(size, 2*int64(cap(buf))))-len(buf))
+		}
+		part := buf[len(buf):min(int64(cap(buf)), size)]
+		n, err := r.ReadAt(part, int64(len(buf)))
+		buf = buf[:len(buf)+n]
+		if n < len(part) {
+			if err == nil || err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, fmt.Errorf("rafs v5: read %d-byte bootstrap: got %d bytes: %w", size, len(buf), err)
+		}
+	}
+	return buf, nil
 }
 
 type decoder struct {

@@ -39,7 +39,7 @@ func Write(w io.Writer, img *rafs.Image) error {
 	if err := e.plan(); err != nil {
 		return err
 	}
-	bw := bufio.NewWriterSize(w, 1<<20)
+	bw := bufio.NewWriterSize(w, int(min(e.end, 1<<20)))
 	if err := e.write(bw); err != nil {
 		return err
 	}
