@@ -254,6 +254,14 @@ func (b *Builder) readChunks(ctx context.Context, r io.Reader, size int64, buf [
 	return out, nil
 }
 
+// abort stops the blob pipeline after a failed layer read: the build
+// cannot be finished, and its goroutines must not outlive it.
+func (b *Builder) abort(err error) error {
+	b.closed = true
+	_ = b.bw.wait()
+	return err
+}
+
 // addLayer puts a freshly read layer tree in place.
 func (b *Builder) addLayer(layer *node) error {
 	if b.added {
@@ -285,7 +293,7 @@ type Result struct {
 // the validated image.
 func (b *Builder) Finish() (*Result, error) {
 	if b.closed {
-		return nil, errors.New("builder: Finish called twice")
+		return nil, errors.New("builder: already finished or failed")
 	}
 	b.closed = true
 	var newBlob *rafs.Blob

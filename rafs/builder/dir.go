@@ -22,12 +22,15 @@ import (
 // tree act on the parent image, if any, and are kept otherwise.
 func (b *Builder) AddDir(ctx context.Context, dir string) error {
 	r := &dirReader{b: b, links: map[[2]uint64]*node{}, buf: make([]byte, b.opts.ChunkSize)}
+	if b.closed {
+		return errors.New("builder: already finished or failed")
+	}
 	root, err := r.node(ctx, dir)
 	if err != nil {
-		return err
+		return b.abort(err)
 	}
 	if !root.isDir() {
-		return fmt.Errorf("builder: %s is not a directory", dir)
+		return b.abort(fmt.Errorf("builder: %s is not a directory", dir))
 	}
 	return b.addLayer(root)
 }

@@ -53,6 +53,16 @@ func Decompress(r io.Reader) (io.ReadCloser, error) {
 // parent image, if any, and are kept in the image otherwise, so that a
 // later Merge can apply them.
 func (b *Builder) AddTar(ctx context.Context, r io.Reader) error {
+	if b.closed {
+		return errors.New("builder: already finished or failed")
+	}
+	if err := b.addTar(ctx, r); err != nil {
+		return b.abort(err)
+	}
+	return nil
+}
+
+func (b *Builder) addTar(ctx context.Context, r io.Reader) error {
 	dr, err := Decompress(r)
 	if err != nil {
 		return err
