@@ -253,6 +253,7 @@ func TestHostileTars(t *testing.T) {
 		"link-root":     mk(&tar.Header{Name: "a", Typeflag: tar.TypeLink, Linkname: "/"}),
 		"root-file":     mk(&tar.Header{Name: ".", Typeflag: tar.TypeReg, Mode: 0o644}),
 		"long-name":     mk(&tar.Header{Name: strings.Repeat("x", 256), Typeflag: tar.TypeReg, Mode: 0o644, Format: tar.FormatPAX}),
+		"path-max":      mk(&tar.Header{Name: strings.Repeat("a/", 2500) + "f", Typeflag: tar.TypeReg, Mode: 0o644, Format: tar.FormatPAX}),
 		"empty-symlink": mk(&tar.Header{Name: "s", Typeflag: tar.TypeSymlink}),
 		"truncated":     mk(&tar.Header{Name: "f", Typeflag: tar.TypeReg, Size: 100000})[:1536],
 		"garbage":       bytes.Repeat([]byte{0x55}, 4096),

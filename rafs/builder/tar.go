@@ -142,6 +142,10 @@ func (b *Builder) addTar(ctx context.Context, r io.Reader) error {
 // cleanTarPath turns a tar member name into a clean relative path ("" is
 // the root). Names escaping the root are refused.
 func cleanTarPath(p string) (string, error) {
+	if len(p) > 4096 {
+		// PATH_MAX: nothing longer can be created or looked up on Linux.
+		return "", fmt.Errorf("%w: name of %d bytes is longer than PATH_MAX", ErrTar, len(p))
+	}
 	c := path.Clean("/" + p)
 	if strings.Contains(p, "\x00") {
 		return "", fmt.Errorf("%w: name %q contains NUL", ErrTar, p)
