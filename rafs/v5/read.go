@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"io/fs"
 	"slices"
 	"strings"
 	"syscall"
@@ -52,10 +53,15 @@ func Read(r io.ReaderAt, size int64) (*rafs.Image, error) {
 	return img, nil
 }
 
-// readAll reads size bytes from r, growing its buffer as bytes arrive so
+// readAll reads size bytes from r. Unless r can tell its own size (files,
+// bytes.Reader, io.SectionReader), the buffer grows as bytes arrive, so
 // that a size larger than the input costs no more than the input.
 func readAll(r io.ReaderAt, size int64) ([]byte, error) {
-	buf := make([]byte, 0, min(size, 1<<20))
+	initial := min(size, 1<<20)
+	if have, ok := sizeOf(r); ok && have >= size {
+		initial = size
+	}
+	buf := make([]byte, 0, initial)
 	for int64(len(buf)) < size {
 		if len(buf) == cap(buf) {
 			buf = slices.Grow(buf, int(min(size, 2*int64(cap(buf))))-len(buf))
@@ -71,6 +77,18 @@ func readAll(r io.ReaderAt, size int64) ([]byte, error) {
 		}
 	}
 	return buf, nil
+}
+
+func sizeOf(r io.ReaderAt) (int64, bool) {
+	switch r := r.(type) {
+	case interface{ Size() int64 }:
+		return r.Size(), true
+	case interface{ Stat() (fs.FileInfo, error) }:
+		if fi, err := r.Stat(); err == nil && fi.Mode().IsRegular() {
+			return fi.Size(), true
+		}
+	}
+	return 0, false
 }
 
 type decoder struct {
@@ -321,6 +339,9 @@ func (d *decoder) walk() error {
 		d.visits = append(d.visits, v)
 		return nil
 	}
+	// Records are at least inodeSize bytes and disjoint (checked below),
+	// so this bounds the visits of any image worth decoding.
+	d.visits = make([]visit, 0, min(uint64(entries), uint64(len(d.buf))/inodeSize))
 	if err := add(1, -1); err != nil {
 		return err
 	}
@@ -360,20 +381,59 @@ func (d *decoder) walk() error {
 	return nil
 }
 
-// chunkKey identifies a chunk by blob and index within the blob.
-func chunkKey(blob, index uint32) uint64 { return uint64(blob)<<32 | uint64(index) }
+// chunkIndex finds the one *rafs.Chunk of each (blob, chunk index): a
+// dense table per blob when its chunk count is in proportion to the chunk
+// infos of the bootstrap (the usual case), a map otherwise (a blob shared
+// with other images, or a hostile count).
+type chunkIndex struct {
+	dense  [][]*rafs.Chunk
+	sparse map[uint64]*rafs.Chunk
+}
+
+func newChunkIndex(blobs []*rafs.Blob, infos uint64) *chunkIndex {
+	x := &chunkIndex{dense: make([][]*rafs.Chunk, len(blobs))}
+	budget := 2*infos + 64
+	for k, b := range blobs {
+		if b.ChunkCount > 0 && uint64(b.ChunkCount) <= budget {
+			x.dense[k] = make([]*rafs.Chunk, b.ChunkCount)
+			budget -= uint64(b.ChunkCount)
+		}
+	}
+	return x
+}
+
+// get returns the chunk (blob, index) if already decoded.
+func (x *chunkIndex) get(blob, index uint32) *rafs.Chunk {
+	if t := x.dense[blob]; t != nil {
+		return t[index] // index < ChunkCount is checked by the caller
+	}
+	return x.sparse[uint64(blob)<<32|uint64(index)]
+}
+
+func (x *chunkIndex) store(blob, index uint32, c *rafs.Chunk) {
+	if t := x.dense[blob]; t != nil {
+		t[index] = c
+		return
+	}
+	if x.sparse == nil {
+		x.sparse = make(map[uint64]*rafs.Chunk)
+	}
+	x.sparse[uint64(blob)<<32|uint64(index)] = c
+}
 
 // inodes builds the model from the visits: one rafs.Inode per distinct
 // i_ino, in visit order. It returns the map from on-disk inode number to
 // model inode.
-func (d *decoder) inodes() (map[uint64]*rafs.Inode, error) {
+func (d *decoder) inodes() ([]*rafs.Inode, error) {
 	img := d.img
 	nv := len(d.visits)
 	slab := make([]rafs.Inode, 0, nv)
 	img.Inodes = make([]*rafs.Inode, 0, nv)
 	dirents := make([]rafs.Dirent, nv-1)
 	model := make([]*rafs.Inode, nv)
-	byIno := make(map[uint64]*rafs.Inode, nv)
+	// On-disk inode numbers are at most the table size, itself bounded by
+	// the input size.
+	byIno := make([]*rafs.Inode, d.sb.inodeTableEntries+1)
 	// Names and targets are carved out of one arena: the arena is only
 	// appended to within its capacity, so the strings viewing it stay
 	// immutable.
@@ -388,7 +448,7 @@ func (d *decoder) inodes() (map[uint64]*rafs.Inode, error) {
 	}
 	fileChunks := make([]rafs.FileChunk, 0, d.chunkCount)
 	chunkSlab := make([]rafs.Chunk, 0, d.chunkCount)
-	chunks := make(map[uint64]*rafs.Chunk)
+	chunks := newChunkIndex(img.Blobs, d.chunkCount)
 
 	for vi := range d.visits {
 		v := &d.visits[vi]
@@ -509,7 +569,7 @@ func countLinks(img *rafs.Image) {
 }
 
 // fileChunks decodes the chunk array of regular file m.
-func (d *decoder) fileChunks(m *rafs.Inode, in *inode, off uint64, fcs *[]rafs.FileChunk, slab *[]rafs.Chunk, shared map[uint64]*rafs.Chunk) error {
+func (d *decoder) fileChunks(m *rafs.Inode, in *inode, off uint64, fcs *[]rafs.FileChunk, slab *[]rafs.Chunk, shared *chunkIndex) error {
 	n := in.childCount
 	if in.flags&inodeFlagHasHole == 0 {
 		if want := (in.size + uint64(d.sb.blockSize) - 1) / uint64(d.sb.blockSize); uint64(n) != want {
@@ -543,12 +603,11 @@ func (d *decoder) fileChunks(m *rafs.Inode, in *inode, off uint64, fcs *[]rafs.F
 			UncompressedSize:   ci.uncompressedSize,
 			Compressed:         ci.flags&chunkFlagCompressed != 0,
 		}
-		key := chunkKey(ci.blobIndex, ci.index)
-		c := shared[key]
+		c := shared.get(ci.blobIndex, ci.index)
 		if c == nil {
 			*slab = append(*slab, want)
 			c = &(*slab)[len(*slab)-1]
-			shared[key] = c
+			shared.store(ci.blobIndex, ci.index, c)
 		} else if *c != want {
 			return errf("inode %d chunk %d: blob %d chunk %d described two different ways", in.ino, k, ci.blobIndex, ci.index)
 		}
@@ -583,14 +642,17 @@ func parseXattrs(b []byte, ino uint64) ([]rafs.Xattr, error) {
 
 // prefetch decodes the prefetch table: on-disk inode numbers, ended by 0
 // or the table's end.
-func (d *decoder) prefetch(byIno map[uint64]*rafs.Inode) error {
+func (d *decoder) prefetch(byIno []*rafs.Inode) error {
 	off := d.sb.prefetchTableOffset
 	for k := range uint64(d.sb.prefetchTableEntries) {
 		ino := uint64(le.Uint32(d.buf[off+4*k:]))
 		if ino == 0 {
 			break
 		}
-		m := byIno[ino]
+		var m *rafs.Inode
+		if ino < uint64(len(byIno)) {
+			m = byIno[ino]
+		}
 		if m == nil {
 			return errf("prefetch table entry %d: inode %d is not in the tree", k, ino)
 		}
