@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -407,4 +408,43 @@ func FuzzAddTar(f *testing.F) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// TestSparseTar builds from GNU tar's sparse encodings (old GNU and PAX
+// 1.0), which archive/tar expands into holes of zeros.
+func TestSparseTar(t *testing.T) {
+	src := t.TempDir()
+	f, err := os.Create(filepath.Join(src, "sparse"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := pseudoRandom(5000, 7)
+	f.WriteAt(data, 3<<20)
+	f.Truncate(6 << 20)
+	f.Close()
+	want, _ := os.ReadFile(filepath.Join(src, "sparse"))
+	for _, format := range []string{"gnu", "posix"} {
+		out := filepath.Join(t.TempDir(), "l.tar")
+		cmd := exec.Command("tar", "--sparse", "--format="+format, "-cf", out, "-C", src, "sparse")
+		if msg, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("tar: %v\n%s", err, msg)
+		}
+		tf, _ := os.Open(out)
+		b := build(t, Options{ChunkSize: 1 << 20}, "", func(b *Builder) error { return b.AddTar(context.Background(), tf) })
+		tf.Close()
+		i, err := b.img.Lookup(b.img.Root(), "sparse")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, i.Size)
+		if _, err := b.img.ReadAt(context.Background(), b.reader(), i, got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("%s: sparse file differs", format)
+		}
+		if b.blob.ChunkCount != 2 { // the zero chunk and the one with data
+			t.Errorf("%s: %d chunks stored", format, b.blob.ChunkCount)
+		}
+	}
 }
