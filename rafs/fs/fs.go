@@ -55,6 +55,9 @@ type FS struct {
 // Stats are cumulative counters, safe to read while serving.
 type Stats struct {
 	Lookups    atomic.Uint64
+	GetAttrs   atomic.Uint64
+	ReadDirs   atomic.Uint64
+	Xattrs     atomic.Uint64
 	Opens      atomic.Uint64
 	Reads      atomic.Uint64
 	ReadBytes  atomic.Uint64
@@ -196,6 +199,7 @@ func (f *FS) Forget(nodeid, nlookup uint64) {}
 
 // GetAttr implements fuse.RawFileSystem.
 func (f *FS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	f.stats.GetAttrs.Add(1)
 	i, st := f.inode(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -316,6 +320,7 @@ func (f *FS) dirEntry(d *rafs.Inode, k uint64) (string, *rafs.Inode, bool) {
 
 // ReadDir implements fuse.RawFileSystem.
 func (f *FS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	f.stats.ReadDirs.Add(1)
 	d, st := f.inode(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -339,6 +344,7 @@ func (f *FS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntry
 // ".." carry their attributes, which counts as a lookup for the kernel;
 // "." and ".." carry none (the kernel ignores them).
 func (f *FS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	f.stats.ReadDirs.Add(1)
 	d, st := f.inode(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -419,6 +425,7 @@ func checkAccess(i *rafs.Inode, c fuse.Caller, mask uint32) fuse.Status {
 // answers ENOSYS, so the kernel stops asking for the whole mount (ls -l
 // would otherwise ask for security.* and ACLs of every file).
 func (f *FS) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {
+	f.stats.Xattrs.Add(1)
 	if !f.hasXattrs {
 		return 0, fuse.ENOSYS
 	}
