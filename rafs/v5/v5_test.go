@@ -444,7 +444,19 @@ func diffLines(want, got string) string {
 // TestSharedChunks checks that decoding shares one *rafs.Chunk per blob
 // chunk, across files and within one.
 func TestSharedChunks(t *testing.T) {
+	for _, chunkCount := range []string{"known", "unknown", "huge"} {
+		t.Run(chunkCount, func(t *testing.T) { testSharedChunks(t, chunkCount) })
+	}
+}
+
+func testSharedChunks(t *testing.T, chunkCount string) {
 	img, _ := mixedImage(t, codec.None, codec.SHA256, 4096)
+	switch chunkCount {
+	case "unknown": // as in bootstraps without an extended blob table
+		img.Blobs[0].ChunkCount = 0
+	case "huge": // a blob shared with other images
+		img.Blobs[0].ChunkCount = 1 << 30
+	}
 	got := decode(t, encode(t, img))
 	dup := lookupPath(t, got, "/usr/bin/dup")
 	if len(dup.Chunks) != 2 || dup.Chunks[0].Chunk != dup.Chunks[1].Chunk {
@@ -540,5 +552,50 @@ func TestWriteError(t *testing.T) {
 	img, _ := mixedImage(t, codec.None, codec.SHA256, 4096)
 	if err := Write(&failWriter{n: 100}, img); err == nil || !strings.Contains(err.Error(), "disk full") {
 		t.Fatalf("Write to a failing writer: %v", err)
+	}
+}
+
+// plainReaderAt hides Size/Stat, so Read must grow its buffer as it goes.
+type plainReaderAt struct{ r io.ReaderAt }
+
+func (p plainReaderAt) ReadAt(b []byte, off int64) (int, error) { return p.r.ReadAt(b, off) }
+
+// TestReadSources decodes the same bytes from a file, from a reader that
+// knows its size and from one that does not (growing past 1 MiB).
+func TestReadSources(t *testing.T) {
+	ib := newImageBuilder(t, codec.None, codec.Blake3, 4096)
+	for d := range 40 {
+		dir := ib.dir(rafs.RootIno, fmt.Sprintf("d%d", d))
+		for f := range 200 {
+			ib.dense(dir, fmt.Sprintf("file-with-a-longish-name-%04d", f), []byte{byte(f)})
+		}
+	}
+	img, _ := ib.finish()
+	big := encode(t, img)
+	if len(big) <= 1<<20 {
+		t.Fatalf("test bootstrap of %d bytes does not exercise buffer growth", len(big))
+	}
+	for name, b := range map[string][]byte{"fixture": fixture(t), "big": big} {
+		t.Run(name, func(t *testing.T) {
+			want := decode(t, b)
+			p := filepath.Join(t.TempDir(), "bootstrap")
+			if err := os.WriteFile(p, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.Open(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			for src, r := range map[string]io.ReaderAt{"file": f, "plain": plainReaderAt{bytes.NewReader(b)}} {
+				got, err := Read(r, int64(len(b)))
+				if err != nil {
+					t.Fatalf("%s: %v", src, err)
+				}
+				if !reflect.DeepEqual(got, want) {
+					t.Errorf("%s: decodes differently", src)
+				}
+			}
+		})
 	}
 }
