@@ -306,13 +306,25 @@ func TestOptions(t *testing.T) {
 
 func TestPrefetch(t *testing.T) {
 	src := t.TempDir()
+	writeFile(t, filepath.Join(src, "0first"), []byte("z"))
 	writeFile(t, filepath.Join(src, "a/b"), []byte("x"))
 	writeFile(t, filepath.Join(src, "c"), []byte("y"))
-	b := buildDir(t, Options{Prefetch: []string{"/c", "/a", "/missing"}}, src)
+	if err := os.Symlink("/usr", filepath.Join(src, "usr")); err != nil {
+		t.Fatal(err)
+	}
+	b := buildDir(t, Options{Prefetch: []string{"/c", "/a", "/missing", "/usr/bin"}}, src)
 	c, _ := b.img.Lookup(b.img.Root(), "c")
 	a, _ := b.img.Lookup(b.img.Root(), "a")
 	if len(b.img.Prefetch) != 2 || b.img.Prefetch[0] != c.Ino || b.img.Prefetch[1] != a.Ino {
 		t.Errorf("prefetch %v, want [%d %d]", b.img.Prefetch, c.Ino, a.Ino)
+	}
+	if b.blob.ChunkCount != 3 {
+		t.Errorf("%d chunks stored, want 3 (nothing through the /usr symlink)", b.blob.ChunkCount)
+	}
+	// Prefetched data comes first in the blob, in prefetch order.
+	ab, _ := b.img.Lookup(a, "b")
+	if c.Chunks[0].Index != 0 || ab.Chunks[0].Index != 1 {
+		t.Errorf("blob order: c at %d, a/b at %d", c.Chunks[0].Index, ab.Chunks[0].Index)
 	}
 }
 

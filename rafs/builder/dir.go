@@ -25,6 +25,16 @@ func (b *Builder) AddDir(ctx context.Context, dir string) error {
 	if b.closed {
 		return errors.New("builder: already finished or failed")
 	}
+	// Like nydus-image, store the prefetched files' data first, so that
+	// prefetching reads the head of the blob.
+	for _, p := range b.opts.Prefetch {
+		if !beneath(dir, p) {
+			continue
+		}
+		if err := r.preload(ctx, filepath.Join(dir, filepath.Clean("/"+p))); err != nil {
+			return b.abort(err)
+		}
+	}
 	root, err := r.node(ctx, dir)
 	if err != nil {
 		return b.abort(err)
@@ -36,9 +46,12 @@ func (b *Builder) AddDir(ctx context.Context, dir string) error {
 }
 
 type dirReader struct {
-	b     *Builder
-	links map[[2]uint64]*node
-	buf   []byte
+	b *Builder
+	// links maps (device, inode) to the node of files already read:
+	// hardlinks, and files preloaded for prefetch.
+	links      map[[2]uint64]*node
+	preloading bool
+	buf        []byte
 }
 
 func (r *dirReader) node(ctx context.Context, p string) (*node, error) {
@@ -48,7 +61,7 @@ func (r *dirReader) node(ctx context.Context, p string) (*node, error) {
 	}
 	typ := st.Mode & syscall.S_IFMT
 	key := [2]uint64{st.Dev, st.Ino}
-	if typ != syscall.S_IFDIR && st.Nlink > 1 {
+	if typ != syscall.S_IFDIR {
 		if n, ok := r.links[key]; ok {
 			return n, nil
 		}
@@ -96,10 +109,54 @@ func (r *dirReader) node(ctx context.Context, p string) (*node, error) {
 	case syscall.S_IFCHR, syscall.S_IFBLK:
 		n.rdev = st.Rdev
 	}
-	if typ != syscall.S_IFDIR && st.Nlink > 1 {
+	if typ != syscall.S_IFDIR && (st.Nlink > 1 || r.preloading) {
 		r.links[key] = n
 	}
 	return n, nil
+}
+
+// beneath reports whether p (slash-separated, relative to dir) resolves
+// without following a symlink: a prefetch path through a symlink would
+// preload files from outside the tree.
+func beneath(dir, p string) bool {
+	cur := dir
+	parts := strings.Split(strings.Trim(filepath.Clean("/"+p), "/"), "/")
+	for _, part := range parts[:len(parts)-1] {
+		cur = filepath.Join(cur, part)
+		var st unix.Stat_t
+		if unix.Lstat(cur, &st) != nil || st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
+			return false
+		}
+	}
+	return true
+}
+
+// preload reads the regular files at or below p ahead of the tree walk,
+// which then finds them in r.links. Missing paths are skipped, as
+// nydus-image skips prefetch entries that are not in the image.
+func (r *dirReader) preload(ctx context.Context, p string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(p, &st); err != nil {
+		return nil
+	}
+	switch st.Mode & syscall.S_IFMT {
+	case syscall.S_IFREG:
+		r.preloading = true
+		_, err := r.node(ctx, p)
+		r.preloading = false
+		return err
+	case syscall.S_IFDIR:
+		names, err := readDirNames(p)
+		if err != nil {
+			return err
+		}
+		for _, name := range names {
+			if err := r.preload(ctx, filepath.Join(p, name)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func readDirNames(p string) ([]string, error) {
