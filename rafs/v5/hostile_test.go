@@ -179,6 +179,8 @@ func TestReadHostile(t *testing.T) {
 		{"symlink without target", rec16(idxBar, fSymlinkSize, 0), false},
 		{"regular file with a target", rec16(idxJSON, fSymlinkSize, 3), false},
 		{"unknown inode flag", rec64(idxJSON, fFlags, 0x100), false},
+		{"no file type", rec32(idxBinDir, fMode, 0o755), false},
+		{"mode bits above the type", rec32(idxBar, fMode, 0xf0000|0o777), false},
 		{"chunk count absurd", rec32(idxJSON, fChildCount, 0xffffffff), false},
 		{"chunk count without holes", rec32(idxJSON, fChildCount, 0), false},
 		{"file size absurd", func(b []byte) {

@@ -295,6 +295,14 @@ func isReg(mode uint32) bool { return mode&syscall.S_IFMT == syscall.S_IFREG }
 func isDir(mode uint32) bool { return mode&syscall.S_IFMT == syscall.S_IFDIR }
 func isLnk(mode uint32) bool { return mode&syscall.S_IFMT == syscall.S_IFLNK }
 
+func validType(mode uint32) bool {
+	switch mode & syscall.S_IFMT {
+	case syscall.S_IFREG, syscall.S_IFDIR, syscall.S_IFLNK, syscall.S_IFCHR, syscall.S_IFBLK, syscall.S_IFIFO, syscall.S_IFSOCK:
+		return true
+	}
+	return false
+}
+
 // walk visits every table index reachable from the root (index 1) through
 // directories' child ranges, in nydus-image's numbering order, checking
 // that each index is reached once and that records do not overlap. It
@@ -422,8 +430,8 @@ func (x *chunkIndex) store(blob, index uint32, c *rafs.Chunk) {
 }
 
 // inodes builds the model from the visits: one rafs.Inode per distinct
-// i_ino, in visit order. It returns the map from on-disk inode number to
-// model inode.
+// i_ino, in visit order. It returns the table from on-disk inode number
+// to model inode.
 func (d *decoder) inodes() ([]*rafs.Inode, error) {
 	img := d.img
 	nv := len(d.visits)
@@ -472,6 +480,9 @@ func (d *decoder) inodes() ([]*rafs.Inode, error) {
 		nameB := d.buf[p : p+uint64(in.nameSize)]
 		p += alignUp(uint64(in.nameSize))
 		targetB := d.buf[p : p+uint64(in.symlinkSize)]
+		if !validType(in.mode) {
+			return nil, errf("inode %d: mode %#o is no file type", in.ino, in.mode)
+		}
 		if isLnk(in.mode) != (in.symlinkSize > 0) {
 			return nil, errf("inode %d: mode %#o with a %d-byte symlink target", in.ino, in.mode, in.symlinkSize)
 		}

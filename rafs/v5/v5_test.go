@@ -503,6 +503,7 @@ func TestWriteRejects(t *testing.T) {
 		{"mixed compressors", func(img *rafs.Image) { img.Blobs[0].Compressor = codec.Zstd }},
 		{"blob chunk size", func(img *rafs.Image) { img.Blobs[0].ChunkSize = 8192 }},
 		{"empty symlink", func(img *rafs.Image) { lookup(img, "/root-1").Target = "" }},
+		{"no file type", func(img *rafs.Image) { lookup(img, "/fifo").Mode = 0o644 }},
 		{"64-bit rdev", func(img *rafs.Image) { lookup(img, "/null").Rdev = 1 << 40 }},
 		{"long xattr name", func(img *rafs.Image) {
 			lookup(img, "/etc").Xattrs = []rafs.Xattr{{Name: "user." + strings.Repeat("x", 251)}}

@@ -180,6 +180,9 @@ func (e *encoder) number() error {
 // check validates what v5 cannot store and sets the record's flags.
 func (e *encoder) check(n *node) error {
 	m := n.m
+	if !validType(m.Mode) {
+		return fmt.Errorf("rafs v5: write: inode %d: mode %#o is no file type", m.Ino, m.Mode)
+	}
 	if m.IsSymlink() {
 		if m.Target == "" || len(m.Target) > maxSymlink {
 			return fmt.Errorf("rafs v5: write: inode %d: symlink target of %d bytes (want 1..%d)", m.Ino, len(m.Target), maxSymlink)
