@@ -209,6 +209,9 @@ func (bw *blobWriter) finish(version int, chunkSize uint32) (*rafs.Blob, error) 
 		// The uncompressed size covers the last chunk's aligned extent:
 		// that is the size of the blob's cache file.
 		UncompressedSize: bw.uoff,
+		// nydus-image marks every blob it builds (v5 too) as built by
+		// 2.2 or newer; v6 adds ALIGNED with the blob meta below.
+		Features: blobmeta.FeatureCapTarTOC,
 	}
 	if version == 6 && len(bw.infos) > 0 {
 		h, _, err := blobmeta.Write(hashingWriter{bw}, bw.off, bw.comp, blobmeta.FeatureCapTarTOC, bw.infos)
