@@ -75,7 +75,9 @@ func TestTarRoundTrip(t *testing.T) {
 				return b.AddTar(context.Background(), bytes.NewReader(data))
 			})
 			checkBlob(t, b)
-			compareTrees(t, src, unpackDir(t, b.img, b.reader()))
+			for _, img := range roundTrips(t, b.img) {
+				compareTrees(t, src, unpackDir(t, img, b.reader()))
+			}
 		})
 	}
 }
