@@ -15,6 +15,7 @@ import (
 	"path"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -181,26 +182,68 @@ func (b *Builder) Image() (*rafs.Image, []byte, error) {
 	return img, blob, nil
 }
 
+// cached keeps every verified chunk it has decoded, so tests that read
+// the same chunks many times do not pay for decompression each time.
+// Images in tests are small; nothing is evicted.
+type cached struct {
+	r      rafs.BlobChunkReader
+	mu     sync.Mutex
+	chunks map[*rafs.Chunk][]byte
+}
+
+func (c *cached) ReadChunkAt(ctx context.Context, b *rafs.Blob, ch *rafs.Chunk, p []byte, off uint32) error {
+	c.mu.Lock()
+	data, ok := c.chunks[ch]
+	c.mu.Unlock()
+	if !ok {
+		var err error
+		if data, err = c.r.ReadChunk(b, ch); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		c.chunks[ch] = data
+		c.mu.Unlock()
+	}
+	if uint64(off)+uint64(len(p)) > uint64(len(data)) {
+		return fmt.Errorf("chunk %d: read past its end", ch.Index)
+	}
+	copy(p, data[off:])
+	return nil
+}
+
+func cache(r rafs.BlobChunkReader) rafs.ChunkReader {
+	return &cached{r: r, chunks: map[*rafs.Chunk][]byte{}}
+}
+
 // MemReader returns a ChunkReader over in-memory blobs keyed by blob id.
 func MemReader(blobs map[string][]byte) rafs.ChunkReader {
-	return rafs.BlobChunkReader{Open: func(b *rafs.Blob) (io.ReaderAt, error) {
+	return cache(rafs.BlobChunkReader{Open: func(b *rafs.Blob) (io.ReaderAt, error) {
 		p, ok := blobs[b.ID]
 		if !ok {
 			return nil, fmt.Errorf("blob %s: %w", b.ID, os.ErrNotExist)
 		}
 		return bytes.NewReader(p), nil
-	}}
+	}})
 }
 
 // DirReader returns a ChunkReader reading blob files named by id in dir.
+// Blob files stay open for the life of the test process.
 func DirReader(dir string) rafs.ChunkReader {
-	return rafs.BlobChunkReader{Open: func(b *rafs.Blob) (io.ReaderAt, error) {
-		p, err := os.ReadFile(dir + "/" + b.ID)
+	var mu sync.Mutex
+	open := map[string]*os.File{}
+	return cache(rafs.BlobChunkReader{Open: func(b *rafs.Blob) (io.ReaderAt, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if f, ok := open[b.ID]; ok {
+			return f, nil
+		}
+		f, err := os.Open(dir + "/" + b.ID)
 		if err != nil {
 			return nil, err
 		}
-		return bytes.NewReader(p), nil
-	}}
+		open[b.ID] = f
+		return f, nil
+	}})
 }
 
 // FailingReader fails every chunk read with Err after optional Delay,
@@ -412,10 +455,14 @@ func checkContent(img *rafs.Image, cr rafs.ChunkReader, i *rafs.Inode, p string,
 		return err
 	}
 	defer f.Close()
+	if i.Size == 0 {
+		return nil
+	}
+	scratch := make([]byte, min(3*int(img.ChunkSize), int(i.Size)+10))
 	for range 8 {
 		off := rnd.intn(int(i.Size) + 10)
-		n := rnd.intn(3*int(img.ChunkSize) + 1)
-		buf := make([]byte, n)
+		n := rnd.intn(len(scratch) + 1)
+		buf := scratch[:n]
 		m, err := f.ReadAt(buf, int64(off))
 		if err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("pread [%d,+%d): %w", off, n, err)
@@ -466,4 +513,135 @@ func SetReadAhead(t testing.TB, mnt string, kb int) {
 	if err := os.WriteFile(p, []byte(fmt.Sprint(kb)), 0o644); err != nil {
 		t.Logf("readahead: %v", err)
 	}
+}
+
+// CompareTrees checks that the tree at got matches the tree at want on
+// disk: names, file types, permission bits, owners, sizes, mtimes, link
+// counts of non-directories, device numbers, symlink targets, contents and
+// xattr names and values. The roots' own attributes are not compared.
+func CompareTrees(t testing.TB, want, got string) {
+	t.Helper()
+	err := filepathWalk(want, func(rel string) error {
+		wp, gp := want+rel, got+rel
+		var ws, gs unix.Stat_t
+		if err := unix.Lstat(wp, &ws); err != nil {
+			return err
+		}
+		if err := unix.Lstat(gp, &gs); err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
+		}
+		if rel == "" {
+			return nil
+		}
+		if ws.Mode != gs.Mode || ws.Uid != gs.Uid || ws.Gid != gs.Gid {
+			return fmt.Errorf("%s: mode/uid/gid %o/%d/%d, want %o/%d/%d", rel, gs.Mode, gs.Uid, gs.Gid, ws.Mode, ws.Uid, ws.Gid)
+		}
+		if ws.Mtim != gs.Mtim {
+			return fmt.Errorf("%s: mtime %v, want %v", rel, gs.Mtim, ws.Mtim)
+		}
+		isDir := ws.Mode&syscall.S_IFMT == syscall.S_IFDIR
+		if !isDir && (ws.Size != gs.Size || ws.Nlink != gs.Nlink) {
+			return fmt.Errorf("%s: size/nlink %d/%d, want %d/%d", rel, gs.Size, gs.Nlink, ws.Size, ws.Nlink)
+		}
+		if ws.Rdev != gs.Rdev && (ws.Mode&syscall.S_IFMT == syscall.S_IFCHR || ws.Mode&syscall.S_IFMT == syscall.S_IFBLK) {
+			return fmt.Errorf("%s: rdev %#x, want %#x", rel, gs.Rdev, ws.Rdev)
+		}
+		if err := sameXattrs(wp, gp); err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
+		}
+		switch ws.Mode & syscall.S_IFMT {
+		case syscall.S_IFLNK:
+			a, _ := os.Readlink(wp)
+			b, err := os.Readlink(gp)
+			if err != nil || a != b {
+				return fmt.Errorf("%s: readlink %q, %v; want %q", rel, b, err, a)
+			}
+		case syscall.S_IFREG:
+			a, err := os.ReadFile(wp)
+			if err != nil {
+				return err
+			}
+			b, err := os.ReadFile(gp)
+			if err != nil || !bytes.Equal(a, b) {
+				return fmt.Errorf("%s: content differs (%d vs %d bytes, %v)", rel, len(b), len(a), err)
+			}
+		case syscall.S_IFDIR:
+			a, _ := os.ReadDir(wp)
+			b, err := os.ReadDir(gp)
+			if err != nil || len(a) != len(b) {
+				return fmt.Errorf("%s: %d entries, want %d (%v)", rel, len(b), len(a), err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func filepathWalk(root string, fn func(rel string) error) error {
+	var walk func(rel string) error
+	walk = func(rel string) error {
+		if err := fn(rel); err != nil {
+			return err
+		}
+		fi, err := os.Lstat(root + rel)
+		if err != nil || !fi.IsDir() {
+			return err
+		}
+		ents, err := os.ReadDir(root + rel)
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			if err := walk(rel + "/" + e.Name()); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	return walk("")
+}
+
+func listXattrs(p string) (map[string]string, error) {
+	out := map[string]string{}
+	sz, err := unix.Llistxattr(p, nil)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTSUP) {
+		return out, nil
+	}
+	if err != nil || sz == 0 {
+		return out, err
+	}
+	buf := make([]byte, sz)
+	sz, err = unix.Llistxattr(p, buf)
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range strings.Split(string(buf[:sz]), "\x00") {
+		if n == "" {
+			continue
+		}
+		v := make([]byte, 65536)
+		k, err := unix.Lgetxattr(p, n, v)
+		if err != nil {
+			return nil, fmt.Errorf("getxattr %s: %w", n, err)
+		}
+		out[n] = string(v[:k])
+	}
+	return out, nil
+}
+
+func sameXattrs(want, got string) error {
+	a, err := listXattrs(want)
+	if err != nil {
+		return err
+	}
+	b, err := listXattrs(got)
+	if err != nil {
+		return err
+	}
+	if fmt.Sprint(a) != fmt.Sprint(b) {
+		return fmt.Errorf("xattrs %v, want %v", b, a)
+	}
+	return nil
 }
