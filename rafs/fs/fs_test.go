@@ -2,9 +2,11 @@ package fs_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -262,5 +264,42 @@ func TestWalkLikeDisk(t *testing.T) {
 	}
 	if want := len(fstest.ModelPaths(img)); n != want {
 		t.Fatalf("walked %d paths, want %d", n, want)
+	}
+}
+
+// blockingReader blocks every chunk read until its context ends, and
+// reports that it did.
+type blockingReader struct{ cancelled chan struct{} }
+
+func (r blockingReader) ReadChunkAt(ctx context.Context, b *rafs.Blob, c *rafs.Chunk, p []byte, off uint32) error {
+	select {
+	case <-ctx.Done():
+		r.cancelled <- struct{}{}
+		return ctx.Err()
+	case <-time.After(time.Minute):
+		return errors.New("never cancelled")
+	}
+}
+
+// TestReadCancelledByInterrupt kills a process blocked in read(2): the
+// kernel sends FUSE_INTERRUPT and the chunk read's context must end, so a
+// stuck backend does not pin the request.
+func TestReadCancelledByInterrupt(t *testing.T) {
+	img, _ := testImage(t, 64<<10, codec.Zstd, codec.Blake3, false)
+	cr := blockingReader{cancelled: make(chan struct{}, 16)}
+	mnt := fstest.Mount(t, fs.New(img, cr, fs.DefaultOptions()), nil)
+	// O_DIRECT makes read(2) a synchronous FUSE READ; buffered reads go
+	// out as background readahead, which the kernel never interrupts.
+	cmd := exec.Command("dd", "if="+mnt+"/bin/big", "of=/dev/null", "bs=4096", "count=1", "iflag=direct")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // let it block in read
+	cmd.Process.Kill()
+	cmd.Wait()
+	select {
+	case <-cr.cancelled:
+	case <-time.After(20 * time.Second):
+		t.Fatal("killing the reader did not cancel the chunk read")
 	}
 }
