@@ -1,0 +1,198 @@
+package storage
+
+import (
+	"context"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/rafsd/rafsd/rafs"
+)
+
+type prefetchItem struct {
+	bs *blobState
+	c  *rafs.Chunk
+}
+
+// Prefetch starts fetching img's prefetch list (and with prefetch_all
+// every chunk of its blobs) into the cache in the background, and
+// returns. It does nothing unless prefetch is enabled and there is a
+// cache. The work stops when ctx is done or the fetcher is closed;
+// WaitPrefetch waits for it.
+func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
+	if err := f.AddImage(img); err != nil {
+		return err
+	}
+	if !f.prefetch.Enable || f.store == nil {
+		return nil
+	}
+	var items []prefetchItem
+	seen := map[*blobState]map[uint64]bool{}
+	add := func(c *rafs.Chunk) {
+		b, err := img.Blob(c)
+		if err != nil {
+			return
+		}
+		bs, err := f.state(b)
+		if err != nil || !bs.cacheable(c, f.compressed) {
+			return
+		}
+		if seen[bs] == nil {
+			seen[bs] = map[uint64]bool{}
+		}
+		if seen[bs][c.CompressedOffset] {
+			return
+		}
+		seen[bs][c.CompressedOffset] = true
+		items = append(items, prefetchItem{bs, c})
+	}
+	var addInode func(ino uint64, depth int)
+	addInode = func(ino uint64, depth int) {
+		in, err := img.Inode(ino)
+		if err != nil || depth > 4096 {
+			return
+		}
+		for _, fc := range in.Chunks {
+			add(fc.Chunk)
+		}
+		for _, e := range in.Entries {
+			addInode(e.Ino, depth+1)
+		}
+	}
+	for _, ino := range img.Prefetch {
+		addInode(ino, 0)
+	}
+	if f.prefetch.PrefetchAll {
+		for _, l := range img.BlobLayouts() {
+			cs := append([]*rafs.Chunk(nil), l.Chunks...)
+			sortByCompressed(cs)
+			for _, c := range cs {
+				add(c)
+			}
+		}
+	}
+	if len(items) == 0 {
+		return nil
+	}
+	f.m.prefetchQueued.Add(float64(len(items)))
+	f.stats.prefetchBegin.CompareAndSwap(0, time.Now().UnixMilli())
+	queue := make(chan prefetchItem, len(items))
+	for _, it := range items {
+		queue <- it
+	}
+	close(queue)
+	threads := max(f.prefetch.ThreadsCount, 1)
+	lim := newLimiter(uint64(f.prefetch.BandwidthLimit), img.ChunkSize)
+	batch := f.prefetch.BatchSize
+	if batch <= 0 {
+		batch = int(img.ChunkSize)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(f.ctx, cancel)
+	var wg sync.WaitGroup
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		defer stop()
+		defer cancel()
+		wg.Wait()
+		f.stats.prefetchEnd.Store(time.Now().UnixMilli())
+	}()
+	for range threads {
+		wg.Add(1)
+		f.stats.prefetchWorkers.Add(1)
+		go func() {
+			defer wg.Done()
+			defer f.stats.prefetchWorkers.Add(-1)
+			for it := range queue {
+				if ctx.Err() != nil {
+					return
+				}
+				f.prefetchOne(ctx, it, batch, lim)
+			}
+		}()
+	}
+	return nil
+}
+
+// WaitPrefetch waits for every prefetch started so far to finish.
+func (f *Fetcher) WaitPrefetch() {
+	f.wg.Wait()
+}
+
+func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, lim *limiter) {
+	if it.bs.cached(it.c, f.compressed) {
+		f.m.prefetchDone.Inc()
+		return
+	}
+	// Never ahead of on-demand reads: wait while any is in progress.
+	for f.demand.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Millisecond):
+		}
+	}
+	if err := lim.wait(ctx, uint64(it.c.CompressedSize)); err != nil {
+		return
+	}
+	start := time.Now()
+	f.stats.prefetchRequests.Add(1)
+	if _, err := f.fetch(ctx, it.bs, it.c, batch, true); err != nil {
+		if ctx.Err() == nil {
+			f.log.Warn("storage: prefetch failed", "blob", it.bs.blob.ID, "chunk", it.c.Index, "err", err)
+		}
+		return
+	}
+	f.stats.prefetchMillis.Add(uint64(time.Since(start).Milliseconds()))
+	f.m.prefetchDone.Inc()
+}
+
+func sortByCompressed(cs []*rafs.Chunk) {
+	sort.Slice(cs, func(i, j int) bool { return cs[i].CompressedOffset < cs[j].CompressedOffset })
+}
+
+// limiter is a token bucket of bytes per second (0: unlimited). Its burst
+// is at least one chunk, as nydusd raises a smaller limit to the chunk size.
+type limiter struct {
+	mu     sync.Mutex
+	rate   float64
+	burst  float64
+	tokens float64
+	last   time.Time
+}
+
+func newLimiter(rate uint64, chunkSize uint32) *limiter {
+	if rate == 0 {
+		return nil
+	}
+	burst := float64(max(rate, uint64(chunkSize)))
+	return &limiter{rate: float64(rate), burst: burst, tokens: burst, last: time.Now()}
+}
+
+func (l *limiter) wait(ctx context.Context, n uint64) error {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	now := time.Now()
+	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	l.last = now
+	l.tokens -= float64(n)
+	var d time.Duration
+	if l.tokens < 0 {
+		d = time.Duration(-l.tokens / l.rate * float64(time.Second))
+	}
+	l.mu.Unlock()
+	if d == 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

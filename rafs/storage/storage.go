@@ -1,0 +1,531 @@
+// Package storage is the shared chunk fetcher: the rafs.ChunkReader every
+// serving mode (FUSE, virtio-fs, fscache, fanotify) reads file data
+// through. It serves chunks from the on-disk blob cache (rafs/storage/
+// blobcache) or fetches them from the backend (rafs/storage/backend),
+// decompresses them and checks their digest before anyone sees a byte.
+//
+// Use by the daemon, per mount:
+//
+//	cfg, _ := config.Parse(configJSON)
+//	f, err := storage.New(cfg, storage.WithRegisterer(reg))
+//	f.AddImage(img)            // lets reads merge neighbouring chunks
+//	f.Prefetch(ctx, img)       // background prefetch, if configured
+//	img.ReadAt(ctx, f, inode, p, off)
+//	f.Close()
+//
+// Fetchers whose configs name the same cache work_dir share one
+// blobcache.Store, so a blob is cached once per process whatever number of
+// images or mounts use it.
+//
+// Read path: a cache hit is a pread (plus a digest check with
+// digest_validate / cache validate, or always in compressed-cache mode); a
+// miss joins the in-flight fetch of that chunk if there is one
+// (single-flight), or starts one that also takes the following missing
+// chunks of the blob, up to the batch size (rafs batch_size / amplify_io
+// for reads, the prefetch batch size / merging_size for prefetch), in one
+// backend range request. Each chunk is decompressed and verified; one that
+// fails is fetched again alone, and if it fails again the read fails with
+// an error wrapping syscall.EIO (counted in
+// rafsd_chunk_digest_failures_total and logged). Verified chunks are
+// written to the cache (data durable before the chunk is marked present).
+//
+// Prefetch: the image's prefetch list (files, directories recursively),
+// then with prefetch_all every chunk of its blobs, fetched by
+// threads_count workers, limited to bandwidth_rate bytes/s, and paused
+// while any on-demand read is in progress so it never gets ahead of one.
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/config"
+	"github.com/rafsd/rafsd/rafs/storage/backend"
+	"github.com/rafsd/rafsd/rafs/storage/blobcache"
+)
+
+// Option configures New.
+type Option func(*options)
+
+type options struct {
+	reg        prometheus.Registerer
+	log        *slog.Logger
+	be         backend.Backend
+	cacheLimit int64
+}
+
+// WithRegisterer registers the fetcher's Prometheus metrics with reg.
+func WithRegisterer(reg prometheus.Registerer) Option { return func(o *options) { o.reg = reg } }
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.log = l } }
+
+// WithBackend uses be instead of the backend the config describes; the
+// fetcher closes it.
+func WithBackend(be backend.Backend) Option { return func(o *options) { o.be = be } }
+
+// WithCacheLimit bounds the cache directory's disk usage (bytes); blobs
+// no mount uses are evicted beyond it. nydusd has no such setting.
+func WithCacheLimit(n int64) Option { return func(o *options) { o.cacheLimit = n } }
+
+// Fetcher is a rafs.ChunkReader backed by a backend and a blob cache.
+// It is safe for concurrent use.
+type Fetcher struct {
+	log        *slog.Logger
+	be         backend.Backend
+	beType     string
+	store      *blobcache.Store // nil: no cache
+	compressed bool
+	validate   bool
+	readBatch  int
+	prefetch   config.Prefetch
+
+	m     *metrics
+	stats stats
+
+	mu     sync.Mutex
+	blobs  map[string]*blobState
+	closed bool
+
+	demand atomic.Int64 // on-demand reads in progress
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+var _ rafs.ChunkReader = (*Fetcher)(nil)
+
+// blobState is the fetcher's view of one blob.
+type blobState struct {
+	blob  *rafs.Blob
+	cache *blobcache.Blob // nil: uncached
+
+	mu       sync.Mutex
+	inflight map[uint64]*call // by compressed offset
+	// chunks holds the blob's known chunks sorted by compressed offset,
+	// one per offset, from the images added with AddImage.
+	chunks []*rafs.Chunk
+}
+
+// call is one chunk's in-flight fetch.
+type call struct {
+	done chan struct{}
+	data []byte // verified uncompressed bytes
+	err  error
+}
+
+// New returns a fetcher for cfg's backend and cache.
+func New(cfg *config.Config, opts ...Option) (*Fetcher, error) {
+	o := options{log: slog.Default()}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	f := &Fetcher{
+		log:       o.log,
+		blobs:     map[string]*blobState{},
+		validate:  cfg.Rafs.Validate || cfg.Cache.Validate,
+		readBatch: cfg.Rafs.BatchSize,
+		m:         newMetrics(o.reg),
+	}
+	f.prefetch = cfg.Cache.Prefetch
+	if !f.prefetch.Enable && cfg.Rafs.Prefetch.Enable {
+		f.prefetch = cfg.Rafs.Prefetch
+	}
+	f.prefetch.PrefetchAll = f.prefetch.PrefetchAll || cfg.Rafs.Prefetch.PrefetchAll
+	f.ctx, f.cancel = context.WithCancel(context.Background())
+	f.be = o.be
+	if f.be == nil {
+		be, err := backend.New(cfg.Backend, backend.Hooks{
+			Request: func(ep string, n int, d time.Duration, err error) { f.backendHook(ep, n, d, err) },
+			Retry:   func() { f.m.retries.WithLabelValues(f.beType).Inc() },
+			Failover: func(from, to string) {
+				f.m.failovers.WithLabelValues(f.beType, from).Inc()
+			},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("storage: %w", err)
+		}
+		f.be = be
+	}
+	f.beType = f.be.Type()
+	switch cfg.Cache.Type {
+	case "blobcache", "filecache", "fscache":
+		dir := cfg.Cache.WorkDir()
+		s, err := blobcache.Open(dir, o.cacheLimit)
+		if err != nil {
+			f.be.Close()
+			return nil, fmt.Errorf("storage: %w", err)
+		}
+		f.store = s
+		// The kernel modes need uncompressed data at uncompressed offsets.
+		f.compressed = cfg.Cache.Compressed && cfg.Cache.Type != "fscache"
+	}
+	return f, nil
+}
+
+// Backend returns the fetcher's backend.
+func (f *Fetcher) Backend() backend.Backend { return f.be }
+
+// Close stops prefetch and releases the backend and the cache.
+func (f *Fetcher) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	f.mu.Unlock()
+	f.cancel()
+	f.wg.Wait()
+	f.mu.Lock()
+	for id, bs := range f.blobs {
+		if bs.cache != nil {
+			bs.cache.Release()
+		}
+		delete(f.blobs, id)
+	}
+	f.mu.Unlock()
+	err := f.be.Close()
+	if f.store != nil {
+		err = errors.Join(err, f.store.Close())
+	}
+	return err
+}
+
+// CacheBlob returns the cache of blob b (nil if uncached), for the kernel
+// modes that serve the cache file directly.
+func (f *Fetcher) CacheBlob(b *rafs.Blob) *blobcache.Blob {
+	bs, err := f.state(b)
+	if err != nil {
+		return nil
+	}
+	return bs.cache
+}
+
+func (f *Fetcher) state(b *rafs.Blob) (*blobState, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return nil, fmt.Errorf("storage: fetcher closed: %w", syscall.EIO)
+	}
+	if bs, ok := f.blobs[b.ID]; ok {
+		return bs, nil
+	}
+	bs := &blobState{blob: b, inflight: map[uint64]*call{}}
+	if f.store != nil {
+		cb, err := f.store.Blob(b, f.compressed)
+		switch {
+		case err == nil:
+			bs.cache = cb
+		case errors.Is(err, blobcache.ErrNoGeometry):
+			f.log.Debug("storage: blob read uncached", "blob", b.ID, "reason", err)
+		default:
+			f.log.Warn("storage: blob cache unavailable, reading uncached", "blob", b.ID, "err", err)
+		}
+	}
+	f.blobs[b.ID] = bs
+	return bs, nil
+}
+
+// AddImage indexes img's chunks so that a read can merge a chunk with the
+// chunks following it in the blob into one backend request.
+func (f *Fetcher) AddImage(img *rafs.Image) error {
+	per := make(map[uint32]map[uint64]*rafs.Chunk)
+	for _, in := range img.Inodes {
+		for _, fc := range in.Chunks {
+			m := per[fc.BlobIndex]
+			if m == nil {
+				m = map[uint64]*rafs.Chunk{}
+				per[fc.BlobIndex] = m
+			}
+			m[fc.CompressedOffset] = fc.Chunk
+		}
+	}
+	for bi, m := range per {
+		b, err := img.Blob(&rafs.Chunk{BlobIndex: bi})
+		if err != nil {
+			return fmt.Errorf("storage: %w", err)
+		}
+		bs, err := f.state(b)
+		if err != nil {
+			return err
+		}
+		bs.mu.Lock()
+		for _, c := range bs.chunks {
+			if _, ok := m[c.CompressedOffset]; !ok {
+				m[c.CompressedOffset] = c
+			}
+		}
+		cs := make([]*rafs.Chunk, 0, len(m))
+		for _, c := range m {
+			cs = append(cs, c)
+		}
+		sort.Slice(cs, func(i, j int) bool { return cs[i].CompressedOffset < cs[j].CompressedOffset })
+		bs.chunks = cs
+		bs.mu.Unlock()
+	}
+	return nil
+}
+
+// cacheable reports whether c fits the blob's cache geometry.
+func (bs *blobState) cacheable(c *rafs.Chunk, compressed bool) bool {
+	if bs.cache == nil {
+		return false
+	}
+	b := bs.blob
+	if c.Index >= b.ChunkCount {
+		return false
+	}
+	if compressed {
+		return c.CompressedOffset+uint64(c.CompressedSize) <= b.CompressedSize
+	}
+	return c.UncompressedOffset+uint64(c.UncompressedSize) <= b.UncompressedSize
+}
+
+func (bs *blobState) cached(c *rafs.Chunk, compressed bool) bool {
+	return bs.cacheable(c, compressed) && bs.cache.Has(c.Index)
+}
+
+// ReadChunkAt implements rafs.ChunkReader.
+func (f *Fetcher) ReadChunkAt(ctx context.Context, b *rafs.Blob, c *rafs.Chunk, p []byte, off uint32) error {
+	if uint64(off)+uint64(len(p)) > uint64(c.UncompressedSize) {
+		return fmt.Errorf("storage: chunk %d of blob %s: read [%d,+%d) past its %d bytes: %w", c.Index, b.ID, off, len(p), c.UncompressedSize, syscall.EINVAL)
+	}
+	f.demand.Add(1)
+	defer f.demand.Add(-1)
+	f.stats.total.Add(1)
+	bs, err := f.state(b)
+	if err != nil {
+		return err
+	}
+	if bs.cached(c, f.compressed) {
+		ok, err := f.readCached(bs, c, p, off)
+		if err != nil {
+			return err
+		}
+		if ok {
+			f.m.cacheHits.Inc()
+			f.stats.hits.Add(1)
+			return nil
+		}
+	}
+	f.m.cacheMisses.Inc()
+	data, err := f.fetch(ctx, bs, c, f.readBatch, false)
+	if err != nil {
+		return err
+	}
+	copy(p, data[off:])
+	return nil
+}
+
+// readCached serves a read from the cache. ok is false if the cached bytes
+// failed their check (the chunk is then invalidated and must be fetched).
+func (f *Fetcher) readCached(bs *blobState, c *rafs.Chunk, p []byte, off uint32) (ok bool, err error) {
+	cb := bs.cache
+	if !f.compressed && !f.validate {
+		if err := cb.ReadAt(p, int64(c.UncompressedOffset)+int64(off)); err != nil {
+			return false, fmt.Errorf("storage: %w: %w", syscall.EIO, err)
+		}
+		return true, nil
+	}
+	data, err := f.loadCached(bs, c)
+	if err != nil {
+		return false, err
+	}
+	if data == nil {
+		return false, nil
+	}
+	copy(p, data[off:])
+	return true, nil
+}
+
+// loadCached reads and verifies a whole cached chunk; nil data means it
+// failed verification and was invalidated.
+func (f *Fetcher) loadCached(bs *blobState, c *rafs.Chunk) ([]byte, error) {
+	cb := bs.cache
+	var data []byte
+	var verr error
+	if f.compressed {
+		raw := make([]byte, c.CompressedSize)
+		if err := cb.ReadAt(raw, int64(c.CompressedOffset)); err != nil {
+			return nil, fmt.Errorf("storage: %w: %w", syscall.EIO, err)
+		}
+		data, verr = rafs.DecodeChunkBytes(bs.blob, c, raw)
+	} else {
+		data = make([]byte, c.UncompressedSize)
+		if err := cb.ReadAt(data, int64(c.UncompressedOffset)); err != nil {
+			return nil, fmt.Errorf("storage: %w: %w", syscall.EIO, err)
+		}
+		verr = bs.blob.Digester.Verify(data, c.Digest)
+	}
+	if verr == nil {
+		return data, nil
+	}
+	f.m.digestFailures.WithLabelValues("cache").Inc()
+	f.stats.digestFailures.Add(1)
+	f.log.Error("storage: cached chunk failed its check, refetching", "blob", bs.blob.ID, "chunk", c.Index, "err", verr)
+	if err := cb.Invalidate(c.Index); err != nil {
+		f.log.Warn("storage: invalidate cached chunk", "blob", bs.blob.ID, "chunk", c.Index, "err", err)
+	}
+	return nil, nil
+}
+
+// fetch returns chunk c's verified bytes, joining an in-flight fetch of
+// it or starting one that takes following missing chunks up to batch bytes.
+func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch int, prefetch bool) ([]byte, error) {
+	bs.mu.Lock()
+	if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+		bs.mu.Unlock()
+		select {
+		case <-cl.done:
+			return cl.data, cl.err
+		case <-ctx.Done():
+			return nil, fmt.Errorf("storage: chunk %d of blob %s: %w", c.Index, bs.blob.ID, ctx.Err())
+		}
+	}
+	// It may have been cached since the caller looked.
+	if bs.cached(c, f.compressed) {
+		bs.mu.Unlock()
+		data, err := f.loadWhole(bs, c)
+		if err != nil || data != nil {
+			return data, err
+		}
+		bs.mu.Lock()
+	}
+	group := f.plan(bs, c, batch)
+	calls := make([]*call, len(group))
+	for i, gc := range group {
+		calls[i] = &call{done: make(chan struct{})}
+		bs.inflight[gc.CompressedOffset] = calls[i]
+	}
+	bs.mu.Unlock()
+
+	// The fetch serves every waiter, so it must not die with this caller.
+	fctx := context.WithoutCancel(ctx)
+	f.fetchGroup(fctx, bs, group, calls, prefetch)
+
+	bs.mu.Lock()
+	for _, gc := range group {
+		delete(bs.inflight, gc.CompressedOffset)
+	}
+	bs.mu.Unlock()
+	for _, cl := range calls {
+		close(cl.done)
+	}
+	return calls[0].data, calls[0].err
+}
+
+// loadWhole returns a cached chunk's whole verified bytes (nil if it
+// failed its check). Without validation the cache is trusted.
+func (f *Fetcher) loadWhole(bs *blobState, c *rafs.Chunk) ([]byte, error) {
+	if !f.compressed && !f.validate {
+		data := make([]byte, c.UncompressedSize)
+		if err := bs.cache.ReadAt(data, int64(c.UncompressedOffset)); err != nil {
+			return nil, fmt.Errorf("storage: %w: %w", syscall.EIO, err)
+		}
+		return data, nil
+	}
+	return f.loadCached(bs, c)
+}
+
+// plan returns c followed by the missing, not in-flight chunks stored
+// right after it, up to batch compressed bytes. bs.mu is held.
+func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int) []*rafs.Chunk {
+	group := []*rafs.Chunk{c}
+	cs := bs.chunks
+	k := sort.Search(len(cs), func(i int) bool { return cs[i].CompressedOffset >= c.CompressedOffset })
+	if k >= len(cs) || cs[k].CompressedOffset != c.CompressedOffset {
+		return group
+	}
+	end := c.CompressedOffset + uint64(c.CompressedSize)
+	total := uint64(c.CompressedSize)
+	for k++; k < len(cs); k++ {
+		n := cs[k]
+		if n.CompressedOffset != end || total+uint64(n.CompressedSize) > uint64(batch) {
+			break
+		}
+		if _, busy := bs.inflight[n.CompressedOffset]; busy || bs.cached(n, f.compressed) {
+			break
+		}
+		group = append(group, n)
+		end += uint64(n.CompressedSize)
+		total += uint64(n.CompressedSize)
+	}
+	return group
+}
+
+// fetchGroup reads the contiguous chunks of group in one request, and
+// fills each call with its verified data or an EIO error.
+func (f *Fetcher) fetchGroup(ctx context.Context, bs *blobState, group []*rafs.Chunk, calls []*call, prefetch bool) {
+	b := bs.blob
+	start := group[0].CompressedOffset
+	last := group[len(group)-1]
+	raw := make([]byte, last.CompressedOffset+uint64(last.CompressedSize)-start)
+	err := f.be.ReadAt(ctx, b.ID, raw, int64(start))
+	if prefetch && err == nil {
+		f.m.prefetchBytes.Add(float64(len(raw)))
+		f.stats.prefetchBytes.Add(uint64(len(raw)))
+	}
+	var writes []blobcache.Write
+	for i, c := range group {
+		var data, stored []byte
+		var derr error
+		if err != nil {
+			derr = err
+		} else {
+			stored = raw[c.CompressedOffset-start : c.CompressedOffset-start+uint64(c.CompressedSize)]
+			data, derr = rafs.DecodeChunkBytes(b, c, stored)
+			if derr != nil {
+				f.m.digestFailures.WithLabelValues("backend").Inc()
+				f.stats.digestFailures.Add(1)
+				f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", derr)
+				data, stored, derr = f.refetch(ctx, b, c)
+			}
+		}
+		if derr != nil {
+			f.m.readErrors.Inc()
+			f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", derr)
+			calls[i].err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, derr)
+			continue
+		}
+		calls[i].data = data
+		if bs.cacheable(c, f.compressed) {
+			w := blobcache.Write{Index: c.Index, Off: int64(c.UncompressedOffset), Data: data}
+			if f.compressed {
+				w.Off, w.Data = int64(c.CompressedOffset), stored
+			}
+			writes = append(writes, w)
+		}
+	}
+	if len(writes) > 0 {
+		if werr := bs.cache.WriteChunks(writes); werr != nil {
+			f.log.Warn("storage: caching chunks failed", "blob", b.ID, "err", werr)
+		}
+	}
+}
+
+// refetch reads one chunk again on its own, for a chunk that failed its
+// check (the first read may have been a transient corruption).
+func (f *Fetcher) refetch(ctx context.Context, b *rafs.Blob, c *rafs.Chunk) (data, raw []byte, err error) {
+	raw = make([]byte, c.CompressedSize)
+	if err := f.be.ReadAt(ctx, b.ID, raw, int64(c.CompressedOffset)); err != nil {
+		return nil, nil, err
+	}
+	data, err = rafs.DecodeChunkBytes(b, c, raw)
+	if err != nil {
+		f.m.digestFailures.WithLabelValues("backend").Inc()
+		f.stats.digestFailures.Add(1)
+		return nil, nil, err
+	}
+	return data, raw, nil
+}
