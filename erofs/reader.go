@@ -568,10 +568,11 @@ func parseXattr(b []byte) (Xattr, int, error) {
 var ErrSkipDir = errors.New("skip directory")
 
 // Walk visits every path of the image depth-first in name order, root
-// ("/") first. A directory reached twice (a loop or a directory hardlink)
-// is an error.
+// ("/") first. A directory reached twice (a loop or a directory hardlink),
+// or directories holding more bytes than the image, is an error.
 func (rd *Reader) Walk(fn func(path string, in *Inode) error) error {
 	seen := map[uint64]bool{}
+	var dirBytes uint64
 	var walk func(p string, nid uint64) error
 	walk = func(p string, nid uint64) error {
 		in, err := rd.Inode(nid)
@@ -591,6 +592,12 @@ func (rd *Reader) Walk(fn func(path string, in *Inode) error) error {
 			return formatErr("%s: directory nid %d reached twice", p, nid)
 		}
 		seen[nid] = true
+		// Directories never share blocks in a sane image; bounding their
+		// total size by the image's keeps a hostile image of directories
+		// aliasing one big block list from costing quadratic time.
+		if dirBytes += in.Size; dirBytes > uint64(rd.size) {
+			return formatErr("%s: directories hold more bytes than the image", p)
+		}
 		ents, err := rd.ReadDir(in)
 		if err != nil {
 			return fmt.Errorf("%s: %w", p, err)
