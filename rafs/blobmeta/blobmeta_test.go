@@ -111,6 +111,22 @@ func TestNydusFixture(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The same through the blob's TOC.
+	toc, err := ReadTOC(bytes.NewReader(data), int64(len(data)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, e := range toc {
+		names[e.Name] = true
+	}
+	if !names[TOCBlobMeta] || !names[TOCMetaHeader] || !names[TOCDigests] {
+		t.Errorf("TOC entries %+v", toc)
+	}
+	m2, err := ReadBlob(bytes.NewReader(data), int64(len(data)))
+	if err != nil || !reflect.DeepEqual(m2, m) {
+		t.Errorf("ReadBlob: %v", err)
+	}
 	if m.Header.Features&FeatureCapTarTOC == 0 || m.Header.Features&FeatureAligned == 0 || len(m.Chunks) != 2 {
 		t.Fatalf("unexpected header %+v", m.Header)
 	}
@@ -157,8 +173,13 @@ func FuzzDecode(f *testing.F) {
 	_, _, _ = Write(&buf, 0, codec.None, FeatureChunkInfoV2, sampleInfos())
 	f.Add(buf.Bytes())
 	f.Add(make([]byte, HeaderSize))
+	if fx, _ := filepath.Glob("/work/shared/fixtures/nydus/v6-zstd-blake3/blobs/*"); len(fx) == 1 {
+		if b, err := os.ReadFile(fx[0]); err == nil {
+			f.Add(b)
+		}
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		m, err := ReadTail(bytes.NewReader(data), int64(len(data)))
+		m, err := ReadBlob(bytes.NewReader(data), int64(len(data)))
 		if err != nil {
 			return
 		}
