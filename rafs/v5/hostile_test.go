@@ -348,9 +348,9 @@ func TestReadBitFlips(t *testing.T) {
 			b := bytes.Clone(orig)
 			for k := range orig {
 				b[k] ^= 1 << (k % 8)
-				// Every flip is decoded; a quarter of the accepted ones
-				// also go through the (slower) write/read round trip.
-				if k%4 == 0 {
+				// Every flip is decoded; an eighth of them also go
+				// through the (slower) digest check and round trip.
+				if k%8 == 0 {
 					if checkAccepted(t, b) {
 						accepted++
 					}
@@ -365,8 +365,13 @@ func TestReadBitFlips(t *testing.T) {
 }
 
 // checkAccepted decodes b; if it decodes, the image must validate, read
-// through Spans, and round-trip through Write and Read.
+// through Spans, write a bootstrap whose digests verify, and round-trip
+// through Write and Read.
 func checkAccepted(t testing.TB, b []byte) bool {
+	if err := VerifyDigests(bytes.NewReader(b), int64(len(b))); err != nil &&
+		!errors.Is(err, rafs.ErrInvalid) && !errors.Is(err, ErrNotV5) && !errors.Is(err, codec.ErrDigestMismatch) {
+		t.Fatalf("VerifyDigests: unexpected error %q", err)
+	}
 	img, err := Read(bytes.NewReader(b), int64(len(b)))
 	if err != nil {
 		if !errors.Is(err, rafs.ErrInvalid) && !errors.Is(err, ErrNotV5) {
@@ -387,6 +392,9 @@ func checkAccepted(t testing.TB, b []byte) bool {
 	var w1, w2 bytes.Buffer
 	if err := Write(&w1, img); err != nil {
 		t.Fatalf("accepted image does not write: %v", err)
+	}
+	if err := VerifyDigests(bytes.NewReader(w1.Bytes()), int64(w1.Len())); err != nil {
+		t.Fatalf("written image fails digest validation: %v", err)
 	}
 	again, err := Read(bytes.NewReader(w1.Bytes()), int64(w1.Len()))
 	if err != nil {

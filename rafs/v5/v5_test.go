@@ -615,3 +615,45 @@ func TestReadSources(t *testing.T) {
 		})
 	}
 }
+
+func TestVerifyDigests(t *testing.T) {
+	orig := fixture(t)
+	img, _ := mixedImage(t, codec.Zstd, codec.Blake3, 4096)
+	written := encode(t, img)
+	for name, b := range map[string][]byte{"fixture": orig, "written": written} {
+		if err := VerifyDigests(bytes.NewReader(b), int64(len(b))); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	cases := []struct {
+		name   string
+		b      []byte
+		mutate func(b []byte)
+		want   error
+	}{
+		{"chunk digest", orig, func(b []byte) { b[chunkOff(b, idxJSON)] ^= 1 }, codec.ErrDigestMismatch},
+		{"hardlink name's chunk digest", orig, func(b []byte) { b[chunkOff(b, idxTestSh)+5] ^= 1 }, codec.ErrDigestMismatch},
+		{"symlink target", orig, func(b []byte) { b[recordOff(b, idxBar)+inodeSize+8] ^= 1 }, codec.ErrDigestMismatch},
+		{"directory digest", orig, func(b []byte) { b[recordOff(b, idxBinDir)] ^= 1 }, codec.ErrDigestMismatch},
+		{"root digest", orig, func(b []byte) { b[recordOff(b, idxRoot)+31] ^= 1 }, codec.ErrDigestMismatch},
+		{"written xattr file", written, func(b []byte) {
+			idx := findIndex(t, b, "caps")
+			b[recordOff(b, idx)+3] ^= 1
+		}, codec.ErrDigestMismatch},
+		{"malformed", orig, func(b []byte) { le.PutUint32(b[recordOff(b, idxRoot)+fChildCount:], 1000) }, rafs.ErrInvalid},
+		{"not v5", orig, func(b []byte) { b[0] = 0 }, ErrNotV5},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			b := bytes.Clone(c.b)
+			c.mutate(b)
+			if err := VerifyDigests(bytes.NewReader(b), int64(len(b))); !errors.Is(err, c.want) {
+				t.Fatalf("got %v, want %v", err, c.want)
+			}
+			if c.want == codec.ErrDigestMismatch {
+				// Read leaves digests to VerifyDigests.
+				decode(t, b)
+			}
+		})
+	}
+}
