@@ -379,6 +379,14 @@ func TestRoundTrip(t *testing.T) {
 		{"empty-root", func(t *testing.T) (*rafs.Image, []byte) {
 			return newImageBuilder(t, codec.Zstd, codec.Blake3, rafs.DefaultChunkSize).finish()
 		}},
+		{"no-blobs", func(t *testing.T) (*rafs.Image, []byte) {
+			ib := newImageBuilder(t, codec.Gzip, codec.SHA256, 4096)
+			ib.symlink(ib.dir(rafs.RootIno, "d"), "s", "..")
+			ib.dense(rafs.RootIno, "empty", nil)
+			img, blob := ib.finish()
+			img.Blobs = nil
+			return img, blob
+		}},
 		{"many-files", func(t *testing.T) (*rafs.Image, []byte) {
 			ib := newImageBuilder(t, codec.None, codec.Blake3, 4096)
 			for d := range 50 {
@@ -409,7 +417,11 @@ func TestRoundTrip(t *testing.T) {
 				t.Errorf("second round trip differs")
 			}
 			// File data reads back through the decoded image.
-			cr := memBlobs(map[string][]byte{img.Blobs[0].ID: blob})
+			blobs := map[string][]byte{}
+			for _, b := range img.Blobs {
+				blobs[b.ID] = blob
+			}
+			cr := memBlobs(blobs)
 			err := img.Walk(func(p string, want *rafs.Inode) error {
 				if !want.IsRegular() {
 					return nil
