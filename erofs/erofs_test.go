@@ -407,7 +407,9 @@ func TestGoErofsOracle(t *testing.T) {
 		if name == "" {
 			name = "."
 		}
-		lfs, ok := fsys.(interface{ Lstat(string) (fs.FileInfo, error) })
+		lfs, ok := fsys.(interface {
+			Lstat(string) (fs.FileInfo, error)
+		})
 		if !ok {
 			t.Fatalf("go-erofs has no Lstat")
 		}
