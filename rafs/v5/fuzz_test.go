@@ -13,6 +13,7 @@ import (
 func FuzzV5Read(f *testing.F) {
 	orig := fixture(f)
 	f.Add(orig)
+	f.Add(blake3Fixture(f))
 	img, _ := mixedImage(f, codec.Zstd, codec.Blake3, 4096)
 	caps := lookup(img, "/etc/caps")
 	caps.Xattrs = caps.Xattrs[:2]

@@ -99,9 +99,25 @@ func expectedTree(t *testing.T) (root treeNode, report treeNode, md5s map[string
 	return top[0], top[1], md5s
 }
 
+// blake3Fixture is the blake3 variant of the same image, built by
+// nydus-image from the same tree into the same blob (see testdata/README.md).
+func blake3Fixture(t testing.TB) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata", "v5-none-blake3.boot"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 func TestFixture(t *testing.T) {
-	img := decode(t, fixture(t))
-	if img.Version != 5 || img.ChunkSize != 1<<20 || img.Compressor != codec.None || img.Digester != codec.SHA256 {
+	t.Run("sha256", func(t *testing.T) { testFixture(t, fixture(t), codec.SHA256) })
+	t.Run("blake3", func(t *testing.T) { testFixture(t, blake3Fixture(t), codec.Blake3) })
+}
+
+func testFixture(t *testing.T, boot []byte, digester codec.Digester) {
+	img := decode(t, boot)
+	if img.Version != 5 || img.ChunkSize != 1<<20 || img.Compressor != codec.None || img.Digester != digester {
 		t.Fatalf("image header: v%d chunk %d %s %s", img.Version, img.ChunkSize, img.Compressor, img.Digester)
 	}
 	if len(img.Blobs) != 1 || img.Blobs[0].ID != "7334a2594e133cf8ae364189c2276b090fc490c627bcc3fb1077f0419a538e00" {
@@ -218,12 +234,17 @@ func lookupPath(t testing.TB, img *rafs.Image, p string) *rafs.Inode {
 
 // TestFixtureReencode writes the decoded fixture back: the result is the
 // nydus-image bootstrap byte for byte (inode digests, table order, record
-// layout, blob tables), except two superblock fields nydus-image 2.1 set
-// differently from the current builder: the EXPLICIT_UID_GID flag (Write
-// always stores uid/gid explicitly) and s_inodes_count (current nydus-image
-// counts the root inode, 2.1 did not).
+// layout, blob tables), except two superblock fields the nydus-image that
+// built the fixtures set differently from the current builder: the
+// EXPLICIT_UID_GID flag (Write always stores uid/gid explicitly) and
+// s_inodes_count (current nydus-image counts the root inode, that one did
+// not).
 func TestFixtureReencode(t *testing.T) {
-	orig := fixture(t)
+	t.Run("sha256", func(t *testing.T) { testFixtureReencode(t, fixture(t)) })
+	t.Run("blake3", func(t *testing.T) { testFixtureReencode(t, blake3Fixture(t)) })
+}
+
+func testFixtureReencode(t *testing.T, orig []byte) {
 	img := decode(t, orig)
 	out := encode(t, img)
 	if len(out) != len(orig) {
@@ -295,6 +316,7 @@ func verifyDigests(t *testing.T, b []byte) {
 
 func TestFixtureDigests(t *testing.T) {
 	verifyDigests(t, fixture(t))
+	verifyDigests(t, blake3Fixture(t))
 }
 
 // mixedImage has one of everything v5 can hold.
@@ -632,7 +654,7 @@ func TestVerifyDigests(t *testing.T) {
 	orig := fixture(t)
 	img, _ := mixedImage(t, codec.Zstd, codec.Blake3, 4096)
 	written := encode(t, img)
-	for name, b := range map[string][]byte{"fixture": orig, "written": written} {
+	for name, b := range map[string][]byte{"fixture": orig, "blake3 fixture": blake3Fixture(t), "written": written} {
 		if err := VerifyDigests(bytes.NewReader(b), int64(len(b))); err != nil {
 			t.Errorf("%s: %v", name, err)
 		}

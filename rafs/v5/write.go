@@ -290,8 +290,9 @@ func (n *node) recordSize() uint64 {
 	return s
 }
 
-// layout places the records in table-index order, as nydus-image 2.1
-// wrote them (newer nydus-image writes them depth first; nydusd finds
+// layout places the records in table-index order, as the nydus-image that
+// built the reference fixtures wrote them (current nydus-image writes them
+// depth first; nydusd finds
 // records through the inode table either way, and its cached mode only
 // needs parents before children, which both orders give).
 func (e *encoder) layout() {
