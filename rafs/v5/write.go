@@ -125,8 +125,8 @@ func (e *encoder) plan() error {
 // children get consecutive indexes when the directory is processed, and
 // child directories are processed depth first, in name order.
 //
-// Counts need no check here: plan bounds the bootstrap to 2 GiB, so
-// fewer than 2^24 records of at least 128 bytes.
+// Indexes are uint32: a model with 2^32 names would not fit in memory,
+// and plan then rejects anything beyond v5's 2 GiB (2^24 records).
 func (e *encoder) number() error {
 	img := e.img
 	e.diskIno = make([]uint32, len(img.Inodes)+1)
