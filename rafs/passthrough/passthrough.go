@@ -714,14 +714,38 @@ func (f *FS) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out 
 	if st := validName(name); !st.Ok() {
 		return st
 	}
-	flags := openFlags(in.Flags) | unix.O_CREAT | int(in.Flags)&unix.O_EXCL
-	fd, err := openBeneath(p.fd, name, flags, in.Mode&0o7777)
-	if err != nil {
+	// Create exclusively; an existing name is opened only if it is a
+	// regular file, so a client cannot make the server open a fifo (and
+	// block) or a device node it planted.
+	fd, err := openBeneath(p.fd, name, openFlags(in.Flags)|unix.O_CREAT|unix.O_EXCL, in.Mode&0o7777)
+	switch {
+	case err == nil:
+		if st := f.created(p, name, in.Caller, in.Mode, true, &out.EntryOut); !st.Ok() {
+			unix.Close(fd)
+			return st
+		}
+	case errors.Is(err, unix.EEXIST) && in.Flags&unix.O_EXCL == 0:
+		if st := f.lookup(p, name, &out.EntryOut); !st.Ok() {
+			return st
+		}
+		n, st := f.get(out.NodeId)
+		if !st.Ok() {
+			return st
+		}
+		defer f.put(n)
+		if n.mode != syscall.S_IFREG {
+			f.Forget(n.id, 1)
+			if n.mode == syscall.S_IFDIR {
+				return fuse.EISDIR
+			}
+			return fuse.Status(syscall.EEXIST)
+		}
+		if fd, err = reopen(n.fd, openFlags(in.Flags)); err != nil {
+			f.Forget(n.id, 1)
+			return errno(err)
+		}
+	default:
 		return errno(err)
-	}
-	if st := f.created(p, name, in.Caller, in.Mode, true, &out.EntryOut); !st.Ok() {
-		unix.Close(fd)
-		return st
 	}
 	out.OpenOut.Fh = f.addHandle(fd)
 	out.OpenOut.OpenFlags = 0

@@ -1,7 +1,6 @@
 package vfs_test
 
 import (
-	"encoding/binary"
 	"io"
 	"log"
 	"sync"
@@ -9,33 +8,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/rafsd/rafsd/rafs/fs/fstest"
 	"github.com/rafsd/rafsd/rafs/vfs"
-)
-
-// FUSE opcodes and sizes used to build seed requests (linux/fuse.h).
-const (
-	opLookup      = 1
-	opForget      = 2
-	opGetattr     = 3
-	opSetattr     = 4
-	opReadlink    = 5
-	opMkdir       = 9
-	opOpen        = 14
-	opRead        = 15
-	opStatfs      = 17
-	opRelease     = 18
-	opGetxattr    = 22
-	opListxattr   = 23
-	opInit        = 26
-	opOpendir     = 27
-	opReaddir     = 28
-	opReleasedir  = 29
-	opAccess      = 34
-	opInterrupt   = 36
-	opBatchForget = 42
-	opReaddirplus = 44
-	opLseek       = 46
-	inHeaderSize  = 40
 )
 
 var fuzzVFS struct {
@@ -55,56 +29,6 @@ func fuzzTarget(t testing.TB) *vfs.VFS {
 	return fuzzVFS.v
 }
 
-// req builds one FUSE request: header, fixed part, then payload.
-func req(op uint32, node uint64, body ...[]byte) []byte {
-	n := inHeaderSize
-	for _, b := range body {
-		n += len(b)
-	}
-	p := make([]byte, inHeaderSize, n)
-	le := binary.LittleEndian
-	le.PutUint32(p[0:], uint32(n))
-	le.PutUint32(p[4:], op)
-	le.PutUint64(p[8:], 1)
-	le.PutUint64(p[16:], node)
-	for _, b := range body {
-		p = append(p, b...)
-	}
-	return p
-}
-
-func u32s(v ...uint32) []byte {
-	p := make([]byte, 4*len(v))
-	for k, x := range v {
-		binary.LittleEndian.PutUint32(p[4*k:], x)
-	}
-	return p
-}
-
-func u64s(v ...uint64) []byte {
-	p := make([]byte, 8*len(v))
-	for k, x := range v {
-		binary.LittleEndian.PutUint64(p[8*k:], x)
-	}
-	return p
-}
-
-func cstr(s string) []byte { return append([]byte(s), 0) }
-
-func concat(reqs ...[]byte) []byte {
-	var out []byte
-	for _, r := range reqs {
-		out = append(out, r...)
-	}
-	return out
-}
-
-// readIn is fuse_read_in after the header: fh, offset, size, read_flags,
-// lock_owner, flags, padding.
-func readIn(fh, off uint64, size uint32) []byte {
-	return concat(u64s(fh, off), u32s(size, 0), u64s(0), u32s(0, 0))
-}
-
 // FuzzFUSERequest feeds raw FUSE request bytes, as a hostile virtio-fs
 // guest could send them, through go-fuse's protocol server into the VFS.
 // The input is a sequence of requests, each as long as its header says
@@ -112,43 +36,43 @@ func readIn(fh, off uint64, size uint32) []byte {
 // Any panic fails; a filesystem panic is re-raised past go-fuse's recovery.
 func FuzzFUSERequest(f *testing.F) {
 	img := uint64(1) << 56 // index 1: /rafs/a/lowerdir, rafs root ino 1
-	f.Add(concat(
-		req(opLookup, 1, cstr("rafs")),
-		req(opLookup, 2, cstr("a")),
-		req(opGetattr, img|2, u32s(0, 0), u64s(0)),
-		req(opOpen, img|3, u32s(0, 0)),
-		req(opRead, img|3, readIn(0, 0, 4096)),
-		req(opRead, img|5, readIn(0, 1<<40, 4096)),
-		req(opRelease, img|3, u64s(0), u32s(0, 0), u64s(0)),
+	f.Add(fstest.Concat(
+		fstest.Request(fstest.OpLookup, 1, fstest.CString("rafs")),
+		fstest.Request(fstest.OpLookup, 2, fstest.CString("a")),
+		fstest.Request(fstest.OpGetattr, img|2, fstest.U32s(0, 0), fstest.U64s(0)),
+		fstest.Request(fstest.OpOpen, img|3, fstest.U32s(0, 0)),
+		fstest.Request(fstest.OpRead, img|3, fstest.ReadIn(0, 0, 4096)),
+		fstest.Request(fstest.OpRead, img|5, fstest.ReadIn(0, 1<<40, 4096)),
+		fstest.Request(fstest.OpRelease, img|3, fstest.U64s(0), fstest.U32s(0, 0), fstest.U64s(0)),
 	))
-	f.Add(concat(
-		req(opOpendir, 1, u32s(0, 0)),
-		req(opReaddirplus, 1, readIn(0, 0, 4096)),
-		req(opReaddir, 2, readIn(0, 1, 4096)),
-		req(opReaddirplus, img|2, readIn(0, 0, 300)),
-		req(opReaddir, img|2, readIn(0, 5, 4096)),
-		req(opReleasedir, img|2, u64s(0), u32s(0, 0), u64s(0)),
+	f.Add(fstest.Concat(
+		fstest.Request(fstest.OpOpendir, 1, fstest.U32s(0, 0)),
+		fstest.Request(fstest.OpReaddirplus, 1, fstest.ReadIn(0, 0, 4096)),
+		fstest.Request(fstest.OpReaddir, 2, fstest.ReadIn(0, 1, 4096)),
+		fstest.Request(fstest.OpReaddirplus, img|2, fstest.ReadIn(0, 0, 300)),
+		fstest.Request(fstest.OpReaddir, img|2, fstest.ReadIn(0, 5, 4096)),
+		fstest.Request(fstest.OpReleasedir, img|2, fstest.U64s(0), fstest.U32s(0, 0), fstest.U64s(0)),
 	))
-	f.Add(concat(
-		req(opGetxattr, img|3, u32s(0, 0), cstr("user.k")),
-		req(opGetxattr, img|3, u32s(1, 0), cstr("user.k")),
-		req(opListxattr, img|3, u32s(0, 0)),
-		req(opListxattr, img|3, u32s(3, 0)),
-		req(opReadlink, img|15),
-		req(opStatfs, img|1),
-		req(opAccess, img|3, u32s(7, 0)),
-		req(opLseek, img|3, u64s(0, 10), u32s(3, 0)),
+	f.Add(fstest.Concat(
+		fstest.Request(fstest.OpGetxattr, img|3, fstest.U32s(0, 0), fstest.CString("user.k")),
+		fstest.Request(fstest.OpGetxattr, img|3, fstest.U32s(1, 0), fstest.CString("user.k")),
+		fstest.Request(fstest.OpListxattr, img|3, fstest.U32s(0, 0)),
+		fstest.Request(fstest.OpListxattr, img|3, fstest.U32s(3, 0)),
+		fstest.Request(fstest.OpReadlink, img|15),
+		fstest.Request(fstest.OpStatfs, img|1),
+		fstest.Request(fstest.OpAccess, img|3, fstest.U32s(7, 0)),
+		fstest.Request(fstest.OpLseek, img|3, fstest.U64s(0, 10), fstest.U32s(3, 0)),
 	))
-	f.Add(concat(
-		req(opForget, img|3, u64s(5)),
-		req(opBatchForget, 0, u32s(2, 0), u64s(img|3, 1, 1<<60, 9)),
-		req(opInterrupt, 0, u64s(1)),
-		req(opMkdir, 2, u32s(0o755, 0), cstr("x")),
-		req(opSetattr, img|3, make([]byte, 88)),
-		req(opLookup, 1<<63, cstr("..")),
-		req(opLookup, 255<<56|1, cstr("x")),
+	f.Add(fstest.Concat(
+		fstest.Request(fstest.OpForget, img|3, fstest.U64s(5)),
+		fstest.Request(fstest.OpBatchForget, 0, fstest.U32s(2, 0), fstest.U64s(img|3, 1, 1<<60, 9)),
+		fstest.Request(fstest.OpInterrupt, 0, fstest.U64s(1)),
+		fstest.Request(fstest.OpMkdir, 2, fstest.U32s(0o755, 0), fstest.CString("x")),
+		fstest.Request(fstest.OpSetattr, img|3, make([]byte, 88)),
+		fstest.Request(fstest.OpLookup, 1<<63, fstest.CString("..")),
+		fstest.Request(fstest.OpLookup, 255<<56|1, fstest.CString("x")),
 	))
-	f.Add(req(opRead, img|3, readIn(0, ^uint64(0)-10, ^uint32(0))))
+	f.Add(fstest.Request(fstest.OpRead, img|3, fstest.ReadIn(0, ^uint64(0)-10, ^uint32(0))))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		v := fuzzTarget(t)
@@ -159,25 +83,17 @@ func FuzzFUSERequest(f *testing.F) {
 		})
 		out := make([]byte, 1<<17+4096)
 		// Negotiate first, as the kernel (or a guest) always does.
-		init := req(opInit, 0, u32s(7, 41, 1<<17, 0xffffffff, 0xffffffff), make([]byte, 44))
-		if _, st := ps.HandleRequest([][]byte{init}, [][]byte{out}); !st.Ok() {
+		if _, st := ps.HandleRequest([][]byte{fstest.InitRequest()}, [][]byte{out}); !st.Ok() {
 			t.Fatalf("INIT: %v", st)
 		}
-		for n := 0; len(data) > 0 && n < 64; n++ {
-			l := len(data)
-			if l >= 4 {
-				if h := int(binary.LittleEndian.Uint32(data)); h > 0 && h < l {
-					l = h
-				}
-			}
-			// Split the request over two iovecs sometimes, as guest
-			// memory regions can.
-			in := [][]byte{data[:l]}
-			if l > 48 && data[l-1]&1 == 1 {
-				in = [][]byte{data[:l/2], data[l/2 : l]}
+		for _, r := range fstest.SplitRequests(data, 64) {
+			// Split a request over two iovecs sometimes, as guest memory
+			// regions can.
+			in := [][]byte{r}
+			if l := len(r); l > 48 && r[l-1]&1 == 1 {
+				in = [][]byte{r[:l/2], r[l/2:]}
 			}
 			ps.HandleRequest(in, [][]byte{out})
-			data = data[l:]
 		}
 	})
 }
