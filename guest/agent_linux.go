@@ -266,6 +266,19 @@ func (a *Agent) handle(ctx context.Context, req *Request) (any, error) {
 			return nil, err
 		}
 		return dial(ctx, &r)
+	case OpMkdir:
+		var r MkdirRequest
+		if err := decodeArgs(req, &r); err != nil {
+			return nil, err
+		}
+		mode := os.FileMode(r.Mode & 0o777)
+		if mode == 0 {
+			mode = 0o755
+		}
+		if err := os.MkdirAll(r.Path, mode); err != nil {
+			return nil, fmt.Errorf("mkdir: %w", err)
+		}
+		return nil, nil
 	case OpPowerOff:
 		return nil, nil // the reboot happens after the reply is written
 	default:

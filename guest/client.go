@@ -281,3 +281,8 @@ func (c *Client) Dial(ctx context.Context, addr string, send []byte) ([]byte, er
 	}
 	return r.Data, nil
 }
+
+// Mkdir creates a guest directory and its parents (mode 0 means 0755).
+func (c *Client) Mkdir(ctx context.Context, path string, mode uint32) error {
+	return c.Call(ctx, OpMkdir, MkdirRequest{Path: path, Mode: mode}, nil)
+}

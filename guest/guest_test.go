@@ -130,6 +130,13 @@ func TestFilesAndTreeHash(t *testing.T) {
 	c, _, _ := pair(t)
 	ctx := context.Background()
 	d := t.TempDir()
+	if err := c.Mkdir(ctx, filepath.Join(d, "m/n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(filepath.Join(d, "m/n")); err != nil || fi.Mode() != os.ModeDir|0o700 {
+		t.Fatalf("mkdir: %v %v", fi, err)
+	}
+	os.RemoveAll(filepath.Join(d, "m"))
 	p := filepath.Join(d, "sub/f")
 	if err := c.WriteFile(ctx, p, []byte("data"), 0o600); err != nil {
 		t.Fatal(err)

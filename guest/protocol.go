@@ -253,6 +253,15 @@ func encode(v any) ([]byte, error) {
 	return append(b, '\n'), nil
 }
 
+// OpMkdir creates a directory and its parents (MkdirRequest; no result).
+const OpMkdir = "mkdir"
+
+// MkdirRequest is mkdir -p.
+type MkdirRequest struct {
+	Path string `json:"path"`
+	Mode uint32 `json:"mode,omitempty"` // 0: 0755
+}
+
 // OpDial connects to a TCP address from the guest (DialRequest; result
 // DialResult): a network check that needs no tools in the guest.
 const OpDial = "dial"

@@ -45,7 +45,7 @@ type VirtioFS struct {
 type Options struct {
 	MemoryMiB int    // default 512
 	CPUs      int    // default 2
-	Kernel    string // bzImage; default: kernel.Ensure (builds on first use)
+	Kernel    string // bzImage; default: $RAFSD_TESTBED_KERNEL, else kernel.Ensure (builds on first use)
 	Agent     string // guest agent binary; default: built from ./cmd/guest-agent
 	// Files are added to the initramfs (e.g. a static rafsd in /bin).
 	Files    []initramfs.File
@@ -81,6 +81,9 @@ type Options struct {
 // VM is a running guest.
 type VM struct {
 	opts    Options
+	name    string
+	ctlSock string
+	cid     uint32
 	dir     string
 	cmd     *exec.Cmd
 	console *consoleLog
@@ -107,6 +110,35 @@ func NamePrefix() string { return fmt.Sprintf("rafsd-testbed-%d-", os.Getpid()) 
 
 // Start boots a VM and waits until its agent answers.
 func Start(ctx context.Context, o Options) (vm *VM, err error) {
+	vm, err = launch(ctx, &o)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			vm.Stop()
+			vm = nil
+		}
+	}()
+	bootCtx, cancel := context.WithTimeout(ctx, o.BootTimeout)
+	defer cancel()
+	conn, err := vm.connect(bootCtx, vm.ctlSock, vm.cid)
+	if err != nil {
+		return vm, vm.annotate(fmt.Errorf("testbed: control channel: %w", err))
+	}
+	vm.agent = guest.NewClient(conn, vm.fate)
+	if err := vm.waitAgent(bootCtx); err != nil {
+		return vm, vm.annotate(fmt.Errorf("testbed: agent did not answer: %w", err))
+	}
+	vm.boot = time.Since(vm.started)
+	o.Logf("testbed: %s: agent up after %s", vm.name, vm.boot.Round(time.Millisecond))
+	return vm, nil
+}
+
+// launch starts QEMU without waiting for the guest.
+func launch(ctx context.Context, op *Options) (vm *VM, err error) {
+	o := *op
+	defer func() { *op = o }()
 	if o.MemoryMiB == 0 {
 		o.MemoryMiB = 512
 	}
@@ -122,15 +154,18 @@ func Start(ctx context.Context, o Options) (vm *VM, err error) {
 	if o.QEMU == "" {
 		o.QEMU = "qemu-system-x86_64"
 	}
-	logf := o.Logf
-	if logf == nil {
-		logf = func(string, ...any) {}
+	if o.Logf == nil {
+		o.Logf = func(string, ...any) {}
 	}
+	logf := o.Logf
 	if o.Channel == "" {
 		o.Channel = guest.ChannelVirtioSerial
 		if _, err := os.Stat("/dev/vhost-vsock"); err == nil {
 			o.Channel = guest.ChannelVsock
 		}
+	}
+	if o.Kernel == "" {
+		o.Kernel = os.Getenv("RAFSD_TESTBED_KERNEL")
 	}
 	if o.Kernel == "" {
 		b, err := kernel.Ensure(ctx, kernel.Options{Logf: logf})
@@ -170,6 +205,7 @@ func Start(ctx context.Context, o Options) (vm *VM, err error) {
 	name := NamePrefix() + strconv.FormatInt(vmSeq.Add(1), 10)
 	ctlSock := filepath.Join(dir, "ctl.sock")
 	args, cid := qemuArgs(o, name, initrd, ctlSock)
+	vm.name, vm.ctlSock, vm.cid = name, ctlSock, cid
 	logf("testbed: %s %s", o.QEMU, strings.Join(args, " "))
 	cmd := exec.Command(o.QEMU, args...)
 	cmd.Dir = dir
@@ -186,27 +222,15 @@ func Start(ctx context.Context, o Options) (vm *VM, err error) {
 		vm.waitErr = cmd.Wait()
 		close(vm.done)
 	}()
-	vm.timer = time.AfterFunc(o.Timeout, func() {
-		vm.kill(fmt.Errorf("testbed: guest exceeded its timeout of %s", o.Timeout))
-	})
+	vm.SetTimeout(o.Timeout)
 
-	bootCtx, cancel := context.WithTimeout(ctx, o.BootTimeout)
-	defer cancel()
-	conn, err := vm.connect(bootCtx, ctlSock, cid)
-	if err != nil {
-		return vm, vm.annotate(fmt.Errorf("testbed: control channel: %w", err))
-	}
-	vm.agent = guest.NewClient(conn, vm.fate)
-	if err := vm.waitAgent(bootCtx); err != nil {
-		return vm, vm.annotate(fmt.Errorf("testbed: agent did not answer: %w", err))
-	}
-	vm.boot = time.Since(vm.started)
-	logf("testbed: %s: agent up after %s", name, vm.boot.Round(time.Millisecond))
 	return vm, nil
 }
 
 func qemuArgs(o Options, name, initrd, ctlSock string) ([]string, uint32) {
-	cmdline := "console=ttyS0 panic=-1 rafsd.ctl=" + o.Channel
+	// no_timer_check: under a loaded host TCG is slow enough for the
+	// kernel's IO-APIC timer check to fail and panic the boot.
+	cmdline := "console=ttyS0 panic=-1 no_timer_check rafsd.ctl=" + o.Channel
 	if !o.Verbose {
 		cmdline += " quiet"
 	}
@@ -309,6 +333,19 @@ func (vm *VM) waitAgent(ctx context.Context) error {
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+// SetTimeout replaces the VM's hard timeout: QEMU is killed d from now
+// (a scenario can give each phase its own limit).
+func (vm *VM) SetTimeout(d time.Duration) {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.timer != nil {
+		vm.timer.Stop()
+	}
+	vm.timer = time.AfterFunc(d, func() {
+		vm.kill(fmt.Errorf("testbed: guest exceeded its timeout of %s", d))
+	})
 }
 
 // Agent is the client of the guest agent.
@@ -422,9 +459,11 @@ func (vm *VM) Stop() error {
 }
 
 func (vm *VM) stop() error {
+	vm.mu.Lock()
 	if vm.timer != nil {
 		vm.timer.Stop()
 	}
+	vm.mu.Unlock()
 	var errs []error
 	if vm.cmd != nil {
 		running := func() bool {

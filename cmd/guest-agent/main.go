@@ -6,8 +6,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"time"
@@ -26,7 +28,8 @@ func main() {
 	ctx := context.Background()
 	if *stdio {
 		a.PowerOff = func() error { os.Exit(0); return nil }
-		if err := a.Serve(ctx, stdioRW{}); err != nil {
+		// EOF on stdin is the normal end of a session.
+		if err := a.Serve(ctx, stdioRW{}); err != nil && !errors.Is(err, io.EOF) {
 			log.Error("serve", "err", err)
 			os.Exit(1)
 		}
