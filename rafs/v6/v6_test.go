@@ -203,8 +203,8 @@ func richImage() (*rafs.Image, []byte) {
 	b.file(deep, "bottom", []byte("deep file\n"))
 	b.file(1, "empty", nil)
 	b.file(1, "small", []byte("hello, world\n"))
-	b.file(1, "large", pattern(5*testChunkSize+1234, 1))                // contiguous chunks
-	b.file(1, "sparse", pattern(4*testChunkSize, 2), 1, 2)                // holes in the middle
+	b.file(1, "large", pattern(5*testChunkSize+1234, 1))                 // contiguous chunks
+	b.file(1, "sparse", pattern(4*testChunkSize, 2), 1, 2)               // holes in the middle
 	b.file(1, "dup", pattern(5*testChunkSize+1234, 1)[:3*testChunkSize]) // shares chunks with large
 	h := b.file(d.Ino, "hardlink-a", []byte("one inode, two names\n"))
 	h.Nlink = 2
