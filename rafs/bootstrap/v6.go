@@ -1,15 +1,12 @@
 package bootstrap
 
 import (
-	"errors"
 	"io"
 
 	"github.com/rafsd/rafsd/rafs"
+	v6 "github.com/rafsd/rafsd/rafs/v6"
 )
 
-// errNoV6 stands in until rafs/v6 lands.
-var errNoV6 = errors.New("RAFS v6 support is not built in yet")
+func readV6(r io.ReaderAt, size int64) (*rafs.Image, error) { return v6.Read(r, size) }
 
-func readV6(r io.ReaderAt, size int64) (*rafs.Image, error) { return nil, errNoV6 }
-
-func writeV6(w io.Writer, img *rafs.Image) error { return errNoV6 }
+func writeV6(w io.Writer, img *rafs.Image) error { return v6.Write(w, img) }

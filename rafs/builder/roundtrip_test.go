@@ -6,6 +6,7 @@ import (
 
 	"github.com/rafsd/rafsd/rafs"
 	v5 "github.com/rafsd/rafsd/rafs/v5"
+	v6 "github.com/rafsd/rafsd/rafs/v6"
 )
 
 type format struct {
@@ -17,6 +18,8 @@ type format struct {
 var formats = []format{
 	{5, func(w *bytes.Buffer, img *rafs.Image) error { return v5.Write(w, img) },
 		func(b []byte) (*rafs.Image, error) { return v5.Read(bytes.NewReader(b), int64(len(b))) }},
+	{6, func(w *bytes.Buffer, img *rafs.Image) error { return v6.Write(w, img) },
+		func(b []byte) (*rafs.Image, error) { return v6.Read(bytes.NewReader(b), int64(len(b))) }},
 }
 
 // roundTrips returns img and img written and read back through each
