@@ -34,6 +34,12 @@ type Options struct {
 	NegativeTimeout time.Duration
 	// Logger receives read errors; nil means slog.Default().
 	Logger *slog.Logger
+	// FilesAccount keeps per-file operation counters (nydusd
+	// iostats_files, /metrics/files); AccessPattern records each file's
+	// read count and first read time (nydusd access_pattern,
+	// /metrics/pattern). Both cost a pointer per inode.
+	FilesAccount  bool
+	AccessPattern bool
 }
 
 // DefaultOptions are nydusd's defaults (entry_timeout and attr_timeout of
@@ -50,6 +56,7 @@ type FS struct {
 	log       *slog.Logger
 	hasXattrs bool
 	stats     Stats
+	acct      *accounting // nil unless per-file accounting is on
 }
 
 // Stats are cumulative counters, safe to read while serving.
@@ -73,7 +80,11 @@ func New(img *rafs.Image, cr rafs.ChunkReader, opts Options) *FS {
 	if l == nil {
 		l = slog.Default()
 	}
-	return &FS{img: img, cr: cr, opts: opts, log: l, hasXattrs: img.HasXattrs()}
+	f := &FS{img: img, cr: cr, opts: opts, log: l, hasXattrs: img.HasXattrs()}
+	if opts.FilesAccount || opts.AccessPattern {
+		f.acct = newAccounting(len(img.Inodes), opts.FilesAccount, opts.AccessPattern)
+	}
+	return f
 }
 
 // Image returns the image being served.
@@ -206,6 +217,7 @@ func (f *FS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrO
 	}
 	FillAttr(i, &out.Attr)
 	out.SetTimeout(f.opts.AttrTimeout)
+	f.acct.record(i.Ino, FopGetattr, 0, true)
 	return fuse.OK
 }
 
@@ -227,6 +239,7 @@ func (f *FS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fu
 		return fuse.EISDIR
 	}
 	f.stats.Opens.Add(1)
+	f.acct.record(i.Ino, FopOpen, 0, true)
 	out.Fh = 0
 	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
 	return fuse.OK
@@ -251,6 +264,7 @@ func (f *FS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Rea
 	f.stats.Reads.Add(1)
 	if err != nil && !errors.Is(err, io.EOF) {
 		f.stats.ReadErrors.Add(1)
+		f.acct.record(i.Ino, FopRead, 0, false)
 		if errors.Is(err, context.Canceled) {
 			return nil, fuse.EINTR
 		}
@@ -260,6 +274,7 @@ func (f *FS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Rea
 		return nil, fuse.EIO
 	}
 	f.stats.ReadBytes.Add(uint64(n))
+	f.acct.record(i.Ino, FopRead, n, true)
 	return fuse.ReadResultData(buf[:n]), fuse.OK
 }
 
@@ -269,7 +284,9 @@ func (f *FS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut)
 }
 
 // Release implements fuse.RawFileSystem.
-func (f *FS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {}
+func (f *FS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
+	f.acct.record(in.NodeId, FopRelease, 0, true)
+}
 
 // Flush implements fuse.RawFileSystem.
 func (f *FS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status { return fuse.OK }
@@ -380,6 +397,7 @@ func (f *FS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.St
 	if !i.IsSymlink() {
 		return nil, fuse.EINVAL
 	}
+	f.acct.record(i.Ino, FopReadlink, 0, true)
 	return []byte(i.Target), fuse.OK
 }
 

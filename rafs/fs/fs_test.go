@@ -3,6 +3,7 @@ package fs_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -301,5 +302,46 @@ func TestReadCancelledByInterrupt(t *testing.T) {
 	case <-cr.cancelled:
 	case <-time.After(20 * time.Second):
 		t.Fatal("killing the reader did not cancel the chunk read")
+	}
+}
+
+func TestFileMetrics(t *testing.T) {
+	img, cr := testImage(t, 64<<10, codec.Zstd, codec.Blake3, false)
+	opts := fs.DefaultOptions()
+	opts.FilesAccount, opts.AccessPattern = true, true
+	rf := fs.New(img, cr, opts)
+	mnt := fstest.Mount(t, rf, nil)
+	data, err := os.ReadFile(mnt + "/bin/plus1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ino := fstest.ModelPaths(img)["bin/plus1"].Ino
+	var files map[string]struct {
+		TotalFops uint64   `json:"total_fops"`
+		DataRead  uint64   `json:"data_read"`
+		FopHits   []uint64 `json:"fop_hits"`
+	}
+	raw, err := rf.FilesJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(raw, &files); err != nil {
+		t.Fatal(err)
+	}
+	st, ok := files[fmt.Sprint(ino)]
+	if !ok || st.DataRead != uint64(len(data)) || st.FopHits[fs.FopRead] == 0 || st.FopHits[fs.FopOpen] != 1 {
+		t.Errorf("files metrics for ino %d: %+v (%s)", ino, st, raw)
+	}
+	var pat []struct {
+		Ino    uint64 `json:"ino"`
+		NrRead uint64 `json:"nr_read"`
+		Secs   int64  `json:"first_access_time_secs"`
+	}
+	raw, _ = rf.AccessPatternsJSON()
+	if err := json.Unmarshal(raw, &pat); err != nil {
+		t.Fatal(err)
+	}
+	if len(pat) != 1 || pat[0].Ino != ino || pat[0].NrRead == 0 || pat[0].Secs < time.Now().Unix()-60 {
+		t.Errorf("access pattern %s, want only ino %d", raw, ino)
 	}
 }
