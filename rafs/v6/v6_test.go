@@ -694,3 +694,106 @@ func FuzzV6Read(f *testing.F) {
 		checkNoPanic(t, b)
 	})
 }
+
+// TestKernelAgreesOnNydusFixture mounts the nydus-built bootstrap alone
+// (its data is zstd, so only metadata is compared) and checks that the
+// kernel and Read see the same tree.
+func TestKernelAgreesOnNydusFixture(t *testing.T) {
+	boot, err := os.ReadFile(filepath.Join(fixture, "bootstrap"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := readFile(t, filepath.Join(fixture, "bootstrap"))
+	if os.Geteuid() != 0 {
+		t.Fatal("this test mounts EROFS and must run as root")
+	}
+	tmp := t.TempDir()
+	bp, mnt := filepath.Join(tmp, "bootstrap"), filepath.Join(tmp, "mnt")
+	if err := os.WriteFile(bp, boot, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(bp, mnt, "erofs", unix.MS_RDONLY, ""); err != nil {
+		t.Fatalf("mount -t erofs %s: %v", bp, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(mnt, 0); err != nil {
+			_ = unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	})
+	n := 0
+	err = img.Walk(func(p string, in *rafs.Inode) error {
+		n++
+		var st unix.Stat_t
+		if err := unix.Lstat(filepath.Join(mnt, p), &st); err != nil {
+			return err
+		}
+		if st.Mode != in.Mode || uint64(st.Size) != in.Size || st.Mtim.Sec != in.Mtime || uint32(st.Mtim.Nsec) != in.MtimeNsec ||
+			uint32(st.Nlink) != in.Nlink || st.Uid != in.UID || st.Gid != in.GID {
+			return fmt.Errorf("%s: kernel %+v, Read %+v", p, st, *in)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 3 {
+		t.Fatalf("walked %d paths, want 3", n)
+	}
+}
+
+// BenchmarkRead100k decodes a 100k-file bootstrap and reports the time
+// relative to go-erofs walking and stat'ing the same bootstrap in the same
+// run (ratio < 1: Read is faster than that baseline).
+func BenchmarkRead100k(b *testing.B) {
+	bd := newBuilder()
+	var dirs []uint64
+	for d := range 100 {
+		dirs = append(dirs, bd.dir(1, fmt.Sprintf("d%03d", d)).Ino)
+	}
+	for i := range 100000 {
+		bd.file(dirs[i%100], fmt.Sprintf("file-%06d", i), []byte(fmt.Sprint(i%1000)))
+	}
+	img, _ := bd.finish()
+	var buf bytes.Buffer
+	if err := Write(&buf, img); err != nil {
+		b.Fatal(err)
+	}
+	boot := buf.Bytes()
+	var ours, base time.Duration
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		if _, err := Read(bytes.NewReader(boot), int64(len(boot))); err != nil {
+			b.Fatal(err)
+		}
+		ours += time.Since(start)
+		start = time.Now()
+		fsys, err := goerofs.Open(bytes.NewReader(boot), goerofs.WithExtraDevices(bytes.NewReader(nil)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		n := 0
+		if err := fs.WalkDir(fsys, ".", func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if _, err := d.Info(); err != nil {
+				return err
+			}
+			n++
+			return nil
+		}); err != nil {
+			b.Fatal(err)
+		}
+		base += time.Since(start)
+		if n != 100101 {
+			b.Fatalf("go-erofs walked %d paths", n)
+		}
+	}
+	b.ReportMetric(float64(ours.Nanoseconds())/float64(b.N), "read-ns/op")
+	b.ReportMetric(float64(ours)/float64(base), "ratio-vs-go-erofs-walk")
+	b.ReportMetric(float64(len(boot))/100101, "bootstrap-bytes/inode")
+}
