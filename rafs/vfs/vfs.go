@@ -1009,12 +1009,8 @@ func (v *VFS) readDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntr
 		}
 		eo := out.AddDirLookupEntry(de)
 		if eo == nil {
-			if e.NodeId != 0 {
-				// The kernel never sees this entry, so it will not forget it.
-				if cm != nil {
-					cm.fs.Forget(fuse.FUSE_ROOT_ID, 1)
-				}
-			}
+			// Full. Nothing to undo: a mount root's entry came from
+			// GETATTR, which takes no lookup reference in the mounted fs.
 			return fuse.OK
 		}
 		*eo = e
