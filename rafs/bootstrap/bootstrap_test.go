@@ -31,12 +31,21 @@ func TestVersion(t *testing.T) {
 }
 
 func TestOpenFixtures(t *testing.T) {
-	img, err := Open(filepath.Join(fixtures, "v5-none-sha256/bootstrap"))
+	for _, c := range []struct {
+		name    string
+		version int
+	}{{"v5-none-sha256", 5}, {"v6-zstd-blake3", 6}} {
+		t.Run(c.name, func(t *testing.T) { testFixture(t, c.name, c.version) })
+	}
+}
+
+func testFixture(t *testing.T, name string, version int) {
+	img, err := Open(filepath.Join(fixtures, name, "bootstrap"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if img.Version != 5 || len(img.Blobs) != 1 {
-		t.Fatalf("v5 fixture: version %d, %d blobs", img.Version, len(img.Blobs))
+	if img.Version != version || len(img.Blobs) != 1 {
+		t.Fatalf("version %d, %d blobs", img.Version, len(img.Blobs))
 	}
 	// Write dispatches on Version; the result reads back the same.
 	p := filepath.Join(t.TempDir(), "boot")
@@ -48,7 +57,7 @@ func TestOpenFixtures(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(again.Inodes) != len(img.Inodes) || again.Blobs[0].ID != img.Blobs[0].ID {
-		t.Errorf("v5 rewrite differs")
+		t.Errorf("rewrite differs")
 	}
 }
 
