@@ -38,6 +38,19 @@ func roundTrips(t testing.TB, img *rafs.Image) []*rafs.Image {
 		if err != nil {
 			t.Fatalf("read v%d: %v", f.version, err)
 		}
+		if len(got.Blobs) != len(c.Blobs) {
+			t.Fatalf("v%d: %d blobs, wrote %d", f.version, len(got.Blobs), len(c.Blobs))
+		}
+		for k, b := range c.Blobs {
+			g := got.Blobs[k]
+			if g.ID != b.ID || g.Compressor != b.Compressor || g.Digester != b.Digester || g.ChunkCount != b.ChunkCount ||
+				g.CompressedSize != b.CompressedSize || g.UncompressedSize != b.UncompressedSize {
+				t.Errorf("v%d: blob %d read back as %+v, wrote %+v", f.version, k, g, b)
+			}
+			if f.version == 6 && (g.Meta != b.Meta || g.Features != b.Features) {
+				t.Errorf("v6: blob %d meta %+v features %#x, wrote %+v %#x", k, g.Meta, g.Features, b.Meta, b.Features)
+			}
+		}
 		out = append(out, got)
 	}
 	return out
