@@ -11,7 +11,10 @@
 // the client's kernel, inside the client's view of the mount.)
 //
 // The server must run as root (it sets owners and reads every file);
-// files are created with the caller's uid and gid.
+// files are created with the caller's uid and gid (or the directory's
+// group under a set-group-ID directory). The server does not impersonate
+// callers, so permission checks are the client kernel's: mount FUSE with
+// the default_permissions option (a virtio-fs guest checks on its side).
 package passthrough
 
 import (

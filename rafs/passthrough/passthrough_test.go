@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -426,5 +427,48 @@ func TestForgetReleases(t *testing.T) {
 	f.Forget(999, 1) // unknown ids are ignored
 	if n := f.Nodes(); n != 1 {
 		t.Errorf("%d nodes held after forgetting all, want 1", n)
+	}
+}
+
+// TestCallerOwnership: files a non-root caller creates are owned by it,
+// and, with default_permissions (the kernel checks mode bits; the server
+// acts as root), it cannot write what it may not write.
+func TestCallerOwnership(t *testing.T) {
+	src := t.TempDir()
+	os.Chmod(src, 0o777)
+	os.WriteFile(src+"/rootonly", []byte("x"), 0o644)
+	os.Mkdir(src+"/sgid", 0o2777)
+	os.Chown(src+"/sgid", 0, 4321)
+	unix.Chmod(src+"/sgid", 0o2777)
+	mnt := fstest.Mount(t, newFS(t, src), &fuse.MountOptions{AllowOther: true, Options: []string{"default_permissions"}})
+	os.Chmod(filepath.Dir(mnt), 0o755) // let uid 1000 reach the mount point
+	as := func(script string) error {
+		cmd := exec.Command("sh", "-c", script)
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1000, Gid: 1000}}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	}
+	if err := as("umask 022; echo hi > " + mnt + "/mine && mkdir " + mnt + "/d && ln -s x " + mnt + "/l && echo x > " + mnt + "/sgid/f"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name     string
+		uid, gid uint32
+		perm     uint32
+	}{{"mine", 1000, 1000, 0o644}, {"d", 1000, 1000, 0o755}, {"l", 1000, 1000, 0o777}, {"sgid/f", 1000, 4321, 0o644}} {
+		st := mustStat(t, src+"/"+c.name)
+		if st.Uid != c.uid || st.Gid != c.gid || st.Mode&0o7777 != c.perm {
+			t.Errorf("%s: uid %d gid %d perm %o, want %d %d %o", c.name, st.Uid, st.Gid, st.Mode&0o7777, c.uid, c.gid, c.perm)
+		}
+	}
+	if err := as("echo y > " + mnt + "/rootonly"); err == nil {
+		t.Error("uid 1000 wrote a root-owned 0644 file")
+	}
+	if b, _ := os.ReadFile(src + "/rootonly"); string(b) != "x" {
+		t.Errorf("rootonly changed to %q", b)
 	}
 }
