@@ -5,7 +5,7 @@ VERSION    = $(shell git describe --tags --always 2>/dev/null || echo dev)
 LDFLAGS    = -X github.com/rafsd/rafsd/internal/version.Version=$(VERSION) -X github.com/rafsd/rafsd/internal/version.GitCommit=$(GIT_COMMIT)
 BIN        = bin
 
-.PHONY: all build test deps bench demo fuzz clean
+.PHONY: all build test deps bench demo fuzz clean testbed
 
 all: build
 
@@ -26,6 +26,11 @@ fuzz:
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
+
+# testbed builds (or finds cached) the guest kernel, then boots a guest and runs the smoke scenario.
+testbed:
+	$(GO) run ./cmd/testbed kernel
+	$(GO) test -count=1 -timeout 30m -v -run 'TestSmoke' ./testbed/
 
 demo: build
 	./scripts/demo.sh
