@@ -681,11 +681,9 @@ func TestHostileImages(t *testing.T) {
 			le(b, rootDirents+3*DirentSize+8, uint64(i+2), 2)
 		}),
 		"directory loop": mutate(func(b []byte) {
-			// sub's entry "f" points back at the root.
-			le(b, subDirents+2*DirentSize, uint64(sb.RootNid), 8)
-			b[subDirents+2*DirentSize+10] = FTDir
-			// and make the root's own inode claim to be the same dir via sub
+			// sub's entry "f" points back at sub itself.
 			le(b, subDirents+2*DirentSize, uint64(subNid), 8)
+			b[subDirents+2*DirentSize+10] = FTDir
 		}),
 		"nid out of range": mutate(func(b []byte) { le(b, rootDirents+2*DirentSize, 1<<40, 8) }),
 		"xattr count huge": mutate(func(b []byte) { le(b, rootOff+2, 0xFFFF, 2) }),
