@@ -93,6 +93,7 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		parent     = fs.String("parent-bootstrap", "", "bootstrap of the image this layer is built on")
 		prefetch   = fs.String("prefetch-policy", "none", "none, or fs: read paths to prefetch from stdin")
 		outJSON    = fs.String("output-json", "", "write the result as JSON to this file")
+		whiteouts  = fs.String("whiteout-spec", "oci", "how the layer marks deletions: oci, overlayfs or none")
 		dicts      listFlag
 	)
 	fs.Var(&dicts, "chunk-dict", "bootstrap=PATH of an image whose chunks may be reused (repeatable)")
@@ -132,6 +133,9 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		return err
 	}
 	opts.Compressor, opts.Digester = &c, &d
+	if opts.Whiteouts, err = builder.ParseWhiteoutSpec(*whiteouts); err != nil {
+		return err
+	}
 	switch *prefetch {
 	case "none":
 	case "fs":

@@ -280,6 +280,7 @@ func TestUsageErrors(t *testing.T) {
 		{"create", "--bootstrap", "/tmp/x", "--blob-dir", t.TempDir(), "--compressor", "brotli", src},
 		{"create", "--bootstrap", "/tmp/x", "--blob-dir", t.TempDir(), "--fs-version", "4", src},
 		{"create", "--bootstrap", "/tmp/x", "--blob-dir", t.TempDir(), "--type", "stargz", src},
+		{"create", "--bootstrap", "/tmp/x", "--blob-dir", t.TempDir(), "--whiteout-spec", "aufs", src},
 		{"check", "--bootstrap", filepath.Join(src, "missing")},
 		{"inspect", "-R", "bogus", filepath.Join(fixtures, "v5-none-sha256/bootstrap")},
 		{"merge", "--bootstrap", filepath.Join(src, "m")},

@@ -40,6 +40,10 @@ type Options struct {
 	// stored (nydus-image --chunk-dict). Only the blobs actually used join
 	// the blob table.
 	ChunkDicts []*rafs.Image
+	// Whiteouts is how the layer marks deletions of the parent's files
+	// (default OCI). A layer built without a parent keeps its markers,
+	// so that Merge (which expects OCI ones) can apply them later.
+	Whiteouts WhiteoutSpec
 	// Prefetch lists paths (files or directories) to put in the image's
 	// prefetch table (nydus-image --prefetch-policy fs).
 	Prefetch []string
@@ -135,7 +139,7 @@ func New(opts Options, blob io.Writer) (*Builder, error) {
 		b.root, b.base = root, true
 		// Whiteouts left in a lone layer's image are markers for the
 		// layers below it; there is nothing below the parent.
-		stripWhiteouts(b.root)
+		stripWhiteouts(b.root, o.Whiteouts)
 	}
 	for _, d := range o.ChunkDicts {
 		for _, i := range d.Inodes {
@@ -269,8 +273,7 @@ func (b *Builder) addLayer(layer *node) error {
 	}
 	b.added = true
 	if b.base {
-		b.root.setAttrs(layer)
-		applyLayer(b.root, layer)
+		applyLayer(b.root, layer, b.opts.Whiteouts)
 	} else {
 		b.root = layer
 	}
@@ -374,12 +377,11 @@ func Merge(layers []*rafs.Image, version int) (*rafs.Image, error) {
 			return nil, fmt.Errorf("merge: layer %d: %w", k, err)
 		}
 		if k == 0 {
-			stripWhiteouts(root)
+			stripWhiteouts(root, WhiteoutOCI)
 			b.root = root
 			continue
 		}
-		b.root.setAttrs(root)
-		applyLayer(b.root, root)
+		applyLayer(b.root, root, WhiteoutOCI)
 	}
 	b.closed = true
 	img, err := b.image()

@@ -52,49 +52,128 @@ func sortedNames(m map[string]*node) []string {
 	return names
 }
 
+// WhiteoutSpec says how a layer marks deletions (nydus-image
+// --whiteout-spec).
+type WhiteoutSpec int
+
+const (
+	// WhiteoutOCI: ".wh.NAME" files delete NAME, ".wh..wh..opq" makes its
+	// directory opaque (OCI image-spec; the default).
+	WhiteoutOCI WhiteoutSpec = iota
+	// WhiteoutOverlayfs: a 0/0 character device deletes its name, and the
+	// xattr trusted.overlay.opaque="y" makes a directory opaque (an
+	// overlayfs upper directory).
+	WhiteoutOverlayfs
+	// WhiteoutNone: no entry is special.
+	WhiteoutNone
+)
+
+// ParseWhiteoutSpec parses "oci", "overlayfs" or "none".
+func ParseWhiteoutSpec(s string) (WhiteoutSpec, error) {
+	switch s {
+	case "oci", "":
+		return WhiteoutOCI, nil
+	case "overlayfs":
+		return WhiteoutOverlayfs, nil
+	case "none":
+		return WhiteoutNone, nil
+	}
+	return 0, fmt.Errorf("whiteout spec %q: want oci, overlayfs or none", s)
+}
+
+const overlayOpaqueXattr = "trusted.overlay.opaque"
+
+// whiteout reports whether entry name (node n) of a layer deletes
+// something below, and which name.
+func (ws WhiteoutSpec) whiteout(name string, n *node) (string, bool) {
+	switch ws {
+	case WhiteoutOCI:
+		if name != opaqueMarker && strings.HasPrefix(name, whiteoutPrefix) {
+			return name[len(whiteoutPrefix):], true
+		}
+	case WhiteoutOverlayfs:
+		if n.mode&syscall.S_IFMT == syscall.S_IFCHR && n.rdev == 0 {
+			return name, true
+		}
+	}
+	return "", false
+}
+
+// marker reports whether an entry is a whiteout or opaque marker, which
+// never appears in a merged tree.
+func (ws WhiteoutSpec) marker(name string, n *node) bool {
+	if ws == WhiteoutOCI && name == opaqueMarker {
+		return true
+	}
+	_, ok := ws.whiteout(name, n)
+	return ok
+}
+
+// opaque reports whether directory d hides everything below it, and
+// removes the overlayfs xattr saying so.
+func (ws WhiteoutSpec) opaque(d *node) bool {
+	switch ws {
+	case WhiteoutOCI:
+		_, ok := d.children[opaqueMarker]
+		return ok
+	case WhiteoutOverlayfs:
+		for k, x := range d.xattrs {
+			if x.Name == overlayOpaqueXattr {
+				d.xattrs = append(d.xattrs[:k:k], d.xattrs[k+1:]...)
+				return string(x.Value) == "y"
+			}
+		}
+	}
+	return false
+}
+
 // applyLayer lays directory upper (one layer, whiteouts included) over
 // lower with overlayfs semantics, modifying lower:
-//   - ".wh..wh..opq" in a directory hides everything below it in lower;
-//   - ".wh.NAME" removes NAME from lower;
-//   - a directory over a directory merges; anything else replaces.
+//   - an opaque directory hides everything below it in lower;
+//   - a whiteout removes its name from lower;
+//   - a directory over a directory merges (taking the upper's attributes);
+//     anything else replaces.
 //
 // Whiteouts only act on lower layers, so they are applied before the
 // layer's own entries, and never survive into the result.
-func applyLayer(lower, upper *node) {
-	if _, ok := upper.children[opaqueMarker]; ok {
+func applyLayer(lower, upper *node, ws WhiteoutSpec) {
+	if ws.opaque(upper) {
 		clear(lower.children)
 	}
-	for _, name := range sortedNames(upper.children) {
-		if name != opaqueMarker && strings.HasPrefix(name, whiteoutPrefix) {
-			delete(lower.children, name[len(whiteoutPrefix):])
+	// After opaque, which drops the overlayfs opaque xattr.
+	lower.setAttrs(upper)
+	names := sortedNames(upper.children)
+	for _, name := range names {
+		if target, ok := ws.whiteout(name, upper.children[name]); ok {
+			delete(lower.children, target)
 		}
 	}
-	for _, name := range sortedNames(upper.children) {
-		if strings.HasPrefix(name, whiteoutPrefix) {
+	for _, name := range names {
+		u := upper.children[name]
+		if ws.marker(name, u) {
 			continue
 		}
-		u := upper.children[name]
 		l := lower.children[name]
 		if l != nil && l.isDir() && u.isDir() {
-			l.setAttrs(u)
-			applyLayer(l, u)
+			applyLayer(l, u, ws)
 			continue
 		}
 		if u.isDir() {
-			stripWhiteouts(u)
+			stripWhiteouts(u, ws)
 		}
 		lower.children[name] = u
 	}
 }
 
-// stripWhiteouts removes whiteout markers from a directory that has
-// nothing below it to hide.
-func stripWhiteouts(d *node) {
+// stripWhiteouts removes whiteout and opaque markers from a directory
+// that has nothing below it to hide.
+func stripWhiteouts(d *node, ws WhiteoutSpec) {
+	ws.opaque(d)
 	for name, c := range d.children {
-		if strings.HasPrefix(name, whiteoutPrefix) {
+		if ws.marker(name, c) {
 			delete(d.children, name)
 		} else if c.isDir() {
-			stripWhiteouts(c)
+			stripWhiteouts(c, ws)
 		}
 	}
 }
