@@ -90,6 +90,7 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 	ctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(f.ctx, cancel)
 	var wg sync.WaitGroup
+	wg.Add(threads)
 	f.wg.Add(1)
 	go func() {
 		defer f.wg.Done()
@@ -99,7 +100,6 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 		f.stats.prefetchEnd.Store(time.Now().UnixMilli())
 	}()
 	for range threads {
-		wg.Add(1)
 		f.stats.prefetchWorkers.Add(1)
 		go func() {
 			defer wg.Done()

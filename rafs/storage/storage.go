@@ -442,6 +442,10 @@ func (f *Fetcher) loadWhole(bs *blobState, c *rafs.Chunk) ([]byte, error) {
 // right after it, up to batch compressed bytes. bs.mu is held.
 func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int) []*rafs.Chunk {
 	group := []*rafs.Chunk{c}
+	if bs.cache == nil {
+		// Nowhere to keep the neighbours: fetching them would be waste.
+		return group
+	}
 	cs := bs.chunks
 	k := sort.Search(len(cs), func(i int) bool { return cs[i].CompressedOffset >= c.CompressedOffset })
 	if k >= len(cs) || cs[k].CompressedOffset != c.CompressedOffset {
