@@ -75,8 +75,10 @@ func TestReadWrite(t *testing.T) {
 				return err
 			}
 			defer f.Close()
-			_, err = f.Write([]byte("+more"))
-			return err
+			if _, err = f.Write([]byte("+more")); err != nil {
+				return err
+			}
+			return f.Sync()
 		}, func() error {
 			if b, _ := os.ReadFile(src + "/new"); string(b) != "data+more" {
 				return errors.New("after append: " + string(b))
@@ -203,6 +205,15 @@ func TestReadWrite(t *testing.T) {
 			t.Fatalf("%s: %v", s.name, err)
 		}
 	}
+	// A directory bigger than one READDIR(PLUS) reply lists completely.
+	os.Mkdir(src+"/big", 0o755)
+	for k := range 600 {
+		os.WriteFile(fmt.Sprintf("%s/big/a-rather-long-file-name-%04d", src, k), nil, 0o644)
+	}
+	if big, err := os.ReadDir(mnt + "/big"); err != nil || len(big) != 600 {
+		t.Errorf("listing 600 files: %d, %v", len(big), err)
+	}
+	os.RemoveAll(src + "/big")
 	ents, err := os.ReadDir(mnt)
 	if err != nil {
 		t.Fatal(err)
