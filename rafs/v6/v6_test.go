@@ -797,3 +797,75 @@ func BenchmarkRead100k(b *testing.B) {
 	b.ReportMetric(float64(ours)/float64(base), "ratio-vs-go-erofs-walk")
 	b.ReportMetric(float64(len(boot))/100101, "bootstrap-bytes/inode")
 }
+
+// TestTwoBlobsKernel spreads files over two blobs with chunk-info indexes
+// past 16 bits (so chunk index entries carry bits in DeviceID's high byte,
+// which the kernel must mask off) and mounts bootstrap + both blobs.
+func TestTwoBlobsKernel(t *testing.T) {
+	b := newBuilder()
+	f1 := b.file(1, "one", pattern(3*testChunkSize+5, 1))
+	img, blob0 := b.finish()
+	for _, fc := range f1.Chunks {
+		fc.Index += 70000
+	}
+	// A second blob of its own chunks.
+	b2 := newBuilder()
+	f2in := b2.file(1, "two", pattern(2*testChunkSize, 9))
+	_, blob1 := b2.finish()
+	f2 := b.add(&rafs.Inode{Mode: f2in.Mode, UID: 5, GID: 6, Size: f2in.Size, Mtime: 3, Nlink: 1}, 1, "two")
+	for _, fc := range f2in.Chunks {
+		c := *fc.Chunk
+		c.BlobIndex, c.Index = 1, c.Index+0x20000
+		f2.Chunks = append(f2.Chunks, rafs.FileChunk{FileOffset: fc.FileOffset, Chunk: &c})
+	}
+	sort.Slice(img.Root().Entries, func(x, y int) bool { return img.Root().Entries[x].Name < img.Root().Entries[y].Name })
+	blob1Info := *img.Blobs[0]
+	blob1Info.ID = codec.SHA256.Sum(blob1).String()
+	blob1Info.CompressedSize, blob1Info.UncompressedSize = uint64(len(blob1)), uint64(len(blob1))
+	img.Blobs = append(img.Blobs, &blob1Info)
+
+	boot, got := roundTrip(t, img)
+	normalize(t, img, got)
+	if !reflect.DeepEqual(img, got) {
+		t.Fatal("two-blob model differs after a round trip")
+	}
+	tmp := t.TempDir()
+	bp := filepath.Join(tmp, "bootstrap")
+	d0, d1 := filepath.Join(tmp, "blob0"), filepath.Join(tmp, "blob1")
+	for p, data := range map[string][]byte{bp: boot, d0: blob0, d1: blob1} {
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mnt := filepath.Join(tmp, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(bp, mnt, "erofs", unix.MS_RDONLY, "device="+d0+",device="+d1); err != nil {
+		t.Fatalf("mount: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(mnt, 0); err != nil {
+			_ = unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	})
+	blobs := [][]byte{blob0, blob1}
+	cr := rafs.BlobChunkReader{Open: func(bl *rafs.Blob) (io.ReaderAt, error) {
+		for i, x := range img.Blobs {
+			if x == bl {
+				return bytes.NewReader(blobs[i]), nil
+			}
+		}
+		return nil, fmt.Errorf("unknown blob %s", bl.ID)
+	}}
+	for name, want := range map[string][]byte{"one": pattern(3*testChunkSize+5, 1), "two": pattern(2*testChunkSize, 9)} {
+		in := findFile(img, name)
+		if got := readAllFile(t, img, cr, in); !bytes.Equal(got, want) {
+			t.Fatalf("%s: model read differs", name)
+		}
+		kern, err := os.ReadFile(filepath.Join(mnt, name))
+		if err != nil || !bytes.Equal(kern, want) {
+			t.Fatalf("%s: kernel read %d bytes (%v), want %d identical", name, len(kern), err, len(want))
+		}
+	}
+}
