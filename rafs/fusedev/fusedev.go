@@ -211,11 +211,11 @@ func (s *Server) Start() {
 // another daemon (or a later Start) can go on serving it.
 func (s *Server) Stop() {
 	s.mu.Lock()
+	s.stopping = true
 	if !s.running {
 		s.mu.Unlock()
 		return
 	}
-	s.stopping = true
 	_ = s.dev.SetReadDeadline(time.Unix(1, 0))
 	s.mu.Unlock()
 	s.wg.Wait()
@@ -284,6 +284,9 @@ func (s *Server) Resend() error {
 // Unmount detaches the mount (lazily if busy) and closes the connection.
 func (s *Server) Unmount() error {
 	var err error
+	s.mu.Lock()
+	s.stopping = true
+	s.mu.Unlock()
 	if s.mountpoint != "" {
 		if e := unix.Unmount(s.mountpoint, 0); e != nil {
 			if e2 := unix.Unmount(s.mountpoint, unix.MNT_DETACH); e2 != nil && !errors.Is(e2, unix.EINVAL) {
@@ -293,6 +296,7 @@ func (s *Server) Unmount() error {
 	}
 	s.Stop()
 	s.Close()
+	s.finish(ErrStopped)
 	return err
 }
 
@@ -304,6 +308,12 @@ func (s *Server) Close() {
 	if s.dev != nil && !s.running {
 		s.dev.Close()
 	}
+}
+
+func (s *Server) isStopping() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stopping
 }
 
 func (s *Server) finish(err error) {
@@ -325,7 +335,9 @@ func (s *Server) loop() {
 				return
 			case errors.Is(err, syscall.EINTR), errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.EAGAIN):
 				continue
-			case errors.Is(err, syscall.ENODEV), errors.Is(err, os.ErrClosed):
+			case errors.Is(err, syscall.ENODEV), errors.Is(err, os.ErrClosed), s.isStopping():
+				// Unmounted or aborted; after an unmount the poller may
+				// also report the descriptor as no longer pollable.
 				s.finish(err)
 				return
 			default:
