@@ -290,6 +290,52 @@ func (v *VFS) Umount(p string) error {
 	return nil
 }
 
+// Replace swaps the filesystem at p for fs in one step, keeping its index
+// (nydusd's remount): there is no moment at which p is missing, and the
+// kernel's node ids now name fs's inodes of the same numbers. It returns
+// the old filesystem, which the caller closes.
+func (v *VFS) Replace(p string, fs fuse.RawFileSystem) (fuse.RawFileSystem, error) {
+	if fs == nil {
+		return nil, errors.New("replace: nil filesystem")
+	}
+	c, parts, err := cleanPath(p)
+	if err != nil {
+		return nil, err
+	}
+	v.mu.Lock()
+	var old *mount
+	if len(parts) == 0 {
+		old = v.rootMount.Load()
+	} else {
+		d := v.root
+		for _, s := range parts[:len(parts)-1] {
+			if d = d.dirs[s]; d == nil {
+				break
+			}
+		}
+		if d != nil {
+			old = d.mounts[parts[len(parts)-1]]
+		}
+	}
+	if old == nil {
+		v.mu.Unlock()
+		return nil, fmt.Errorf("replace %s: %w", c, ErrNotFound)
+	}
+	m := &mount{index: old.index, path: old.path, fs: fs, parent: old.parent, name: old.name}
+	if m.parent == nil {
+		v.rootMount.Store(m)
+	} else {
+		m.parent.mounts[m.name] = m
+	}
+	v.mounts[m.index].Store(m)
+	v.mu.Unlock()
+	if srv := v.server.Load(); srv != nil && m.parent != nil {
+		// Drop the kernel's dentries below p so names resolve afresh.
+		srv.EntryNotify(m.parent.ino, m.name)
+	}
+	return old.fs, nil
+}
+
 // Mounts lists the mounted filesystems by index.
 func (v *VFS) Mounts() []MountInfo {
 	var out []MountInfo

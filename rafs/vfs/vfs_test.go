@@ -306,3 +306,31 @@ func TestTakeoverNodeIDs(t *testing.T) {
 		}
 	}
 }
+
+// TestReplace swaps an image for another at the same path while the
+// mount is served: the path never disappears and now shows the new image.
+func TestReplace(t *testing.T) {
+	a, b := buildImage(t, 9, 10, false), buildImage(t, 10, 12, false)
+	for _, path := range []string{"/rafs/x/lowerdir", "/"} {
+		v := vfs.New(vfs.Options{})
+		idx, err := v.Mount(path, a.fs())
+		if err != nil {
+			t.Fatal(err)
+		}
+		mnt := fstest.Mount(t, v, nil)
+		root := strings.TrimSuffix(mnt+path, "/")
+		fstest.CheckMounted(t, a.img, a.cr, root, 1)
+		if _, err := v.Replace(path, b.fs()); err != nil {
+			t.Fatal(err)
+		}
+		if _, idx2, ok := v.Get(path); !ok || idx2 != idx {
+			t.Fatalf("index after replace: %d, %v; want %d", idx2, ok, idx)
+		}
+		if _, err := os.Stat(root + "/only-in-10"); err != nil {
+			t.Errorf("new image's file after replace: %v", err)
+		}
+		if _, err := v.Replace("/nothing/here", b.fs()); !errors.Is(err, vfs.ErrNotFound) {
+			t.Errorf("replace of nothing: %v", err)
+		}
+	}
+}
