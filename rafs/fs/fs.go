@@ -13,6 +13,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"sort"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -278,9 +279,51 @@ func (f *FS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Rea
 	return fuse.ReadResultData(buf[:n]), fuse.OK
 }
 
-// Lseek implements fuse.RawFileSystem; the kernel handles SEEK_SET/CUR/END.
+// Lseek implements fuse.RawFileSystem for SEEK_DATA and SEEK_HOLE (the
+// kernel handles the others): chunks are data, gaps between them holes,
+// so sparse files copy sparse.
 func (f *FS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
-	return fuse.ENOSYS
+	i, st := f.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if !i.IsRegular() {
+		return fuse.EINVAL
+	}
+	off, ok := seekData(i, in.Offset, in.Whence)
+	if !ok {
+		return fuse.Status(syscall.ENXIO)
+	}
+	out.Offset = off
+	return fuse.OK
+}
+
+const (
+	seekDataWhence = 3 // SEEK_DATA
+	seekHoleWhence = 4 // SEEK_HOLE
+)
+
+// seekData answers SEEK_DATA or SEEK_HOLE from off in i.
+func seekData(i *rafs.Inode, off uint64, whence uint32) (uint64, bool) {
+	if off >= i.Size || (whence != seekDataWhence && whence != seekHoleWhence) {
+		return 0, false
+	}
+	// First chunk ending after off.
+	k := sort.Search(len(i.Chunks), func(k int) bool {
+		c := i.Chunks[k]
+		return c.FileOffset+uint64(c.UncompressedSize) > off
+	})
+	if whence == seekDataWhence {
+		if k == len(i.Chunks) {
+			return 0, false
+		}
+		return max(off, i.Chunks[k].FileOffset), true
+	}
+	pos := off
+	for ; k < len(i.Chunks) && i.Chunks[k].FileOffset <= pos; k++ {
+		pos = i.Chunks[k].FileOffset + uint64(i.Chunks[k].UncompressedSize)
+	}
+	return min(pos, i.Size), true
 }
 
 // Release implements fuse.RawFileSystem.

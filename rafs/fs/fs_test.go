@@ -345,3 +345,48 @@ func TestFileMetrics(t *testing.T) {
 		t.Errorf("access pattern %s, want only ino %d", raw, ino)
 	}
 }
+
+// TestSeekHoles: SEEK_DATA/SEEK_HOLE follow the chunk layout, so sparse
+// files stay sparse when copied.
+func TestSeekHoles(t *testing.T) {
+	const n = 64 << 10
+	img, cr := testImage(t, n, codec.Zstd, codec.Blake3, false)
+	mnt := fstest.Mount(t, fs.New(img, cr, fs.DefaultOptions()), nil)
+	f, err := os.Open(mnt + "/bin/sparse") // data [0,n), holes [n,3n), data [3n, 3n+177)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd := int(f.Fd())
+	cases := []struct {
+		off    int64
+		whence int
+		want   int64
+		err    error
+	}{
+		{0, unix.SEEK_DATA, 0, nil},
+		{0, unix.SEEK_HOLE, n, nil},
+		{n + 5, unix.SEEK_DATA, 3 * n, nil},
+		{n + 5, unix.SEEK_HOLE, n + 5, nil},
+		{3*n + 10, unix.SEEK_HOLE, 3*n + 177, nil},
+		{3*n + 177, unix.SEEK_DATA, 0, syscall.ENXIO},
+	}
+	for _, c := range cases {
+		got, err := unix.Seek(fd, c.off, c.whence)
+		if c.err != nil {
+			if !errors.Is(err, c.err) {
+				t.Errorf("seek(%d, %d): %d, %v; want %v", c.off, c.whence, got, err, c.err)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("seek(%d, %d) = %d, %v; want %d", c.off, c.whence, got, err, c.want)
+		}
+	}
+	// A file without holes is all data, with the hole at its end.
+	g, _ := os.Open(mnt + "/bin/big")
+	defer g.Close()
+	if got, err := unix.Seek(int(g.Fd()), 10, unix.SEEK_HOLE); err != nil || got != 5*n+123 {
+		t.Errorf("SEEK_HOLE in a dense file: %d, %v", got, err)
+	}
+}

@@ -803,7 +803,7 @@ func (v *VFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut
 		return fuse.EIO
 	}
 	if m == nil {
-		return fuse.ENOSYS
+		return fuse.EINVAL // never ENOSYS: the kernel would stop asking any filesystem
 	}
 	c := *in
 	c.NodeId = ino
