@@ -1,9 +1,12 @@
 package vfs_test
 
 import (
+	"bytes"
+	"encoding/binary"
 	"io"
 	"log"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -96,4 +99,47 @@ func FuzzFUSERequest(f *testing.F) {
 			ps.HandleRequest(in, [][]byte{out})
 		}
 	})
+}
+
+// TestProtocolServerRead drives the VFS the way the virtio-fs transport
+// does, with raw requests through go-fuse's protocol server, and checks
+// the reply bytes.
+func TestProtocolServerRead(t *testing.T) {
+	v := vfs.New(vfs.Options{})
+	img := buildImage(t, 11, 4, false)
+	if _, err := v.Mount("/rafs/a", img.fs()); err != nil {
+		t.Fatal(err)
+	}
+	ps := fuse.NewProtocolServer(v, &fuse.MountOptions{MaxWrite: 1 << 17, Logger: log.New(io.Discard, "", 0)})
+	out := make([]byte, 1<<17+4096)
+	call := func(req []byte) (int32, []byte) {
+		n, st := ps.HandleRequest([][]byte{req}, [][]byte{out})
+		if !st.Ok() || n < 16 {
+			t.Fatalf("HandleRequest: %d, %v", n, st)
+		}
+		return int32(binary.LittleEndian.Uint32(out[4:])), out[16:n]
+	}
+	call(fstest.InitRequest())
+	lookup := func(parent uint64, name string) uint64 {
+		errno, body := call(fstest.Request(fstest.OpLookup, parent, fstest.CString(name)))
+		if errno != 0 {
+			t.Fatalf("lookup %q: errno %d", name, -errno)
+		}
+		return binary.LittleEndian.Uint64(body)
+	}
+	id := lookup(lookup(lookup(lookup(1, "rafs"), "a"), "etc"), "f003")
+	if id>>56 != 1 {
+		t.Errorf("node id %#x is not in mount index 1", id)
+	}
+	if errno, _ := call(fstest.Request(fstest.OpOpen, id, fstest.U32s(0, 0))); errno != 0 {
+		t.Fatalf("open: errno %d", -errno)
+	}
+	errno, data := call(fstest.Request(fstest.OpRead, id, fstest.ReadIn(0, 100, 5000)))
+	want := fstest.Bytes(11*1000+3, 3*3000)[100:5100]
+	if errno != 0 || !bytes.Equal(data, want) {
+		t.Errorf("read: errno %d, %d bytes, content equal %v", -errno, len(data), bytes.Equal(data, want))
+	}
+	if errno, _ := call(fstest.Request(fstest.OpLookup, 1, fstest.CString("missing"))); errno != -int32(syscall.ENOENT) {
+		t.Errorf("lookup of a missing name: errno %d", -errno)
+	}
 }
