@@ -93,7 +93,7 @@ type VFS struct {
 	nextPseudo uint64
 	nextIndex  uint32
 
-	server atomic.Pointer[fuse.Server]
+	server atomic.Pointer[notifierBox]
 }
 
 var _ fuse.RawFileSystem = (*VFS)(nil)
@@ -282,7 +282,7 @@ func (v *VFS) Umount(p string) error {
 		}
 	}
 	v.mu.Unlock()
-	if srv := v.server.Load(); srv != nil && invalName != "" {
+	if srv := v.notifier(); srv != nil && invalName != "" {
 		if st := srv.EntryNotify(invalParent, invalName); !st.Ok() && st != fuse.ENOENT {
 			v.log.Debug("vfs: entry invalidation after umount", "path", c, "status", st)
 		}
@@ -329,7 +329,7 @@ func (v *VFS) Replace(p string, fs fuse.RawFileSystem) (fuse.RawFileSystem, erro
 	}
 	v.mounts[m.index].Store(m)
 	v.mu.Unlock()
-	if srv := v.server.Load(); srv != nil && m.parent != nil {
+	if srv := v.notifier(); srv != nil && m.parent != nil {
 		// Drop the kernel's dentries below p so names resolve afresh.
 		srv.EntryNotify(m.parent.ino, m.name)
 	}
@@ -468,12 +468,36 @@ func (v *VFS) String() string { return "rafsd-vfs" }
 // SetDebug implements fuse.RawFileSystem.
 func (v *VFS) SetDebug(bool) {}
 
+// Notifier is what the VFS needs of a FUSE server to drop the kernel's
+// cached entries of an unmounted path: *fuse.Server has it, and so can a
+// transport built on fuse.ProtocolServer (which has no notification path).
+type Notifier interface {
+	EntryNotify(parent uint64, name string) fuse.Status
+}
+
+type notifierBox struct{ n Notifier }
+
+// SetNotifier sets the server used to invalidate kernel entries on Umount
+// and Replace, for transports that do not call Init with a *fuse.Server.
+func (v *VFS) SetNotifier(n Notifier) {
+	if n != nil {
+		v.server.Store(&notifierBox{n})
+	}
+}
+
+func (v *VFS) notifier() Notifier {
+	if b := v.server.Load(); b != nil {
+		return b.n
+	}
+	return nil
+}
+
 // Init implements fuse.RawFileSystem. The server is kept to invalidate
 // kernel entries on Umount; it is not passed to the mounted filesystems,
 // whose node ids the kernel does not know.
 func (v *VFS) Init(s *fuse.Server) {
 	if s != nil {
-		v.server.Store(s)
+		v.server.Store(&notifierBox{s})
 	}
 }
 
