@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -132,10 +133,15 @@ type fileInfo struct {
 }
 
 // snapshot describes a tree for comparison; hardlink groups are
-// numbered in walk order so that they compare across trees.
+// numbered in walk order so that they compare across trees. Contents and
+// xattrs are read by one worker per CPU.
 func snapshot(t testing.TB, root string) map[string]fileInfo {
 	t.Helper()
-	out := map[string]fileInfo{}
+	type item struct {
+		rel, path string
+		fi        fileInfo
+	}
+	var items []*item
 	groups := map[[2]uint64]int{}
 	err := filepath.Walk(root, func(p string, _ os.FileInfo, err error) error {
 		if err != nil {
@@ -151,13 +157,6 @@ func snapshot(t testing.TB, root string) map[string]fileInfo {
 		switch typ {
 		case syscall.S_IFREG:
 			fi.size = st.Size
-			data, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			fi.content = fmt.Sprintf("%x", rafsSum(data))
-		case syscall.S_IFLNK:
-			fi.target, _ = os.Readlink(p)
 		case syscall.S_IFCHR, syscall.S_IFBLK:
 			fi.rdev = st.Rdev
 		}
@@ -168,22 +167,67 @@ func snapshot(t testing.TB, root string) map[string]fileInfo {
 			}
 			fi.linkID = groups[key]
 		}
-		xs, err := readXattrs(p)
-		if err != nil {
-			return err
-		}
-		var sb strings.Builder
-		for _, x := range xs {
-			fmt.Fprintf(&sb, "%s=%q;", x.Name, x.Value)
-		}
-		fi.xattrs = sb.String()
-		out[rel] = fi
+		items = append(items, &item{rel, p, fi})
 		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 1)
+	ch := make(chan *item)
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for it := range ch {
+				if err := fillSnapshot(it.path, &it.fi); err != nil {
+					select {
+					case errs <- err:
+					default:
+					}
+				}
+			}
+		}()
+	}
+	for _, it := range items {
+		ch <- it
+	}
+	close(ch)
+	wg.Wait()
+	select {
+	case err := <-errs:
+		t.Fatal(err)
+	default:
+	}
+	out := make(map[string]fileInfo, len(items))
+	for _, it := range items {
+		out[it.rel] = it.fi
+	}
 	return out
+}
+
+func fillSnapshot(p string, fi *fileInfo) error {
+	switch fi.mode & syscall.S_IFMT {
+	case syscall.S_IFREG:
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		fi.content = fmt.Sprintf("%x", rafsSum(data))
+	case syscall.S_IFLNK:
+		fi.target, _ = os.Readlink(p)
+	}
+	xs, err := readXattrs(p)
+	if err != nil {
+		return err
+	}
+	var sb strings.Builder
+	for _, x := range xs {
+		fmt.Fprintf(&sb, "%s=%q;", x.Name, x.Value)
+	}
+	fi.xattrs = sb.String()
+	return nil
 }
 
 func rafsSum(b []byte) [32]byte { return sha256Sum(b) }

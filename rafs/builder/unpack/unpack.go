@@ -11,7 +11,9 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -26,14 +28,54 @@ const copyBuf = 4 << 20
 // ToDir recreates img under dir (which must exist and should be empty):
 // contents, modes, owners, ns mtimes, xattrs, hardlinks, symlinks,
 // devices and fifos. Holes stay holes. Must run as root to set owners and
-// create devices.
+// create devices. Files are written by one worker per CPU.
 func ToDir(ctx context.Context, img *rafs.Image, cr rafs.ChunkReader, dir string) error {
-	first := map[uint64]string{}
-	var dirs []struct {
+	type dirAttrs struct {
 		path string
 		i    *rafs.Inode
 	}
-	buf := make([]byte, copyBuf)
+	type fileJob struct {
+		path, rel string
+		i         *rafs.Inode
+	}
+	var (
+		dirs  []dirAttrs
+		links [][2]string // (existing first name, new name)
+		first = map[uint64]string{}
+		jobs  = make(chan fileJob, 64)
+		wg    sync.WaitGroup
+		errMu sync.Mutex
+		ferr  error
+	)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	fail := func(err error) {
+		errMu.Lock()
+		if ferr == nil {
+			ferr = err
+			cancel()
+		}
+		errMu.Unlock()
+	}
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, copyBuf)
+			for j := range jobs {
+				if ctx.Err() != nil {
+					continue
+				}
+				if err := create(ctx, img, cr, j.i, j.path, buf); err != nil {
+					fail(fmt.Errorf("unpack %s: %w", j.rel, err))
+					continue
+				}
+				if err := setAttrs(j.path, j.i); err != nil {
+					fail(err)
+				}
+			}
+		}()
+	}
 	err := img.Walk(func(p string, i *rafs.Inode) error {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -45,26 +87,30 @@ func ToDir(ctx context.Context, img *rafs.Image, cr rafs.ChunkReader, dir string
 					return fmt.Errorf("unpack: %w", err)
 				}
 			}
-			dirs = append(dirs, struct {
-				path string
-				i    *rafs.Inode
-			}{dst, i})
+			dirs = append(dirs, dirAttrs{dst, i})
 			return nil
 		}
 		if f, ok := first[i.Ino]; ok {
-			if err := os.Link(f, dst); err != nil {
-				return fmt.Errorf("unpack: hardlink: %w", err)
-			}
+			links = append(links, [2]string{f, dst})
 			return nil
 		}
 		first[i.Ino] = dst
-		if err := create(ctx, img, cr, i, dst, buf); err != nil {
-			return fmt.Errorf("unpack %s: %w", p, err)
-		}
-		return setAttrs(dst, i)
+		jobs <- fileJob{dst, p, i}
+		return nil
 	})
+	close(jobs)
+	wg.Wait()
+	if ferr != nil {
+		return ferr
+	}
 	if err != nil {
 		return err
+	}
+	// Hardlinks once their first names exist.
+	for _, l := range links {
+		if err := os.Link(l[0], l[1]); err != nil {
+			return fmt.Errorf("unpack: hardlink: %w", err)
+		}
 	}
 	// Directories last, deepest first, so that creating their entries
 	// does not change their mtime and a read-only mode does not lock us out.
