@@ -175,6 +175,11 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		return err
 	}
 	ctx := context.Background()
+	typeSet := false
+	fs.Visit(func(f *flag.Flag) { typeSet = typeSet || f.Name == "type" || f.Name == "t" })
+	if st, err := os.Stat(src); !typeSet && (src == "-" || err == nil && !st.IsDir()) {
+		*srcType = "tar-rafs" // a file given without --type can only be a tar
+	}
 	switch *srcType {
 	case "dir-rafs", "directory":
 		err = b.AddDir(ctx, src)

@@ -185,7 +185,7 @@ func TestTarSourceParentAndMerge(t *testing.T) {
 	blobs := filepath.Join(dir, "blobs")
 	v := supportedVersions[len(supportedVersions)-1]
 	mustCLI(t, "", "create", "--type", "tar-rafs", "--fs-version", v, "--bootstrap", filepath.Join(dir, "b0"), "--blob-dir", blobs, l0)
-	mustCLI(t, "", "create", "-t", "tar-rafs", "-v", v, "-B", filepath.Join(dir, "b1"), "-D", blobs, l1)
+	mustCLI(t, "", "create", "-v", v, "-B", filepath.Join(dir, "b1"), "-D", blobs, l1) // a file: tar without --type
 	// l1 built on l0: "c" has l0's data, so no new blob at all.
 	out := mustCLI(t, "", "create", "--type", "tar-rafs", "--fs-version", v, "--parent-bootstrap", filepath.Join(dir, "b0"),
 		"--bootstrap", filepath.Join(dir, "b01"), "--blob-dir", blobs, l1)
