@@ -136,6 +136,7 @@ var errNoReply = errors.New("replied")
 // handle dispatches one message. A non-nil return ends the connection.
 func (b *backend) handle(m *message) error {
 	defer m.closeFds()
+	b.log.Debug("vhost-user request", "request", reqName(m.Request), "size", m.Size, "fds", len(m.Fds))
 	err := b.dispatch(m)
 	if err == errNoReply {
 		return nil

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,7 +30,8 @@ func TestQEMUVirtioFS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sock := startDevice(t, loopbackFS(t, dir), FSOptions{Tag: "rafsfs"})
+	rec := &requestLog{}
+	sock := startDevice(t, loopbackFS(t, dir), FSOptions{Tag: "rafsfs", Logger: slog.New(rec)})
 	for round := 0; round < 2; round++ {
 		t.Run(fmt.Sprintf("vm%d", round), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
@@ -73,6 +76,13 @@ func TestQEMUVirtioFS(t *testing.T) {
 				t.Fatalf("QEMU did not exit on its own after guest power-off: %v", err)
 			}
 			t.Logf("guest power-off to QEMU exit: %s", time.Since(start).Round(time.Millisecond))
+			// QEMU stopped the device (GET_VRING_BASE on hiprio and the
+			// request queue) rather than just dropping the connection.
+			if n := rec.count("GET_VRING_BASE"); n < 2 {
+				t.Fatalf("QEMU sent GET_VRING_BASE %d times; requests seen: %v", n, rec.names())
+			}
+			t.Logf("vhost-user requests this VM sent: %d (GET_VRING_BASE %d)", len(rec.names()), rec.count("GET_VRING_BASE"))
+			rec.reset()
 		})
 		if t.Failed() {
 			return
@@ -81,4 +91,54 @@ func TestQEMUVirtioFS(t *testing.T) {
 	if _, err := os.Stat(filepath.Dir(sock)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// requestLog is a slog handler that records the vhost-user requests the
+// back end logs at debug level (and drops everything else).
+type requestLog struct {
+	mu   sync.Mutex
+	reqs []string
+}
+
+func (r *requestLog) Enabled(context.Context, slog.Level) bool { return true }
+func (r *requestLog) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *requestLog) WithGroup(string) slog.Handler            { return r }
+
+func (r *requestLog) Handle(_ context.Context, rec slog.Record) error {
+	if rec.Message != "vhost-user request" {
+		return nil
+	}
+	rec.Attrs(func(a slog.Attr) bool {
+		if a.Key == "request" {
+			r.mu.Lock()
+			r.reqs = append(r.reqs, a.Value.String())
+			r.mu.Unlock()
+		}
+		return true
+	})
+	return nil
+}
+
+func (r *requestLog) count(name string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, x := range r.reqs {
+		if x == name {
+			n++
+		}
+	}
+	return n
+}
+
+func (r *requestLog) names() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.reqs...)
+}
+
+func (r *requestLog) reset() {
+	r.mu.Lock()
+	r.reqs = nil
+	r.mu.Unlock()
 }
