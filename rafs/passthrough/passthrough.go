@@ -37,6 +37,12 @@ type Options struct {
 	EntryTimeout time.Duration
 	AttrTimeout  time.Duration
 	Logger       *slog.Logger
+	// KernelPassthrough hands regular files' I/O to the kernel (FUSE
+	// passthrough, FOPEN_PASSTHROUGH with a registered backing file), so
+	// reads and writes run at native speed without reaching the server.
+	// It needs a /dev/fuse server (see SetServer), root, and a kernel with
+	// FUSE passthrough; without them files are served the normal way.
+	KernelPassthrough bool
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -49,13 +55,19 @@ type node struct {
 	refs uint64 // kernel lookup count
 	busy int    // requests using fd right now
 	gone bool   // forgotten: close fd when busy drops to 0
+
+	// One backing file per inode (a kernel rule), shared by its opens.
+	backingID   int32
+	backingFd   int
+	backingRefs int
 }
 
 type handle struct {
-	mu   sync.Mutex // serializes directory reads (seek + getdents)
-	fd   int
-	busy int
-	gone bool
+	mu      sync.Mutex // serializes directory reads (seek + getdents)
+	fd      int
+	busy    int
+	gone    bool
+	backing *node // holds a reference on the node's backing file
 }
 
 // FS is a passthrough fuse.RawFileSystem over one host directory.
@@ -70,6 +82,9 @@ type FS struct {
 	handles map[uint64]*handle
 	nextFh  uint64
 	closed  bool
+
+	server         *fuse.Server // for backing files; nil: no passthrough
+	passthroughOff bool         // registration failed once: stop trying
 }
 
 var _ fuse.RawFileSystem = (*FS)(nil)
@@ -105,6 +120,16 @@ func (f *FS) Close() error {
 		return nil
 	}
 	f.closed = true
+	for _, h := range f.handles {
+		if n := h.backing; n != nil {
+			h.backing = nil
+			f.detachBacking(n)
+			n.busy--
+			if n.busy == 0 && n.gone {
+				unix.Close(n.fd) // forgotten earlier, kept for the backing
+			}
+		}
+	}
 	for _, n := range f.nodes {
 		n.gone = true
 		if n.busy == 0 {
@@ -200,6 +225,14 @@ func (f *FS) dropHandle(fh uint64) {
 	h.gone = true
 	if h.busy == 0 {
 		unix.Close(h.fd)
+	}
+	if n := h.backing; n != nil {
+		h.backing = nil
+		f.detachBacking(n)
+		n.busy--
+		if n.busy == 0 && n.gone {
+			unix.Close(n.fd)
+		}
 	}
 }
 
@@ -298,7 +331,83 @@ func (f *FS) String() string { return "passthrough" }
 func (f *FS) SetDebug(bool) {}
 
 // Init implements fuse.RawFileSystem.
-func (f *FS) Init(*fuse.Server) {}
+func (f *FS) Init(s *fuse.Server) { f.SetServer(s) }
+
+// SetServer gives the filesystem the /dev/fuse server it is served by, for
+// kernel passthrough; a VFS holding the filesystem calls it.
+func (f *FS) SetServer(s *fuse.Server) {
+	if s == nil || !f.opts.KernelPassthrough {
+		return
+	}
+	f.mu.Lock()
+	f.server = s
+	f.mu.Unlock()
+}
+
+// attachBacking registers (once per inode) a backing file for regular file
+// n with the kernel and returns its id, or ok=false to serve the file
+// through the server.
+func (f *FS) attachBacking(n *node) (int32, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.server == nil || f.passthroughOff || n.mode != syscall.S_IFREG {
+		return 0, false
+	}
+	if n.backingRefs > 0 {
+		n.backingRefs++
+		return n.backingID, true
+	}
+	// Read-write when possible, so every open of the inode can share it.
+	fd, err := reopen(n.fd, unix.O_RDWR)
+	if err != nil {
+		if fd, err = reopen(n.fd, unix.O_RDONLY); err != nil {
+			return 0, false
+		}
+	}
+	id, errno := f.server.RegisterBackingFd(&fuse.BackingMap{Fd: int32(fd)})
+	if errno != 0 {
+		unix.Close(fd)
+		f.passthroughOff = true
+		f.log.Warn("passthrough: kernel passthrough unavailable; serving file I/O through the daemon", "err", errno)
+		return 0, false
+	}
+	n.backingID, n.backingFd, n.backingRefs = id, fd, 1
+	return id, true
+}
+
+// detachBacking drops one open's reference on n's backing file. Called
+// with f.mu held.
+func (f *FS) detachBacking(n *node) {
+	n.backingRefs--
+	if n.backingRefs > 0 {
+		return
+	}
+	if f.server != nil {
+		f.server.UnregisterBackingFd(n.backingID)
+	}
+	unix.Close(n.backingFd)
+	n.backingID, n.backingFd = 0, -1
+}
+
+// passthroughOpen switches an open of n to kernel passthrough when it can.
+func (f *FS) passthroughOpen(n *node, fh uint64, out *fuse.OpenOut) {
+	id, ok := f.attachBacking(n)
+	if !ok {
+		return
+	}
+	f.mu.Lock()
+	h := f.handles[fh]
+	if h == nil {
+		f.detachBacking(n)
+		f.mu.Unlock()
+		return
+	}
+	h.backing = n
+	n.busy++ // the node's fds stay open while the backing is in use
+	f.mu.Unlock()
+	out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
+	out.BackingID = id
+}
 
 // OnUnmount implements fuse.RawFileSystem.
 func (f *FS) OnUnmount() {}
@@ -752,6 +861,10 @@ func (f *FS) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out 
 	}
 	out.OpenOut.Fh = f.addHandle(fd)
 	out.OpenOut.OpenFlags = 0
+	if n, st := f.get(out.EntryOut.NodeId); st.Ok() {
+		f.passthroughOpen(n, out.OpenOut.Fh, &out.OpenOut)
+		f.put(n)
+	}
 	return fuse.OK
 }
 
@@ -781,6 +894,7 @@ func (f *FS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fu
 	}
 	out.Fh = f.addHandle(fd)
 	out.OpenFlags = 0
+	f.passthroughOpen(n, out.Fh, out)
 	return fuse.OK
 }
 

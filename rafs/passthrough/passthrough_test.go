@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -481,5 +482,66 @@ func TestCallerOwnership(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(src + "/rootonly"); string(b) != "x" {
 		t.Errorf("rootonly changed to %q", b)
+	}
+}
+
+// counting counts the READ and WRITE requests that reach the server.
+type counting struct {
+	*FS
+	reads, writes atomic.Int64
+}
+
+func (c *counting) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	c.reads.Add(1)
+	return c.FS.Read(cancel, in, buf)
+}
+
+func (c *counting) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	c.writes.Add(1)
+	return c.FS.Write(cancel, in, data)
+}
+
+// TestKernelPassthrough: with KernelPassthrough, file data moves between
+// the kernel and the host file without READ or WRITE requests, and the
+// results are the same.
+func TestKernelPassthrough(t *testing.T) {
+	src := t.TempDir()
+	data := fstest.Bytes(3, 3<<20)
+	os.WriteFile(src+"/big", data, 0o644)
+	fstest.RequireRoot(t)
+	pt, err := New(src, Options{KernelPassthrough: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pt.Close() })
+	c := &counting{FS: pt}
+	mnt := fstest.Mount(t, c, nil)
+	got, err := os.ReadFile(mnt + "/big")
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read through passthrough: %d bytes, %v", len(got), err)
+	}
+	if err := os.WriteFile(mnt+"/new", []byte("written via the kernel"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(src + "/new"); string(b) != "written via the kernel" {
+		t.Errorf("host sees %q", b)
+	}
+	// Two opens of one inode share its backing file.
+	f1, err1 := os.Open(mnt + "/big")
+	f2, err2 := os.OpenFile(mnt+"/big", os.O_RDWR, 0)
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	if _, err := f2.WriteAt([]byte("XY"), 10); err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 2)
+	if _, err := f1.ReadAt(p, 10); err != nil || string(p) != "XY" {
+		t.Errorf("read back %q, %v", p, err)
+	}
+	f1.Close()
+	f2.Close()
+	if r, w := c.reads.Load(), c.writes.Load(); r != 0 || w != 0 {
+		t.Errorf("%d READ and %d WRITE requests reached the server; want none", r, w)
 	}
 }
