@@ -184,10 +184,16 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 	case "dir-rafs", "directory":
 		err = b.AddDir(ctx, src)
 	case "tar-rafs", "targz-rafs":
-		var f *os.File
 		if src == "-" {
-			f = os.Stdin
-		} else if f, err = os.Open(src); err != nil {
+			if *prefetch == "fs" {
+				err = fmt.Errorf("SOURCE - (tar on stdin) conflicts with --prefetch-policy fs, which reads stdin")
+				break
+			}
+			err = b.AddTar(ctx, stdin)
+			break
+		}
+		var f *os.File
+		if f, err = os.Open(src); err != nil {
 			break
 		}
 		err = b.AddTar(ctx, f)

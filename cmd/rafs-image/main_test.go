@@ -295,3 +295,32 @@ func TestUsageErrors(t *testing.T) {
 		t.Errorf("--version: %d %q", code, out)
 	}
 }
+
+// TestStdio: a layer tar on stdin, an unpacked tar on stdout.
+func TestStdio(t *testing.T) {
+	var layer bytes.Buffer
+	tw := tar.NewWriter(&layer)
+	tw.WriteHeader(&tar.Header{Name: "hello", Typeflag: tar.TypeReg, Mode: 0o644, Size: 5})
+	tw.Write([]byte("world"))
+	tw.Close()
+	dir := t.TempDir()
+	boot, blobs := filepath.Join(dir, "boot"), filepath.Join(dir, "blobs")
+	mustCLI(t, layer.String(), "create", "--bootstrap", boot, "--blob-dir", blobs, "-")
+	out := mustCLI(t, "", "unpack", "--bootstrap", boot, "--blob-dir", blobs, "--output", "-")
+	tr := tar.NewReader(strings.NewReader(out))
+	got := map[string]string{}
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(tr)
+		if h.Typeflag == tar.TypeReg {
+			got[h.Name] = string(b)
+		}
+	}
+	sameMap(t, "stdout tar", map[string]string{"hello": "world"}, got)
+}
