@@ -16,13 +16,14 @@ import (
 	"time"
 
 	"github.com/rafsd/rafsd/rafs/codec"
+	"github.com/rafsd/rafsd/rafs/storage/backend"
 	"github.com/rafsd/rafsd/rafs/storage/blobcache"
 )
 
 const crashEnv = "RAFSD_STORAGE_CRASH_CHILD"
 
 func crashImage(t testing.TB) *testImage {
-	return buildImage(t, makeContent(21, 12<<20), 64<<10, codec.Zstd)
+	return buildImage(t, makeContent(21, 6<<20), 64<<10, codec.Zstd)
 }
 
 // TestCrashSafety kills a process that is filling the cache (SIGKILL at
@@ -42,7 +43,7 @@ func TestCrashSafety(t *testing.T) {
 	totalReady := 0
 	const kills = 12
 	for i := range kills {
-		if i%4 == 0 {
+		if i%2 == 0 {
 			work = filepath.Join(t.TempDir(), "cache")
 		}
 		cmd := exec.Command(os.Args[0], "-test.run=^TestCrashSafety$", "-test.count=1")
@@ -74,7 +75,7 @@ func TestCrashSafety(t *testing.T) {
 			for sc.Scan() {
 			}
 		}()
-		time.Sleep(time.Duration(1+r.Intn(60)) * time.Millisecond)
+		time.Sleep(time.Duration(1+r.Intn(400)) * time.Millisecond)
 		cmd.Process.Signal(syscall.SIGKILL)
 		cmd.Wait()
 
@@ -135,7 +136,12 @@ func crashChild(t *testing.T, spec string) {
 	var seed int64
 	fmt.Sscan(parts[2], &seed)
 	ti := crashImage(t)
-	f, err := New(parseConfig(t, localConfig(parts[0], "blobcache", parts[1], false, false, 256<<10)))
+	// Slow the backend and flush often so that kills land in every phase:
+	// fetching, writing data, fdatasync, marking the map.
+	blobcache.FlushInterval = 5 * time.Millisecond
+	cfg := parseConfig(t, localConfig(parts[0], "blobcache", parts[1], false, false, 64<<10))
+	be := &slowBackend{Backend: backend.NewLocalFS(*cfg.Backend.LocalFS, backend.Hooks{})}
+	f, err := New(cfg, WithBackend(be))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,4 +164,11 @@ func crashChild(t *testing.T, spec string) {
 		}()
 	}
 	wg.Wait()
+}
+
+type slowBackend struct{ backend.Backend }
+
+func (s *slowBackend) ReadAt(ctx context.Context, id string, p []byte, off int64) error {
+	time.Sleep(40 * time.Millisecond)
+	return s.Backend.ReadAt(ctx, id, p, off)
 }

@@ -10,9 +10,12 @@
 // header is nydus's PersistMap (magic 0x424D4150, version 1, magic2
 // 0x434D4150); bit i is (0x80 >> (i%8)) of byte i/8.
 //
-// A chunk's bit is set only after its (verified) bytes were written and
-// fdatasync'd, so after a crash at any point a set bit always means good
-// data; a lost bit only costs a refetch.
+// A chunk's bit is set in the map file only after its (verified) bytes
+// were written and fdatasync'd, so after a crash at any point a set bit
+// always means good data; a lost bit only costs a refetch. Marking is
+// batched: written chunks are served from the data file at once, and a
+// flush (every FlushInterval, every 64 MiB per blob, and on release)
+// syncs the data and then writes their bits.
 //
 // A Store is shared by everything in the process that opens the same
 // directory, and a Blob by every image that uses it. With a size limit,
@@ -70,6 +73,9 @@ type Store struct {
 	refs    int
 	blobs   map[string]*Blob // by file base name (id + suffix)
 	written int64            // bytes written since the last eviction pass
+	// dirty holds blobs with unflushed writes; flushTimer flushes them.
+	dirty      map[*Blob]int64
+	flushTimer *time.Timer
 }
 
 // Open returns the process-wide Store of dir, creating dir if needed.
@@ -94,7 +100,7 @@ func Open(dir string, limit int64) (*Store, error) {
 	if err := os.MkdirAll(abs, 0o700); err != nil {
 		return nil, fmt.Errorf("blobcache: %w", err)
 	}
-	s := &Store{dir: abs, limit: limit, refs: 1, blobs: map[string]*Blob{}}
+	s := &Store{dir: abs, limit: limit, refs: 1, blobs: map[string]*Blob{}, dirty: map[*Blob]int64{}}
 	stores[abs] = s
 	return s, nil
 }
@@ -162,10 +168,15 @@ type Blob struct {
 	compressed bool
 	data, cmap *os.File
 
-	mu       sync.RWMutex
-	bits     []byte
-	ready    uint32
-	refs     int // under store.mu
+	mu    sync.RWMutex
+	bits  []byte // chunks present in the data file (in page cache at least)
+	ready uint32
+	// durable mirrors the map file: bits whose data is known fdatasync'd.
+	durable []byte
+	pending []uint32 // set in bits, not yet in durable
+
+	flushMu  sync.Mutex // serializes flushes
+	refs     int        // under store.mu
 	lastUsed time.Time
 }
 
@@ -250,6 +261,7 @@ func (b *Blob) load() error {
 	if tail := b.count % 8; tail != 0 {
 		b.bits[len(b.bits)-1] &= byte(0xff << (8 - tail))
 	}
+	b.durable = append([]byte(nil), b.bits...)
 	for _, x := range b.bits {
 		for ; x != 0; x &= x - 1 {
 			b.ready++
@@ -306,8 +318,9 @@ type Write struct {
 	Data  []byte
 }
 
-// WriteChunks stores verified chunks: it writes all data, makes it
-// durable, and only then marks the chunks present.
+// WriteChunks stores verified chunks. They are readable (Has) at once;
+// they are marked in the map file only by a later Flush, after their data
+// is fdatasync'd, so a set bit on disk always means durable data.
 func (b *Blob) WriteChunks(ws []Write) error {
 	var n int64
 	for _, w := range ws {
@@ -319,9 +332,6 @@ func (b *Blob) WriteChunks(ws []Write) error {
 		}
 		n += int64(len(w.Data))
 	}
-	if err := unix.Fdatasync(int(b.data.Fd())); err != nil {
-		return fmt.Errorf("blobcache: blob %s: fdatasync: %w", b.id, err)
-	}
 	b.mu.Lock()
 	for _, w := range ws {
 		byteIdx := w.Index / 8
@@ -330,13 +340,46 @@ func (b *Blob) WriteChunks(ws []Write) error {
 		}
 		b.bits[byteIdx] |= mask(w.Index)
 		b.ready++
-		if _, err := b.cmap.WriteAt(b.bits[byteIdx:byteIdx+1], int64(mapHeader+byteIdx)); err != nil {
-			b.mu.Unlock()
+		b.pending = append(b.pending, w.Index)
+	}
+	b.mu.Unlock()
+	b.store.wrote(b, n)
+	return nil
+}
+
+// Flush makes the data of every chunk written so far durable, then marks
+// those chunks in the map file.
+func (b *Blob) Flush() error {
+	b.flushMu.Lock()
+	defer b.flushMu.Unlock()
+	b.mu.Lock()
+	pend := b.pending
+	b.pending = nil
+	b.mu.Unlock()
+	if len(pend) == 0 {
+		return nil
+	}
+	if err := unix.Fdatasync(int(b.data.Fd())); err != nil {
+		b.mu.Lock()
+		b.pending = append(b.pending, pend...)
+		b.mu.Unlock()
+		return fmt.Errorf("blobcache: blob %s: fdatasync: %w", b.id, err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	dirty := map[uint32]bool{}
+	for _, i := range pend {
+		// Invalidated meanwhile: leave it unmarked.
+		if b.bits[i/8]&mask(i) != 0 {
+			b.durable[i/8] |= mask(i)
+			dirty[i/8] = true
+		}
+	}
+	for byteIdx := range dirty {
+		if _, err := b.cmap.WriteAt(b.durable[byteIdx:byteIdx+1], int64(mapHeader+byteIdx)); err != nil {
 			return fmt.Errorf("blobcache: blob %s: chunk map: %w", b.id, err)
 		}
 	}
-	b.mu.Unlock()
-	b.store.wrote(n)
 	return nil
 }
 
@@ -353,7 +396,8 @@ func (b *Blob) Invalidate(i uint32) error {
 	}
 	b.bits[byteIdx] &^= mask(i)
 	b.ready--
-	if _, err := b.cmap.WriteAt(b.bits[byteIdx:byteIdx+1], int64(mapHeader+byteIdx)); err != nil {
+	b.durable[byteIdx] &^= mask(i)
+	if _, err := b.cmap.WriteAt(b.durable[byteIdx:byteIdx+1], int64(mapHeader+byteIdx)); err != nil {
 		return fmt.Errorf("blobcache: blob %s: chunk map: %w", b.id, err)
 	}
 	return nil
@@ -361,6 +405,9 @@ func (b *Blob) Invalidate(i uint32) error {
 
 // Release drops a reference taken by Store.Blob.
 func (b *Blob) Release() {
+	if err := b.Flush(); err != nil {
+		slog.Warn("blobcache: flush", "blob", b.id, "err", err)
+	}
 	s := b.store
 	s.mu.Lock()
 	b.refs--
@@ -370,17 +417,60 @@ func (b *Blob) Release() {
 }
 
 func (b *Blob) closeFiles() {
+	if err := b.Flush(); err != nil {
+		slog.Warn("blobcache: flush", "blob", b.id, "err", err)
+	}
 	b.data.Close()
 	b.cmap.Close()
 }
 
-func (s *Store) wrote(n int64) {
+// FlushInterval is how long written chunks may wait to be marked in
+// their map file (a crash loses at most this much cache work).
+var FlushInterval = 200 * time.Millisecond
+
+// flushBytes flushes a blob early once this much was written to it.
+const flushBytes = 64 << 20
+
+func (s *Store) wrote(b *Blob, n int64) {
 	s.mu.Lock()
 	s.written += n
 	check := s.limit > 0 && s.written > s.limit/16
+	s.dirty[b] += n
+	early := s.dirty[b] >= flushBytes
+	if early {
+		delete(s.dirty, b)
+	}
+	if s.flushTimer == nil {
+		s.flushTimer = time.AfterFunc(FlushInterval, s.flushAll)
+	}
 	s.mu.Unlock()
+	if early {
+		if err := b.Flush(); err != nil {
+			slog.Warn("blobcache: flush", "blob", b.id, "err", err)
+		}
+	}
 	if check {
 		s.maybeEvict(false)
+	}
+}
+
+// flushAll flushes every blob written since the last pass.
+func (s *Store) flushAll() {
+	s.mu.Lock()
+	dirty := s.dirty
+	s.dirty = map[*Blob]int64{}
+	s.flushTimer = nil
+	var open []*Blob
+	for b := range dirty {
+		if s.blobs[b.name] == b {
+			open = append(open, b)
+		}
+	}
+	s.mu.Unlock()
+	for _, b := range open {
+		if err := b.Flush(); err != nil {
+			slog.Warn("blobcache: flush", "blob", b.id, "err", err)
+		}
 	}
 }
 

@@ -188,3 +188,48 @@ func TestEvictUnused(t *testing.T) {
 		t.Fatalf("held blob evicted: %v", err)
 	}
 }
+
+// FuzzChunkMap opens a cache whose chunk map file holds arbitrary bytes:
+// it must start empty or load consistently, never panic.
+func FuzzChunkMap(f *testing.F) {
+	hdr := make([]byte, 4096+2)
+	binary.LittleEndian.PutUint32(hdr, 0x424D4150)
+	binary.LittleEndian.PutUint32(hdr[4:], 1)
+	binary.LittleEndian.PutUint32(hdr[8:], 0x434D4150)
+	hdr[4096], hdr[4097] = 0xff, 0xff
+	f.Add(hdr, uint16(10))
+	f.Add([]byte{}, uint16(1))
+	f.Add([]byte("garbage"), uint16(3))
+	f.Fuzz(func(t *testing.T, data []byte, count uint16) {
+		if count == 0 {
+			count = 1
+		}
+		dir := t.TempDir()
+		b := testBlob(strings.Repeat("f", 64), uint32(count), uint64(count)*4096)
+		os.WriteFile(filepath.Join(dir, b.ID+MapSuffix), data, 0o600)
+		os.WriteFile(filepath.Join(dir, b.ID+DataSuffix), make([]byte, b.UncompressedSize), 0o600)
+		s, err := Open(dir, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		cb, err := s.Blob(b, false)
+		if err != nil {
+			return
+		}
+		defer cb.Release()
+		ready, total := cb.Ready()
+		n := uint32(0)
+		for i := range uint32(count) + 8 {
+			if cb.Has(i) {
+				if i >= uint32(count) {
+					t.Fatalf("chunk %d past count %d reported present", i, count)
+				}
+				n++
+			}
+		}
+		if ready != n || total != uint32(count) {
+			t.Fatalf("Ready %d/%d, Has counts %d", ready, total, n)
+		}
+	})
+}
