@@ -93,7 +93,8 @@ type VFS struct {
 	nextPseudo uint64
 	nextIndex  uint32
 
-	server atomic.Pointer[notifierBox]
+	server     atomic.Pointer[notifierBox]
+	fuseServer atomic.Pointer[fuse.Server] // set by Init; handed to ServerSetters
 }
 
 var _ fuse.RawFileSystem = (*VFS)(nil)
@@ -179,6 +180,7 @@ func (v *VFS) mountLocked(idx uint32, p string, fs fuse.RawFileSystem) error {
 		return fmt.Errorf("mount %s: a filesystem is mounted at /: %w", c, ErrBusy)
 	}
 	m := &mount{index: idx, path: c, fs: fs}
+	setServer(fs, v.fuseServer.Load())
 	if len(parts) == 0 {
 		if len(v.root.children) > 0 {
 			return fmt.Errorf("mount /: other filesystems are mounted: %w", ErrBusy)
@@ -322,6 +324,7 @@ func (v *VFS) Replace(p string, fs fuse.RawFileSystem) (fuse.RawFileSystem, erro
 		return nil, fmt.Errorf("replace %s: %w", c, ErrNotFound)
 	}
 	m := &mount{index: old.index, path: old.path, fs: fs, parent: old.parent, name: old.name}
+	setServer(fs, v.fuseServer.Load())
 	if m.parent == nil {
 		v.rootMount.Store(m)
 	} else {
@@ -492,12 +495,32 @@ func (v *VFS) notifier() Notifier {
 	return nil
 }
 
+// ServerSetter is implemented by filesystems that use the /dev/fuse
+// server for something other than node ids (rafs/passthrough registers
+// kernel passthrough backing files with it). The VFS hands them its server.
+type ServerSetter interface {
+	SetServer(*fuse.Server)
+}
+
 // Init implements fuse.RawFileSystem. The server is kept to invalidate
-// kernel entries on Umount; it is not passed to the mounted filesystems,
-// whose node ids the kernel does not know.
+// kernel entries on Umount. Mounted filesystems do not get Init (the
+// kernel does not know their own node ids), only SetServer if they have it.
 func (v *VFS) Init(s *fuse.Server) {
-	if s != nil {
-		v.server.Store(&notifierBox{s})
+	if s == nil {
+		return
+	}
+	v.server.Store(&notifierBox{s})
+	v.fuseServer.Store(s)
+	for idx := range v.mounts {
+		if m := v.mounts[idx].Load(); m != nil {
+			setServer(m.fs, s)
+		}
+	}
+}
+
+func setServer(fs fuse.RawFileSystem, s *fuse.Server) {
+	if ss, ok := fs.(ServerSetter); ok && s != nil {
+		ss.SetServer(s)
 	}
 }
 

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -333,4 +335,47 @@ func TestReplace(t *testing.T) {
 			t.Errorf("replace of nothing: %v", err)
 		}
 	}
+}
+
+// TestPassthroughInVFS: a passthrough directory inside the VFS gets the
+// FUSE server, so kernel passthrough works there too.
+func TestPassthroughInVFS(t *testing.T) {
+	shared := t.TempDir()
+	data := fstest.Bytes(5, 1<<20)
+	os.WriteFile(shared+"/f", data, 0o644)
+	fstest.RequireRoot(t)
+	pt, err := passthrough.New(shared, passthrough.Options{KernelPassthrough: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pt.Close() })
+	v := vfs.New(vfs.Options{})
+	mnt := fstest.Mount(t, v, nil)
+	// Mounted after Init: the VFS must still hand over the server.
+	c := &countReads{FS: pt}
+	if _, err := v.Mount("/shared", c); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(mnt + "/shared/f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got, err := io.ReadAll(f)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read: %d bytes, %v", len(got), err)
+	}
+	if n := c.reads.Load(); n != 0 {
+		t.Errorf("%d READ requests reached the passthrough; kernel passthrough is off", n)
+	}
+}
+
+type countReads struct {
+	*passthrough.FS
+	reads atomic.Int64
+}
+
+func (c *countReads) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	c.reads.Add(1)
+	return c.FS.Read(cancel, in, buf)
 }
