@@ -100,7 +100,16 @@ type Options struct {
 	Logger  *slog.Logger
 	// Observe, if set, is told of each answered event (metrics).
 	Observe func(ev Event, err error, took time.Duration)
+	// Trusted, if set, picks events answered ALLOW at once, without a
+	// fill, by the reading loop itself. A daemon whose own cache I/O
+	// touches marked files needs it: those accesses raise events too, and
+	// a fill waiting on its own write would deadlock. Use with care: an
+	// event it trusts is served whatever the file holds.
+	Trusted func(Event) bool
 }
+
+// SelfPid is a Trusted predicate for events this process raised.
+func SelfPid(ev Event) bool { return int(ev.Pid) == os.Getpid() }
 
 // Serve reads events and answers each after its fill, until ctx ends or the
 // group fd fails. It does not close the group.
@@ -128,21 +137,29 @@ func (g *Group) Serve(ctx context.Context, f Filler, opts Options) error {
 		_, _ = unix.Write(stop, []byte{1, 0, 0, 0, 0, 0, 0, 0})
 	}()
 
-	events := make(chan Event)
+	// The reading loop never waits for a worker: a trusted event queued
+	// behind busy fills could be the very write those fills wait on.
+	sem := make(chan struct{}, opts.Workers)
 	var wg sync.WaitGroup
-	for range opts.Workers {
+	defer wg.Wait()
+	dispatch := func(ev Event) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for ev := range events {
-				g.answer(ctx, f, ev, opts, log)
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				// Answer anyway: an event left unanswered would block
+				// its reader until the group closes (and Serve does not
+				// close it). The next Serve of the group does the work.
+				g.respond(ev.Fd, deny(unix.EIO), log)
+				unix.Close(ev.Fd)
+				return
 			}
+			defer func() { <-sem }()
+			g.answer(ctx, f, ev, opts, log)
 		}()
 	}
-	defer func() {
-		close(events)
-		wg.Wait()
-	}()
 
 	buf := make([]byte, 64<<10)
 	fds := []unix.PollFd{{Fd: int32(g.fd), Events: unix.POLLIN}, {Fd: int32(stop), Events: unix.POLLIN}}
@@ -174,8 +191,11 @@ func (g *Group) Serve(ctx context.Context, f Filler, opts Options) error {
 			case ev.Mask&unix.FAN_PRE_ACCESS == 0:
 				g.respond(ev.Fd, unix.FAN_ALLOW, log)
 				unix.Close(ev.Fd)
+			case opts.Trusted != nil && opts.Trusted(ev):
+				g.respond(ev.Fd, unix.FAN_ALLOW, log)
+				unix.Close(ev.Fd)
 			default:
-				events <- ev
+				dispatch(ev)
 			}
 		}
 		if perr != nil {
@@ -228,4 +248,21 @@ func (g *Group) respond(fd int, resp uint32, log *slog.Logger) {
 	if _, err := unix.Write(g.fd, encodeResponse(fd, resp)); err != nil {
 		log.Error("fanotify response", "fd", fd, "err", err)
 	}
+}
+
+// DenyOrphans answers, with EIO, the events a dead daemon read from this
+// group but never answered. The kernel keeps such events pending until
+// someone answers them by the fd number the dead daemon saw, which nobody
+// knows, so their readers would block forever. Call it on a group adopted
+// after a restart, before Serve reads anything: then every pending event is
+// an orphan, and each fd number in [0, maxFD] is tried. It returns how
+// many events it answered.
+func (g *Group) DenyOrphans(maxFD int) int {
+	n := 0
+	for fd := 0; fd <= maxFD; fd++ {
+		if _, err := unix.Write(g.fd, encodeResponse(fd, deny(unix.EIO))); err == nil {
+			n++
+		}
+	}
+	return n
 }
