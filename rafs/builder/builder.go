@@ -41,8 +41,9 @@ type Options struct {
 	// the blob table.
 	ChunkDicts []*rafs.Image
 	// Whiteouts is how the layer marks deletions of the parent's files
-	// (default OCI). A layer built without a parent keeps its markers,
-	// so that Merge (which expects OCI ones) can apply them later.
+	// (default OCI). Without a parent, a tar layer keeps its markers so
+	// that Merge (which expects OCI ones) can apply them later, and a
+	// directory layer drops them, as nydus-image does.
 	Whiteouts WhiteoutSpec
 	// Prefetch lists paths (files or directories) to put in the image's
 	// prefetch table (nydus-image --prefetch-policy fs).

@@ -462,3 +462,18 @@ func TestSparseTar(t *testing.T) {
 		}
 	}
 }
+
+// TestLoneDirLayerDropsWhiteouts: like nydus-image, a directory layer
+// built without a parent leaves whiteout markers out of the image.
+func TestLoneDirLayerDropsWhiteouts(t *testing.T) {
+	src := t.TempDir()
+	writeFile(t, filepath.Join(src, ".wh.gone"), nil)
+	writeFile(t, filepath.Join(src, "d/.wh..wh..opq"), nil)
+	writeFile(t, filepath.Join(src, "d/kept"), []byte("k"))
+	b := buildDir(t, Options{}, src)
+	var paths []string
+	b.img.Walk(func(p string, _ *rafs.Inode) error { paths = append(paths, p); return nil })
+	if strings.Join(paths, " ") != "/ /d /d/kept" {
+		t.Errorf("paths %q", paths)
+	}
+}

@@ -18,8 +18,8 @@ import (
 // AddDir reads the layer from directory dir (nydus-image --type
 // dir-rafs): every file, with mode, owner, times (ns), xattrs, hardlinks
 // (same device and inode), symlinks, devices, fifos and sockets. The
-// directory's own attributes become the root's. OCI whiteout files in the
-// tree act on the parent image, if any, and are kept otherwise.
+// directory's own attributes become the root's. Whiteouts in the tree act
+// on the parent image, if any, and are left out otherwise.
 func (b *Builder) AddDir(ctx context.Context, dir string) error {
 	r := &dirReader{b: b, links: map[[2]uint64]*node{}, buf: make([]byte, b.opts.ChunkSize)}
 	if b.closed {
@@ -41,6 +41,11 @@ func (b *Builder) AddDir(ctx context.Context, dir string) error {
 	}
 	if !root.isDir() {
 		return b.abort(fmt.Errorf("builder: %s is not a directory", dir))
+	}
+	if !b.base {
+		// As nydus-image does for a directory layer without a parent
+		// (a tar layer keeps them, for a later merge).
+		dropMarkers(root, b.opts.Whiteouts)
 	}
 	return b.addLayer(root)
 }

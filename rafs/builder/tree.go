@@ -178,6 +178,19 @@ func stripWhiteouts(d *node, ws WhiteoutSpec) {
 	}
 }
 
+// dropMarkers removes whiteout and opaque marker entries (not the
+// overlayfs opaque xattr) below d: nydus-image leaves them out of a
+// directory layer built without a parent.
+func dropMarkers(d *node, ws WhiteoutSpec) {
+	for name, c := range d.children {
+		if ws.marker(name, c) {
+			delete(d.children, name)
+		} else if c.isDir() {
+			dropMarkers(c, ws)
+		}
+	}
+}
+
 // fromImage turns img into a tree whose chunks point into the blob table
 // through blobIndex (img's blob index -> index in the caller's table).
 func fromImage(img *rafs.Image, blobIndex []uint32) (*node, error) {
