@@ -101,6 +101,11 @@ type blobFile struct {
 	f      *storage.Fetcher
 	layout rafs.BlobLayout
 	refs   int
+	// stalled counts fills that outlived their deadline and still wait on
+	// the backend. While any does, fills that need the backend fail at
+	// once: a reader's readahead is many events, and each waiting out the
+	// deadline in turn would stretch one EIO to minutes.
+	stalled atomic.Int32
 }
 
 // Mount is one on-demand EROFS mount.
@@ -180,10 +185,22 @@ func (s *Server) Fill(ctx context.Context, f *os.File, ev fanotify.Event) error 
 		return nil
 	}
 	s.fills.Add(1)
-	if err := bf.f.EnsureChunks(ctx, b, chunks); err != nil {
-		return fmt.Errorf("fanotifyfs: blob %s [%d,+%d): %w", b.ID, off, n, err)
+	if k := bf.stalled.Load(); k > 0 {
+		return fmt.Errorf("fanotifyfs: blob %s [%d,+%d): %d earlier fills still wait on the backend past their deadline: %w", b.ID, off, n, k, unix.EIO)
 	}
-	return nil
+	done := make(chan error, 1)
+	go func() { done <- bf.f.EnsureChunks(ctx, b, chunks) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("fanotifyfs: blob %s [%d,+%d): %w", b.ID, off, n, err)
+		}
+		return nil
+	case <-ctx.Done():
+		bf.stalled.Add(1)
+		go func() { <-done; bf.stalled.Add(-1) }()
+		return fmt.Errorf("fanotifyfs: blob %s [%d,+%d): %w: %w", b.ID, off, n, ctx.Err(), unix.EIO)
+	}
 }
 
 // Mount registers opts' cache files, marks them and mounts the bootstrap.

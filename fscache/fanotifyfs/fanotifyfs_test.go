@@ -252,9 +252,17 @@ func TestHungBackendIsEIO(t *testing.T) {
 		t.Fatalf("EIO after %s, deadline %s", took, timeout)
 	}
 	t.Logf("EIO after %s (deadline %s)", took, timeout)
-	// Once the backend answers, the file reads.
+	// Once the backend answers (and the stalled fill drains), the file
+	// reads, and right.
 	release()
-	got, err := os.ReadFile(m.Mountpoint() + "/a")
+	var got []byte
+	for end := time.Now().Add(10 * time.Second); ; {
+		got, err = os.ReadFile(m.Mountpoint() + "/a")
+		if err == nil || time.Now().After(end) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if err != nil || !bytes.Equal(got, fstest.Bytes(1, 1<<20)) {
 		t.Fatalf("after the backend recovered: %v", err)
 	}
