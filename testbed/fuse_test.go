@@ -14,8 +14,6 @@ import (
 
 	"github.com/rafsd/rafsd/guest"
 	"github.com/rafsd/rafsd/guest/treehash"
-	"github.com/rafsd/rafsd/rafs/bootstrap"
-	"github.com/rafsd/rafsd/rafs/builder"
 	"github.com/rafsd/rafsd/testbed/initramfs"
 )
 
@@ -60,44 +58,38 @@ func sourceTree(t *testing.T) string {
 	return dir
 }
 
-// buildImage builds a RAFS image of src with the builder and returns a
-// directory holding "bootstrap" and "blobs/<id>".
-func buildImage(t *testing.T, src string) string {
+// buildImages runs `rafs-image create` for each RAFS version and returns a
+// directory holding "v<N>/bootstrap" and "blobs/<id>" (a localfs blob dir).
+func buildImages(t *testing.T, ctx context.Context, src string, versions ...int) string {
 	t.Helper()
+	tool, err := BuildStatic(ctx, "./cmd/rafs-image")
+	if err != nil {
+		t.Fatal(err)
+	}
 	out := t.TempDir()
-	blobs := filepath.Join(out, "blobs")
-	if err := os.MkdirAll(blobs, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	blobFile, err := os.Create(filepath.Join(blobs, "new"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	// v5: the v6 bootstrap writer had not landed when this scenario was written.
-	b, err := builder.New(builder.Options{Version: 5}, blobFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.AddDir(context.Background(), src); err != nil {
-		t.Fatal(err)
-	}
-	res, err := b.Finish()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := blobFile.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if res.Blob == nil {
-		t.Fatal("image has no blob")
-	}
-	if err := os.Rename(blobFile.Name(), filepath.Join(blobs, res.Blob.ID)); err != nil {
-		t.Fatal(err)
-	}
-	if err := bootstrap.WriteFile(filepath.Join(out, "bootstrap"), res.Image); err != nil {
-		t.Fatal(err)
+	for _, v := range versions {
+		boot := filepath.Join(out, fmt.Sprintf("v%d", v), "bootstrap")
+		if err := os.MkdirAll(filepath.Dir(boot), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.CommandContext(ctx, tool, "create", "--fs-version", fmt.Sprint(v),
+			"--bootstrap", boot, "--blob-dir", filepath.Join(out, "blobs"), src)
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("rafs-image create v%d: %v\n%s", v, err, b)
+		}
 	}
 	return out
+}
+
+// committed reports whether path is tracked by git: a command another
+// engineer is still writing is not used until it is committed.
+func committed(path string) bool {
+	root, err := ModuleRoot()
+	if err != nil {
+		return false
+	}
+	out, err := exec.Command("git", "-C", root, "ls-files", "--error-unmatch", path).CombinedOutput()
+	return err == nil && len(out) > 0
 }
 
 // ext4Disk makes a raw ext4 disk image holding the tree dir.
@@ -145,67 +137,116 @@ func waitMount(ctx context.Context, a *guest.Client, target, fstype string) erro
 	}
 }
 
-// TestGuestFUSE: an image built on the host, on a virtio-blk disk, served
-// over FUSE inside the guest; the guest's tree hash equals the host's.
+// fuseServer is a FUSE daemon run inside the guest.
+type fuseServer struct {
+	name string
+	pkg  string
+	argv func(bootstrap, blobDir, mnt string) []string
+}
+
+var fuseServers = []fuseServer{
+	{"rafsd", "./cmd/rafsd", func(b, d, m string) []string {
+		return []string{"/bin/rafsd", "--mountpoint", m, "--bootstrap", b, "--localfs-dir", d, "--log-level", "info"}
+	}},
+	// rafsfuse serves with package rafs/fs directly: the scenario's stand-in
+	// for a checkout where cmd/rafsd is not committed (it was written in
+	// parallel with this harness).
+	{"rafsfuse", "./testbed/testdata/rafsfuse", func(b, d, m string) []string {
+		return []string{"/bin/rafsfuse", "-bootstrap", b, "-blob-dir", d, "-mountpoint", m}
+	}},
+}
+
+// TestGuestFUSE: images built by `rafs-image create` (RAFS v5 and v6) on a
+// virtio-blk disk, served over FUSE inside the guest by a static daemon; the
+// guest's tree hash equals the host's.
 func TestGuestFUSE(t *testing.T) {
 	requireRoot(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	src := sourceTree(t)
 	want, err := treehash.Walk(src)
 	if err != nil {
 		t.Fatal(err)
 	}
-	disk := ext4Disk(t, buildImage(t, src))
+	versions := []int{5, 6}
+	disk := ext4Disk(t, buildImages(t, ctx, src, versions...))
 
-	server, err := BuildStatic(ctx, "./testbed/testdata/rafsfuse")
-	if err != nil {
-		t.Fatal(err)
+	var servers []fuseServer
+	var files []initramfs.File
+	haveRafsd := committed("cmd/rafsd/main.go")
+	if !haveRafsd {
+		t.Logf("cmd/rafsd is not committed: the scenario runs with the rafsfuse stand-in")
 	}
-	vm := StartTB(t, Options{
-		Disks: []string{disk},
-		Files: []initramfs.File{{Path: "/bin/rafsfuse", Source: server}},
-	})
+	for _, s := range fuseServers {
+		if (s.name == "rafsd") != haveRafsd {
+			continue
+		}
+		bin, err := BuildStatic(ctx, s.pkg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		servers = append(servers, s)
+		files = append(files, initramfs.File{Path: "/bin/" + s.name, Source: bin})
+	}
+	vm := StartTB(t, Options{Disks: []string{disk}, Files: files})
 	a := vm.Agent()
 	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vda", Target: "/img", FSType: "ext4", Flags: 1 /* MS_RDONLY */, Mkdir: true}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.Mkdir(ctx, "/mnt/rafs", 0); err != nil {
-		t.Fatal(err)
-	}
-	p, err := a.Start(ctx, guest.StartRequest{Name: "rafsfuse", Argv: []string{
-		"/bin/rafsfuse", "-bootstrap", "/img/bootstrap", "-blob-dir", "/img/blobs", "-mountpoint", "/mnt/rafs"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mctx, mcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer mcancel()
-	if err := waitMount(mctx, a, "/mnt/rafs", "fuse"); err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	got, err := a.TreeHash(ctx, "/mnt/rafs", true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("guest hashed the FUSE tree in %s", time.Since(start).Round(time.Millisecond))
-	if got.Hash != treehash.Sum(want) {
-		t.Errorf("guest tree hash %s != host %s; diff host->guest:\n%s", got.Hash, treehash.Sum(want),
-			strings.Join(treehash.Diff(want, got.Entries, 30), "\n"))
-	}
-	// One file read back whole through the guest, byte for byte.
-	data, err := a.ReadFile(ctx, "/mnt/rafs/bin/tool", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if orig, _ := os.ReadFile(filepath.Join(src, "bin/tool")); !bytes.Equal(data, orig) {
-		t.Errorf("bin/tool read in the guest differs (%d bytes, want %d)", len(data), len(orig))
-	}
-	r, err := a.StopProcess(ctx, guest.StopRequest{Handle: p.Handle, GraceMS: 10000})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if r.ExitCode != 0 || r.Killed {
-		t.Errorf("FUSE server did not exit cleanly on SIGTERM: %+v\n%s", r, r.Output)
+	for _, s := range servers {
+		for _, v := range versions {
+			t.Run(fmt.Sprintf("%s/v%d", s.name, v), func(t *testing.T) {
+				mnt := fmt.Sprintf("/mnt/%s-v%d", s.name, v)
+				if err := a.Mkdir(ctx, mnt, 0); err != nil {
+					t.Fatal(err)
+				}
+				p, err := a.Start(ctx, guest.StartRequest{Name: s.name, Argv: s.argv(fmt.Sprintf("/img/v%d/bootstrap", v), "/img/blobs", mnt)})
+				if err != nil {
+					t.Fatal(err)
+				}
+				stopped := false
+				defer func() {
+					if !stopped {
+						a.StopProcess(ctx, guest.StopRequest{Handle: p.Handle, Signal: "KILL"})
+						a.Unmount(ctx, mnt, 2 /* MNT_DETACH */)
+					}
+				}()
+				mctx, mcancel := context.WithTimeout(ctx, 60*time.Second)
+				defer mcancel()
+				if err := waitMount(mctx, a, mnt, "fuse"); err != nil {
+					t.Fatal(err)
+				}
+				start := time.Now()
+				got, err := a.TreeHash(ctx, mnt, true)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("guest hashed the FUSE tree in %s", time.Since(start).Round(time.Millisecond))
+				if got.Hash != treehash.Sum(want) {
+					t.Errorf("guest tree hash %s != host %s; diff host->guest:\n%s", got.Hash, treehash.Sum(want),
+						strings.Join(treehash.Diff(want, got.Entries, 30), "\n"))
+				}
+				data, err := a.ReadFile(ctx, mnt+"/bin/tool", 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if orig, _ := os.ReadFile(filepath.Join(src, "bin/tool")); !bytes.Equal(data, orig) {
+					t.Errorf("bin/tool read in the guest differs (%d bytes, want %d)", len(data), len(orig))
+				}
+				stopped = true
+				r, err := a.StopProcess(ctx, guest.StopRequest{Handle: p.Handle, GraceMS: 10000})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r.ExitCode != 0 || r.Killed {
+					t.Errorf("%s did not exit cleanly on SIGTERM: %+v\n%s", s.name, r, r.Output)
+				}
+				// The daemon unmounts on SIGTERM; a leftover mount is a defect.
+				if b, err := a.ReadFile(ctx, "/proc/self/mountinfo", 0); err == nil && strings.Contains(string(b), " "+mnt+" ") {
+					t.Errorf("%s still mounted after %s exited", mnt, s.name)
+					a.Unmount(ctx, mnt, 2)
+				}
+			})
+		}
 	}
 }
