@@ -3,7 +3,6 @@ package convert
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -81,5 +80,14 @@ func (p *pusher) exists(ctx context.Context, desc ocispec.Descriptor) error {
 		}
 		return fmt.Errorf("check %s in %s: %w", desc.Digest, p.ref, err)
 	}
-	return errors.Join(rc.Close())
+	defer rc.Close()
+	// containerd's fetcher opens blobs lazily: only a read shows whether
+	// the registry has it.
+	if _, err := io.ReadFull(rc, make([]byte, 1)); err != nil && desc.Size > 0 {
+		if errdefs.IsNotFound(err) {
+			return fmt.Errorf("not in %s: %w", p.ref, err)
+		}
+		return fmt.Errorf("check %s in %s: %w", desc.Digest, p.ref, err)
+	}
+	return nil
 }
