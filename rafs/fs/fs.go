@@ -440,6 +440,11 @@ func (f *FS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.St
 	if !i.IsSymlink() {
 		return nil, fuse.EINVAL
 	}
+	if i.Target == "" {
+		// No filesystem can hold an empty symlink (symlink(2) refuses
+		// one) and kernels disagree on following it: call it corrupt.
+		return nil, fuse.EIO
+	}
 	f.acct.record(i.Ino, FopReadlink, 0, true)
 	return []byte(i.Target), fuse.OK
 }

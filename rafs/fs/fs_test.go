@@ -390,3 +390,72 @@ func TestSeekHoles(t *testing.T) {
 		t.Errorf("SEEK_HOLE in a dense file: %d, %v", got, err)
 	}
 }
+
+// TestOddImage serves an image that passes Validate but is strange in
+// ways a hostile or buggy builder could make it: the filesystem must answer
+// every request (an error is fine) without panicking or hanging.
+func TestOddImage(t *testing.T) {
+	b := fstest.NewBuilder(4<<10, codec.None, codec.SHA256)
+	b.Special("/notype", 0o644, 0)              // no file type bits
+	b.Symlink("/empty-target", "")              // empty symlink
+	huge := b.File("/huge", 0o644, []byte("x")) // 1 TiB, one byte of data
+	huge.Size = 1 << 40
+	z := b.File("/nlink0", 0o000, nil)
+	z.Nlink = 0
+	d := b.Dir("/d", 0o755)
+	d.Parent = huge.Ino // ".." of a directory is a regular file
+	b.Special("/dev", syscall.S_IFCHR|0o600, ^uint64(0))
+	img, blob, err := b.Image()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr := fstest.MemReader(map[string][]byte{img.Blobs[0].ID: blob})
+	mnt := fstest.Mount(t, fs.New(img, cr, fs.DefaultOptions()), nil)
+	root, err := os.Open(mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, err := root.Readdirnames(-1) // no lstat: the kernel refuses "notype" with EIO
+	root.Close()
+	if err != nil || len(names) != 6 {
+		t.Fatalf("readdir: %q, %v", names, err)
+	}
+	for _, n := range names {
+		os.Lstat(mnt + "/" + n) // errors are fine; no panic, no hang
+		os.Readlink(mnt + "/" + n)
+	}
+	if _, err := os.Lstat(mnt + "/notype"); !errors.Is(err, syscall.EIO) {
+		t.Errorf("lstat of an inode without a file type: %v, want EIO from the kernel", err)
+	}
+	f, err := os.Open(mnt + "/huge")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	p := make([]byte, 8192)
+	n, err := f.ReadAt(p, 1<<40-100)
+	if n != 100 || !bytes.Equal(p[:100], make([]byte, 100)) {
+		t.Errorf("read at the end of a 1 TiB hole: %d bytes, %v", n, err)
+	}
+	if n, _ := f.ReadAt(p[:1], 0); n != 1 || p[0] != 'x' {
+		t.Errorf("first byte %q", p[:n])
+	}
+	if names, err := readdirnames(mnt + "/d/.."); err != nil || len(names) != 6 {
+		t.Errorf("readdir of d/..: %q, %v", names, err)
+	}
+	if _, err := os.Readlink(mnt + "/empty-target"); !errors.Is(err, syscall.EIO) {
+		t.Errorf("readlink of an empty symlink: %v, want EIO", err)
+	}
+	if fi, err := os.Stat(mnt + "/empty-target"); err == nil {
+		t.Errorf("stat through an empty symlink succeeded: %v", fi.Mode())
+	}
+}
+
+func readdirnames(p string) ([]string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return f.Readdirnames(-1)
+}
