@@ -33,6 +33,7 @@ var commands = []command{
 	{"inspect", "show an image's files, chunks, blobs and stats", runInspect},
 	{"check", "validate a bootstrap and, with blobs, every chunk digest", runCheck},
 	{"unpack", "write an image out as a directory or a tar", runUnpack},
+	{"convert", "convert an OCI image to a Nydus image and push it", runConvert},
 }
 
 // errUsage marks errors that should be followed by the usage text.
