@@ -149,10 +149,10 @@ func (i *Inode) IsSymlink() bool { return i.Mode&syscall.S_IFMT == syscall.S_IFL
 
 // Errors of the read API. They map to errno values with Errno.
 var (
-	ErrNotExist  = errors.New("no such file or directory")
-	ErrNotDir    = errors.New("not a directory")
-	ErrNoXattr   = errors.New("no such attribute")
-	ErrInvalid   = errors.New("invalid image")
+	ErrNotExist   = errors.New("no such file or directory")
+	ErrNotDir     = errors.New("not a directory")
+	ErrNoXattr    = errors.New("no such attribute")
+	ErrInvalid    = errors.New("invalid image")
 	ErrNotRegular = errors.New("not a regular file")
 )
 

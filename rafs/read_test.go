@@ -165,6 +165,7 @@ func TestValidateRejects(t *testing.T) {
 		{"bad blob id", func(img *Image) { img.Blobs[0].ID = "../x" }},
 		{"prefetch", func(img *Image) { img.Prefetch = []uint64{42} }},
 		{"entries on file", func(img *Image) { img.Inodes[3].Entries = []Dirent{{"x", 2}} }},
+		{"no file type", func(img *Image) { img.Inodes[3].Mode = 0o644 }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img, _, _ := testImage(t)

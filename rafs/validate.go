@@ -3,6 +3,7 @@ package rafs
 import (
 	"fmt"
 	"strings"
+	"syscall"
 )
 
 // MaxFileSize bounds a file's declared size (nydus's uncompressed blob
@@ -109,6 +110,11 @@ func validName(n string) error {
 func (img *Image) validateInode(i *Inode) error {
 	if i.Size > MaxFileSize {
 		return fmt.Errorf("%w: inode %d: size %d", ErrInvalid, i.Ino, i.Size)
+	}
+	switch i.Mode & syscall.S_IFMT {
+	case syscall.S_IFREG, syscall.S_IFDIR, syscall.S_IFLNK, syscall.S_IFCHR, syscall.S_IFBLK, syscall.S_IFIFO, syscall.S_IFSOCK:
+	default:
+		return fmt.Errorf("%w: inode %d: mode %#o has no file type", ErrInvalid, i.Ino, i.Mode)
 	}
 	if i.Parent == 0 || i.Parent > uint64(len(img.Inodes)) {
 		return fmt.Errorf("%w: inode %d: parent %d", ErrInvalid, i.Ino, i.Parent)
