@@ -1,0 +1,136 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/rafsd/rafsd/rafs/config"
+	"github.com/rafsd/rafsd/rafs/convert"
+	"github.com/rafsd/rafsd/rafs/convert/converttest"
+	"github.com/rafsd/rafsd/rafs/storage"
+)
+
+// writeLayout writes a one-layer OCI image layout holding files.
+func writeLayout(t *testing.T, dir string, files map[string]string) {
+	t.Helper()
+	var raw bytes.Buffer
+	tw := tar.NewWriter(&raw)
+	for n, c := range files {
+		tw.WriteHeader(&tar.Header{Name: n, Mode: 0o644, Size: int64(len(c)), Typeflag: tar.TypeReg})
+		tw.Write([]byte(c))
+	}
+	tw.Close()
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(raw.Bytes())
+	zw.Close()
+	put := func(mt string, b []byte) ocispec.Descriptor {
+		d := digest.FromBytes(b)
+		os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755)
+		if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", d.Encoded()), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return ocispec.Descriptor{MediaType: mt, Digest: d, Size: int64(len(b))}
+	}
+	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}}
+	cfg.RootFS = ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.FromBytes(raw.Bytes())}}
+	cb, _ := json.Marshal(cfg)
+	man := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest, Config: put(ocispec.MediaTypeImageConfig, cb),
+		Layers: []ocispec.Descriptor{put(ocispec.MediaTypeImageLayerGzip, gz.Bytes())}}
+	man.SchemaVersion = 2
+	mb, _ := json.Marshal(man)
+	idx := ocispec.Index{MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{put(ocispec.MediaTypeImageManifest, mb)}}
+	idx.SchemaVersion = 2
+	ib, _ := json.Marshal(idx)
+	os.WriteFile(filepath.Join(dir, "index.json"), ib, 0o644)
+	os.WriteFile(filepath.Join(dir, ocispec.ImageLayoutFile), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644)
+}
+
+func TestConvertCLI(t *testing.T) {
+	reg := converttest.StartRegistry(t)
+	layout := t.TempDir()
+	writeLayout(t, layout, map[string]string{"hello.txt": "hello, nydus\n", "etc/os-release": "ID=test\n"})
+	target := reg.Addr + "/cli/hello:nydus"
+
+	out := mustCLI(t, "", "convert", "--source", "oci-layout:"+layout, "--target", target,
+		"--plain-http", "--merge-platform", "--compressor", "lz4_block", "--chunk-size", "0x10000", "--quiet")
+	var res convertResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("stdout is not the JSON summary: %v\n%s", err, out)
+	}
+	if res.Index == "" || len(res.Blobs) != 1 || len(res.Uploaded) != 1 || res.Files != 2 {
+		t.Fatalf("summary %+v", res)
+	}
+
+	// The image is usable by reference: bootstrap from the registry, file
+	// data through the registry backend.
+	ctx := context.Background()
+	r, err := convert.FetchBootstrap(ctx, target, filepath.Join(t.TempDir(), "image.boot"), convert.RegistryOptions{PlainHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Image.Compressor.String() != "lz4_block" || r.Image.ChunkSize != 0x10000 {
+		t.Errorf("image compressor %v chunk size %#x", r.Image.Compressor, r.Image.ChunkSize)
+	}
+	cfg, err := config.Parse(r.DaemonConfig(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := storage.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ino, err := r.Image.Lookup(r.Image.Root(), "hello.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	n, err := r.Image.ReadAt(ctx, f, ino, buf, 0)
+	if err != nil && n == 0 {
+		t.Fatal(err)
+	}
+	if string(buf[:n]) != "hello, nydus\n" {
+		t.Errorf("hello.txt = %q", buf[:n])
+	}
+
+	// A second conversion reusing the first as chunk dict (fetched from
+	// the registry) uploads no new blob.
+	out = mustCLI(t, "", "convert", "--source", "oci-layout:"+layout, "--target", reg.Addr+"/cli/hello:again",
+		"--plain-http", "--quiet", "--compressor", "lz4_block", "--chunk-size", "0x10000", "--chunk-dict", "bootstrap:registry:"+target)
+	res = convertResult{}
+	json.Unmarshal([]byte(out), &res)
+	if len(res.Uploaded) != 0 || res.Dedup == 0 {
+		t.Errorf("with the chunk dict: %+v", res)
+	}
+}
+
+func TestConvertCLIErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"convert", "--target", "x/y:z"}, "usage"},
+		{[]string{"convert", "--source", "oci-layout:/nonexistent", "--target", "127.0.0.1:1/a:b"}, "oci layout"},
+		{[]string{"convert", "--source", "docker-archive:/nonexistent.tar", "--target", "127.0.0.1:1/a:b"}, "docker archive"},
+		{[]string{"convert", "--source", "a", "--target", "b", "--compressor", "brotli"}, "--compressor"},
+		{[]string{"convert", "--source", "a", "--target", "b", "--chunk-size", "3"}, "--chunk-size"},
+		{[]string{"convert", "--source", "a", "--target", "b", "--fs-version", "4"}, "fs version"},
+	} {
+		code, _, errs := cli(t, "", tc.args...)
+		if code == 0 || !strings.Contains(errs, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want an error about %q", tc.args, code, errs, tc.want)
+		}
+	}
+}
+
