@@ -133,4 +133,3 @@ func TestConvertCLIErrors(t *testing.T) {
 		}
 	}
 }
-
