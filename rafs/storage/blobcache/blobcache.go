@@ -445,9 +445,12 @@ func (s *Store) wrote(b *Blob, n int64) {
 	}
 	s.mu.Unlock()
 	if early {
-		if err := b.Flush(); err != nil {
-			slog.Warn("blobcache: flush", "blob", b.id, "err", err)
-		}
+		// Off the read path: readers must not wait for the disk.
+		go func() {
+			if err := b.Flush(); err != nil {
+				slog.Warn("blobcache: flush", "blob", b.id, "err", err)
+			}
+		}()
 	}
 	if check {
 		s.maybeEvict(false)
