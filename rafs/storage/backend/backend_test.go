@@ -1,0 +1,193 @@
+package backend
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rafsd/rafsd/rafs/config"
+)
+
+func TestLocalFS(t *testing.T) {
+	dir, alt := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(alt, "b1"), []byte("0123456789"), 0o644)
+	single := filepath.Join(t.TempDir(), "single")
+	os.WriteFile(single, []byte("abcdefghij"), 0o644)
+
+	var calls atomic.Int32
+	l := NewLocalFS(config.LocalFS{Dir: dir, AltDirs: []string{alt}}, Hooks{Request: func(string, int, time.Duration, error) { calls.Add(1) }})
+	defer l.Close()
+	p := make([]byte, 4)
+	if err := l.ReadAt(context.Background(), "b1", p, 3); err != nil || string(p) != "3456" {
+		t.Fatalf("alt dir read: %q %v", p, err)
+	}
+	if n, err := l.Size(context.Background(), "b1"); err != nil || n != 10 {
+		t.Fatalf("Size = %d, %v", n, err)
+	}
+	err := l.ReadAt(context.Background(), "b1", p, 8)
+	var re *ReadError
+	if !errors.As(err, &re) || re.BlobID != "b1" || re.Off != 8 || re.Len != 4 || !strings.Contains(err.Error(), "localfs backend: read blob b1 [8,+4)") {
+		t.Fatalf("short read: %v", err)
+	}
+	if err := l.ReadAt(context.Background(), "nope", p, 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("missing blob: %v", err)
+	}
+	if err := l.ReadAt(context.Background(), "../etc/passwd", p, 0); err == nil {
+		t.Fatal("path in blob id accepted")
+	}
+	if calls.Load() != 4 {
+		t.Errorf("request hook called %d times, want 4", calls.Load())
+	}
+
+	s := NewLocalFS(config.LocalFS{BlobFile: single}, Hooks{})
+	defer s.Close()
+	if err := s.ReadAt(context.Background(), "any", p, 0); err != nil || string(p) != "abcd" {
+		t.Fatalf("blob_file read: %q %v", p, err)
+	}
+}
+
+func registryCfg(u string) config.Registry {
+	pu, _ := url.Parse(u)
+	return config.Registry{Scheme: "http", Host: pu.Host, Repo: "r/x", Timeout: 5, ConnectTimeout: 5}
+}
+
+// blobServer serves blob bytes with Range support, failing the first
+// fail requests with 503.
+func blobServer(t *testing.T, data []byte, fail int32, check func(*http.Request)) (*httptest.Server, *atomic.Int32) {
+	var n atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if check != nil {
+			check(r)
+		}
+		if n.Add(1) <= fail {
+			http.Error(w, "busy", http.StatusServiceUnavailable)
+			return
+		}
+		if !strings.HasPrefix(r.URL.Path, "/v2/r/x/blobs/sha256:") {
+			http.NotFound(w, r)
+			return
+		}
+		http.ServeContent(w, r, "", fixedTime, bytes.NewReader(data))
+	}))
+	t.Cleanup(srv.Close)
+	return srv, &n
+}
+
+func TestRegistryRetry(t *testing.T) {
+	data := []byte(strings.Repeat("0123456789", 100))
+	for _, tc := range []struct {
+		fail, limit int32
+		ok          bool
+	}{{0, 0, true}, {2, 2, true}, {3, 2, false}} {
+		t.Run(fmt.Sprintf("fail=%d,limit=%d", tc.fail, tc.limit), func(t *testing.T) {
+			srv, n := blobServer(t, data, tc.fail, nil)
+			cfg := registryCfg(srv.URL)
+			cfg.RetryLimit = uint8(tc.limit)
+			var retries atomic.Int32
+			r, err := NewRegistry(cfg, Hooks{Retry: func() { retries.Add(1) }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			p := make([]byte, 25)
+			err = r.ReadAt(context.Background(), "abc", p, 95)
+			if tc.ok != (err == nil) {
+				t.Fatalf("ReadAt: %v", err)
+			}
+			if tc.ok && !bytes.Equal(p, data[95:120]) {
+				t.Fatalf("wrong bytes %q", p)
+			}
+			if !tc.ok && !strings.Contains(err.Error(), "HTTP 503") {
+				t.Fatalf("error %v does not name the status", err)
+			}
+			if want := min(tc.fail, tc.limit); retries.Load() != want || n.Load() != min(tc.fail, tc.limit)+1 {
+				t.Fatalf("%d retries, %d requests", retries.Load(), n.Load())
+			}
+		})
+	}
+}
+
+func TestRegistryRedirectAndToken(t *testing.T) {
+	data := []byte(strings.Repeat("abcdefgh", 64))
+	storage, _ := blobServer(t, data, 0, func(r *http.Request) {
+		if r.Header.Get("Authorization") != "" {
+			t.Errorf("credentials leaked to the redirect target")
+		}
+	})
+	su, _ := url.Parse(storage.URL)
+	origin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer tok" {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="x"`)
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		// Redirect to a host that does not exist; blob_redirected_host
+		// points it at the storage server.
+		http.Redirect(w, r, "http://storage.invalid"+r.URL.Path, http.StatusTemporaryRedirect)
+	}))
+	defer origin.Close()
+	cfg := registryCfg(origin.URL)
+	cfg.RegistryToken = "tok"
+	cfg.BlobRedirectedHost = su.Host
+	r, err := NewRegistry(cfg, Hooks{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	p := make([]byte, 10)
+	if err := r.ReadAt(context.Background(), "abc", p, 100); err != nil || !bytes.Equal(p, data[100:110]) {
+		t.Fatalf("redirected read: %q %v", p, err)
+	}
+	cfg.RegistryToken = "wrong"
+	r2, _ := NewRegistry(cfg, Hooks{})
+	defer r2.Close()
+	if err := r2.ReadAt(context.Background(), "abc", p, 0); !errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("wrong token: %v", err)
+	}
+}
+
+func TestRegistryIgnoresRange(t *testing.T) {
+	data := []byte(strings.Repeat("xyz", 100))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write(data) // 200, whole blob
+	}))
+	defer srv.Close()
+	r, _ := NewRegistry(registryCfg(srv.URL), Hooks{})
+	defer r.Close()
+	p := make([]byte, 7)
+	if err := r.ReadAt(context.Background(), "abc", p, 50); err != nil || !bytes.Equal(p, data[50:57]) {
+		t.Fatalf("read from a 200 answer: %q %v", p, err)
+	}
+	if err := r.ReadAt(context.Background(), "abc", p, 298); err == nil {
+		t.Fatal("read past a short 200 answer succeeded")
+	}
+}
+
+func TestNew(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  *config.Backend
+		want string
+	}{
+		{nil, "no backend"},
+		{&config.Backend{}, "no backend type"},
+		{&config.Backend{Type: "oss", OSS: &config.OSS{}}, `"oss" is not supported`},
+		{&config.Backend{Type: "registry", Registry: &config.Registry{Scheme: "http", Host: "h", Repo: "r", Auth: "!!"}}, "not base64"},
+	} {
+		if _, err := New(tc.cfg, Hooks{}); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("New(%+v) = %v, want %q", tc.cfg, err, tc.want)
+		}
+	}
+}
+
+
+var fixedTime = time.Unix(1700000000, 0)
