@@ -324,3 +324,34 @@ func TestStdio(t *testing.T) {
 	}
 	sameMap(t, "stdout tar", map[string]string{"hello": "world"}, got)
 }
+
+// TestHostileBootstraps flips bytes all over the fixtures' bootstraps and
+// runs check (with blobs), inspect and unpack on each: every outcome is
+// fine except a panic or a hang.
+func TestHostileBootstraps(t *testing.T) {
+	for _, name := range fixtureNames {
+		orig, err := os.ReadFile(filepath.Join(fixtures, name, "bootstrap"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		blobs := filepath.Join(fixtures, name, "blobs")
+		boot := filepath.Join(t.TempDir(), "boot")
+		failed, tried := 0, 0
+		// About 60 positions per bootstrap, spread over all of it.
+		for off := 0; off < len(orig); off += len(orig)/60 + 1 {
+			tried++
+			data := bytes.Clone(orig)
+			data[off] ^= 0xa5
+			if err := os.WriteFile(boot, data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if code, _, _ := cli(t, "", "check", "--bootstrap", boot, "--blob-dir", blobs); code != 0 {
+				failed++
+				continue
+			}
+			cli(t, "", "inspect", "--json", "-R", "all", boot)
+			cli(t, "", "unpack", "--bootstrap", boot, "--blob-dir", blobs, "--output", "-")
+		}
+		t.Logf("%s: %d of %d corruptions rejected by check", name, failed, tried)
+	}
+}
