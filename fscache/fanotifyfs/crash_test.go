@@ -1,0 +1,376 @@
+package fanotifyfs
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rafsd/rafsd/fscache/fanotify"
+	"github.com/rafsd/rafsd/rafs/config"
+	"github.com/rafsd/rafsd/rafs/fs/fstest"
+	"github.com/rafsd/rafsd/rafs/fusedev"
+	"github.com/rafsd/rafsd/rafs/storage"
+	"github.com/rafsd/rafsd/rafs/storage/backend"
+)
+
+const roleEnv = "FANOTIFYFS_TEST_ROLE"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(roleEnv) == "daemon" {
+		if err := runDaemon(); err != nil {
+			fmt.Fprintln(os.Stderr, "daemon:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// daemonState is what the test daemon hands its supervisor with the group
+// fd, and gets back after a restart.
+type daemonState struct {
+	Bootstrap, BlobDir, WorkDir, Mountpoint string
+}
+
+// slowBackend delays every read, so that fills are in progress when the
+// daemon is killed.
+type slowBackend struct {
+	backend.Backend
+	delay time.Duration
+}
+
+func (s slowBackend) ReadAt(ctx context.Context, id string, p []byte, off int64) error {
+	time.Sleep(s.delay)
+	return s.Backend.ReadAt(ctx, id, p, off)
+}
+
+// runDaemon is a one-mount fanotify daemon: fresh, it mounts and hands the
+// group to the supervisor; with takeover, it gets the group back, adopts the
+// mount and answers what the dead daemon left pending.
+func runDaemon() error {
+	sock := os.Getenv("FANOTIFYFS_SUPERVISOR")
+	var st daemonState
+	var g *fanotify.Group
+	takeover := os.Getenv("FANOTIFYFS_TAKEOVER") == "1"
+	if takeover {
+		raw, file, err := fusedev.RecvState(sock, 10*time.Second)
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal(raw, &st); err != nil {
+			return err
+		}
+		// Own the fd: the *os.File's finalizer would close it under us.
+		fd, err := unix.Dup(int(file.Fd()))
+		file.Close()
+		if err != nil {
+			return err
+		}
+		unix.CloseOnExec(fd)
+		g = fanotify.FromFD(fd)
+	} else {
+		if err := json.Unmarshal([]byte(os.Getenv("FANOTIFYFS_STATE")), &st); err != nil {
+			return err
+		}
+		var err error
+		if g, err = fanotify.New(); err != nil {
+			return err
+		}
+	}
+	cfg, err := config.Parse(configJSON(st.BlobDir, st.WorkDir))
+	if err != nil {
+		return err
+	}
+	inner, err := backend.New(cfg.Backend, backend.Hooks{})
+	if err != nil {
+		return err
+	}
+	f, err := storage.New(cfg, storage.WithBackend(slowBackend{inner, 2 * time.Millisecond}))
+	if err != nil {
+		return err
+	}
+	srv := NewServer(g, nil)
+	opts := Options{Bootstrap: st.Bootstrap, Mountpoint: st.Mountpoint, Fetcher: f, ReadAheadKB: 256}
+	orphans := 0
+	if takeover {
+		if _, err := srv.Adopt(opts); err != nil {
+			return err
+		}
+		orphans = g.DenyOrphans(1024)
+	} else {
+		if _, err := srv.Mount(opts); err != nil {
+			return err
+		}
+		raw, _ := json.Marshal(st)
+		if err := fusedev.SendState(sock, raw, g.FD(), 10*time.Second); err != nil {
+			return err
+		}
+	}
+	fmt.Printf("ready orphans=%d\n", orphans)
+	return srv.Serve(context.Background(), fanotify.Options{Timeout: 20 * time.Second})
+}
+
+// supervisor keeps the group fd the first daemon sends and hands a copy
+// to every later one (the nydus-snapshotter protocol of rafs/fusedev).
+type supervisor struct {
+	ln    *net.UnixListener
+	mu    sync.Mutex
+	state []byte
+	fd    int
+}
+
+func startSupervisor(t *testing.T) *supervisor {
+	sock := filepath.Join(t.TempDir(), "supervisor.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &supervisor{ln: ln, fd: -1}
+	go func() {
+		for {
+			c, err := ln.AcceptUnix()
+			if err != nil {
+				return
+			}
+			s.handle(c)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		s.mu.Lock()
+		if s.fd >= 0 {
+			unix.Close(s.fd)
+		}
+		s.mu.Unlock()
+	})
+	return s
+}
+
+func (s *supervisor) sock() string { return s.ln.Addr().String() }
+
+func (s *supervisor) handle(c *net.UnixConn) {
+	defer c.Close()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fd >= 0 { // takeover: send state and a dup of the fd, keep ours
+		_, _, _ = c.WriteMsgUnix(s.state, unix.UnixRights(s.fd), nil)
+		return
+	}
+	buf := make([]byte, 64<<10)
+	oob := make([]byte, unix.CmsgSpace(4))
+	var state []byte
+	for {
+		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		state = append(state, buf[:n]...)
+		if oobn > 0 {
+			msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+			for i := range msgs {
+				if fds, err := unix.ParseUnixRights(&msgs[i]); err == nil && len(fds) > 0 {
+					s.fd = fds[0]
+				}
+			}
+		}
+		if err != nil || (n == 0 && oobn == 0) {
+			break
+		}
+	}
+	s.state = state
+}
+
+type daemonProc struct {
+	cmd    *exec.Cmd
+	done   chan struct{}
+	killed atomic.Bool
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool) *daemonProc {
+	t.Helper()
+	raw, _ := json.Marshal(st)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), roleEnv+"=daemon", "FANOTIFYFS_SUPERVISOR="+sup.sock(), "FANOTIFYFS_STATE="+string(raw))
+	if takeover {
+		cmd.Env = append(cmd.Env, "FANOTIFYFS_TAKEOVER=1")
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := &lockedBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemonProc{cmd: cmd, done: make(chan struct{})}
+	ready := make(chan string, 1)
+	go func() {
+		line, _ := bufio.NewReader(out).ReadString('\n')
+		ready <- line
+		io.Copy(io.Discard, out)
+	}()
+	go func() {
+		err := cmd.Wait()
+		if !d.killed.Load() {
+			t.Errorf("daemon %d exited on its own: %v\n%s", cmd.Process.Pid, err, stderr.String())
+		}
+		close(d.done)
+	}()
+	select {
+	case line := <-ready:
+		if !strings.HasPrefix(line, "ready") {
+			d.kill()
+			t.Fatalf("daemon did not start: %q\n%s", line, stderr.String())
+		}
+		t.Logf("daemon %d: %s", cmd.Process.Pid, strings.TrimSpace(line))
+	case <-time.After(30 * time.Second):
+		d.kill()
+		t.Fatalf("daemon not ready in 30s\n%s", stderr.String())
+	}
+	return d
+}
+
+func (d *daemonProc) kill() {
+	d.killed.Store(true)
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.done
+}
+
+// The daemon is SIGKILLed and restarted (taking the group over from the
+// supervisor) again and again while a reader checks every file of the
+// tree: no read ever returns wrong bytes or zeros, and the reader finishes.
+// Reads caught in a daemon's death may fail with EIO (the kernel keeps the
+// events the dead daemon read pending, and the next daemon can only deny
+// them); the reader retries those and counts them.
+func TestCrashRestartNeverZeros(t *testing.T) {
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	want := map[string][32]byte{}
+	for i := range 24 {
+		name := fmt.Sprintf("f%02d", i)
+		data := fstest.Bytes(int64(100+i), 1<<20+i*4099)
+		os.WriteFile(filepath.Join(src, name), data, 0o644)
+		want[name] = sha256.Sum256(data)
+	}
+	im := buildImage(t, src, 64<<10)
+	sup := startSupervisor(t)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+
+	var mu sync.Mutex
+	d := startDaemon(t, sup, st, false)
+	t.Cleanup(func() {
+		// Unmount while a daemon still serves, then stop it.
+		if err := unix.Unmount(st.Mountpoint, 0); err != nil {
+			t.Logf("umount: %v; detaching", err)
+			unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		}
+		mu.Lock()
+		d.kill()
+		mu.Unlock()
+	})
+
+	var eio, passes, wrong atomic.Int64
+	readerDone := make(chan error, 1)
+	stop := make(chan struct{})
+	go func() {
+		readerDone <- func() error {
+			for pass := 0; ; pass++ {
+				select {
+				case <-stop:
+					return nil
+				default:
+				}
+				for name, sum := range want {
+					p := filepath.Join(st.Mountpoint, name)
+					for try := 0; ; try++ {
+						data, err := os.ReadFile(p)
+						if errors.Is(err, syscall.EIO) && try < 50 {
+							eio.Add(1)
+							time.Sleep(20 * time.Millisecond)
+							continue
+						}
+						if err != nil {
+							return fmt.Errorf("pass %d: %s: %w", pass, name, err)
+						}
+						if sha256.Sum256(data) != sum {
+							wrong.Add(1)
+							return fmt.Errorf("pass %d: %s: wrong bytes", pass, name)
+						}
+						break
+					}
+					// Drop the file's pages so the next pass raises events again.
+					if fh, err := os.Open(p); err == nil {
+						unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+						fh.Close()
+					}
+				}
+				passes.Add(1)
+			}
+		}()
+	}()
+
+	const restarts = 5
+	for k := range restarts {
+		time.Sleep(time.Duration(150+k*60) * time.Millisecond)
+		mu.Lock()
+		d.kill()
+		mu.Unlock()
+		time.Sleep(100 * time.Millisecond) // readers now block (the supervisor holds the group)
+		nd := startDaemon(t, sup, st, true)
+		mu.Lock()
+		d = nd
+		mu.Unlock()
+	}
+	// Let the reader finish a full pass after the last restart.
+	deadline := time.Now().Add(60 * time.Second)
+	for p := passes.Load(); passes.Load() < p+2; {
+		select {
+		case err := <-readerDone:
+			t.Fatalf("reader: %v", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("reader made no full pass in 60s after the last restart (%d passes)", passes.Load())
+		}
+	}
+	close(stop)
+	if err := <-readerDone; err != nil {
+		t.Fatalf("reader: %v", err)
+	}
+	t.Logf("%d restarts, %d passes over %d files, %d EIO retries, %d wrong reads", restarts, passes.Load(), len(want), eio.Load(), wrong.Load())
+	if wrong.Load() != 0 {
+		t.Fatal("wrong bytes read")
+	}
+}
