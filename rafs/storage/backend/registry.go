@@ -470,10 +470,26 @@ func (r *Registry) do(ctx context.Context, e *endpoint, u string, p []byte, off 
 				req.Header.Set(k, v)
 			}
 		}
-		if e == nil || e.authThrough {
-			if r.token != "" {
-				req.Header.Set("Authorization", "Bearer "+r.token)
-			} else if err := r.auth.Authorize(ctx, req); err != nil {
+		switch {
+		case r.token != "" && (e == nil || e.authThrough):
+			req.Header.Set("Authorization", "Bearer "+r.token)
+		case e == nil || e == r.proxy:
+			if err := r.auth.Authorize(ctx, req); err != nil {
+				return fmt.Errorf("%s: authorize: %w: %w", name, ErrUnauthorized, err)
+			}
+		case e.authThrough:
+			// The mirror gets the origin's credentials: authorize a request
+			// to the origin and pass its header on.
+			oreq, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.base+"/v2/", nil)
+			if err := r.auth.Authorize(ctx, oreq); err != nil {
+				return fmt.Errorf("%s: authorize: %w: %w", name, ErrUnauthorized, err)
+			}
+			if h := oreq.Header.Get("Authorization"); h != "" {
+				req.Header.Set("Authorization", h)
+			}
+		default:
+			// A mirror without auth_through answers its own challenges.
+			if err := r.auth.Authorize(ctx, req); err != nil {
 				return fmt.Errorf("%s: authorize: %w: %w", name, ErrUnauthorized, err)
 			}
 		}
