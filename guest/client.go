@@ -63,7 +63,7 @@ func (c *Client) readLoop() {
 		}
 	}
 	if errors.Is(err, io.EOF) {
-		err = errors.New("guest: control channel closed")
+		err = errors.New("closed")
 	}
 	c.mu.Lock()
 	c.err = fmt.Errorf("guest: control channel: %w", err)
@@ -87,8 +87,9 @@ func (c *Client) brokenErr() error {
 	err := c.err
 	c.mu.Unlock()
 	if c.closeErr != nil {
+		// The owner knows why (e.g. the VM was killed at its timeout).
 		if e := c.closeErr(); e != nil {
-			return fmt.Errorf("%w (%v)", e, err)
+			return e
 		}
 	}
 	return err

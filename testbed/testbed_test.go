@@ -205,9 +205,9 @@ func TestHungGuestKilledAtTimeout(t *testing.T) {
 	t.Logf("hung guest killed; error was:\n%v", err)
 }
 
-// TestStopEscalates: a QEMU that does not power off (here: the agent's power
-// off is refused by a SIGSTOPped guest... simulated by stopping QEMU itself)
-// is ended by SIGKILL, and Stop says so.
+// TestStopEscalates: a QEMU that neither powers off nor obeys SIGTERM (here
+// SIGSTOPped, like QEMU hung in a vhost-user device stop) is ended by
+// SIGKILL, and Stop reports the escalation.
 func TestStopEscalates(t *testing.T) {
 	requireRoot(t)
 	vm, err := Start(context.Background(), Options{Logf: t.Logf})
