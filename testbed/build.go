@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -49,6 +50,7 @@ func BuildStatic(ctx context.Context, pkg string) (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("testbed: %w", err)
 	}
+	sweepStale(dir)
 	name := filepath.Base(pkg)
 	// Per process: another test binary may be building the same command.
 	out := filepath.Join(dir, fmt.Sprintf("%s-%d", name, os.Getpid()))
@@ -60,4 +62,23 @@ func BuildStatic(ctx context.Context, pkg string) (string, error) {
 	}
 	buildMemo[pkg] = out
 	return out, nil
+}
+
+// sweepStale removes binaries left by test processes that are gone (they are
+// named NAME-PID), so repeated runs do not fill the cache directory.
+func sweepStale(dir string) {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		i := strings.LastIndexByte(e.Name(), '-')
+		if i < 0 {
+			continue
+		}
+		pid, err := strconv.Atoi(e.Name()[i+1:])
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); os.IsNotExist(err) {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
 }
