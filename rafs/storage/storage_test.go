@@ -370,3 +370,45 @@ func TestBadReads(t *testing.T) {
 		t.Fatalf("truncated blob: %v", err)
 	}
 }
+
+// TestPrefetchYieldsToReads: while an on-demand read is in progress,
+// prefetch sends nothing to the backend.
+func TestPrefetchYieldsToReads(t *testing.T) {
+	ti := buildImage(t, makeContent(15, 2<<20), 128<<10, codec.Zstd)
+	dir := t.TempDir()
+	ti.writeBlob(t, dir)
+	js := fmt.Sprintf(`{"device":{"backend":{"type":"localfs","config":{"dir":%q}},
+		"cache":{"type":"blobcache","config":{"work_dir":%q}}},
+		"mode":"direct","amplify_io":0,"fs_prefetch":{"enable":true,"threads_count":4,"merging_size":131072,"prefetch_all":true}}`,
+		dir, filepath.Join(dir, "cache"))
+	cfg := parseConfig(t, js)
+	gate := make(chan struct{})
+	be := &countingBackend{Backend: backend.NewLocalFS(*cfg.Backend.LocalFS, backend.Hooks{}), gate: gate}
+	f, _ := newFetcher(t, cfg, WithBackend(be))
+	last := ti.file().Chunks[len(ti.file().Chunks)-1]
+	done := make(chan error)
+	go func() {
+		done <- f.ReadChunkAt(context.Background(), ti.img.Blobs[0], last.Chunk, make([]byte, 10), 0)
+	}()
+	for be.count() == 0 {
+		runtimeGosched()
+	}
+	if err := f.Prefetch(context.Background(), ti.img); err != nil {
+		t.Fatal(err)
+	}
+	// Give prefetch every chance to jump ahead.
+	for range 50 {
+		runtimeGosched()
+	}
+	if n := be.count(); n != 1 {
+		t.Fatalf("%d backend requests while an on-demand read was in progress, want only its own", n)
+	}
+	close(gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	f.WaitPrefetch()
+	if ready, total := f.CacheBlob(ti.img.Blobs[0]).Ready(); ready != total {
+		t.Fatalf("prefetch resumed but cached %d/%d", ready, total)
+	}
+}
