@@ -306,30 +306,38 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 	if opts.DirectIO {
 		data = append(data, "directio")
 	}
+	if err := kernelMount(boot, mp, data, opts.ReadAheadKB, s.log); err != nil {
+		return nil, err
+	}
+	ok = true
+	s.log.Info("fanotifyfs: mounted", "bootstrap", boot, "mountpoint", mp, "blobs", len(m.paths), "directio", opts.DirectIO)
+	return m, nil
+}
+
+// kernelMount mounts the EROFS image boot on mp with mount options data
+// and sets its readahead (ra: 0 default, negative: leave it).
+func kernelMount(boot, mp string, data []string, ra int, log *slog.Logger) error {
 	before := erofsBDIs()
 	// mount(2) itself: util-linux mount would put a loop device in between,
 	// and loop I/O raises no fanotify events.
 	if err := unix.Mount(boot, mp, "erofs", unix.MS_RDONLY|unix.MS_NODEV|unix.MS_NOSUID, strings.Join(data, ",")); err != nil {
 		if errors.Is(err, unix.ENOTBLK) {
-			return nil, fmt.Errorf("fanotifyfs: mount %s on %s: %w: %w", boot, mp, ErrNoFileBackedEROFS, err)
+			return fmt.Errorf("fanotifyfs: mount %s on %s: %w: %w", boot, mp, ErrNoFileBackedEROFS, err)
 		}
 		if errors.Is(err, unix.ENODEV) {
-			return nil, fmt.Errorf("fanotifyfs: mount %s on %s: kernel has no EROFS (CONFIG_EROFS_FS): %w", boot, mp, err)
+			return fmt.Errorf("fanotifyfs: mount %s on %s: kernel has no EROFS (CONFIG_EROFS_FS): %w", boot, mp, err)
 		}
-		return nil, fmt.Errorf("fanotifyfs: mount -t erofs -o %s %s %s: %w", strings.Join(data, ","), boot, mp, err)
+		return fmt.Errorf("fanotifyfs: mount -t erofs -o %s %s %s: %w", strings.Join(data, ","), boot, mp, err)
 	}
-	ok = true
-	ra := opts.ReadAheadKB
 	if ra == 0 {
 		ra = DefaultReadAheadKB
 	}
 	if ra > 0 {
 		if err := setReadAhead(before, ra); err != nil {
-			s.log.Warn("fanotifyfs: read_ahead_kb not set", "mountpoint", mp, "err", err)
+			log.Warn("fanotifyfs: read_ahead_kb not set", "mountpoint", mp, "err", err)
 		}
 	}
-	s.log.Info("fanotifyfs: mounted", "bootstrap", boot, "mountpoint", mp, "blobs", len(m.paths), "directio", opts.DirectIO)
-	return m, nil
+	return nil
 }
 
 func erofsBDIs() map[string]bool {
