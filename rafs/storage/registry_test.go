@@ -8,6 +8,8 @@ import (
 	"errors"
 	"io"
 	"math/rand"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -41,8 +43,20 @@ func registryConfig(host, user, pass, cacheType, workDir string, extra map[strin
 	return string(b)
 }
 
+// TestRegistry runs against a real registry with htpasswd (basic) auth and
+// with bearer-token auth through a token service.
 func TestRegistry(t *testing.T) {
-	reg := registrytest.Start(t, registrytest.Options{User: "alice", Password: "s3cret"})
+	for _, token := range []bool{false, true} {
+		name := "basic"
+		if token {
+			name = "token"
+		}
+		t.Run(name, func(t *testing.T) { testRegistry(t, token) })
+	}
+}
+
+func testRegistry(t *testing.T, token bool) {
+	reg := registrytest.Start(t, registrytest.Options{User: "alice", Password: "s3cret", Token: token})
 	ti := buildImage(t, makeContent(11, 6<<20+777), 512<<10, codec.Zstd)
 	if id := reg.PushBlob(t, testRepo, ti.blob); id != ti.id {
 		t.Fatalf("pushed %s, want %s", id, ti.id)
@@ -83,11 +97,23 @@ func TestRegistry(t *testing.T) {
 	})
 
 	t.Run("anonymous", func(t *testing.T) {
-		f, _ := newFetcher(t, parseConfig(t, registryConfig(reg.Addr, "", "", "", "", nil)))
 		t.Setenv("DOCKER_CONFIG", t.TempDir())
+		f, _ := newFetcher(t, parseConfig(t, registryConfig(reg.Addr, "", "", "", "", nil)))
 		err := f.ReadChunkAt(context.Background(), ti.img.Blobs[0], ti.file().Chunks[0].Chunk, make([]byte, 10), 0)
 		if !errors.Is(err, backend.ErrUnauthorized) {
 			t.Fatalf("anonymous read: %v", err)
+		}
+	})
+
+	t.Run("docker config.json", func(t *testing.T) {
+		dc := t.TempDir()
+		auth := base64.StdEncoding.EncodeToString([]byte("alice:s3cret"))
+		os.WriteFile(filepath.Join(dc, "config.json"), []byte(`{"auths":{"`+reg.Addr+`":{"auth":"`+auth+`"}}}`), 0o600)
+		t.Setenv("DOCKER_CONFIG", dc)
+		f, _ := newFetcher(t, parseConfig(t, registryConfig(reg.Addr, "", "", "", "", nil)))
+		p := make([]byte, 100)
+		if err := f.ReadChunkAt(context.Background(), ti.img.Blobs[0], ti.file().Chunks[0].Chunk, p, 0); err != nil || !bytes.Equal(p, ti.content[:100]) {
+			t.Fatalf("read with docker config.json credentials: %v", err)
 		}
 	})
 

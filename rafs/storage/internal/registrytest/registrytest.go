@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -24,6 +25,10 @@ import (
 type Options struct {
 	// User and Password turn on htpasswd (basic) auth.
 	User, Password string
+	// Token makes User/Password auth go through a bearer-token service
+	// (an in-process token server issuing ES256 JWTs the registry trusts)
+	// instead of htpasswd.
+	Token bool
 	// Remote makes it a pull-through cache of this registry URL, logging
 	// in with RemoteUser/RemotePassword.
 	Remote, RemoteUser, RemotePassword string
@@ -37,6 +42,7 @@ type Registry struct {
 	opts Options
 	cmd  *exec.Cmd
 	done chan struct{}
+	ts   *tokenServer
 }
 
 // Binary is the registry executable.
@@ -55,6 +61,14 @@ func Start(t testing.TB, opts Options) *Registry {
 	addr := ln.Addr().String()
 	ln.Close()
 	r := &Registry{Addr: addr, URL: "http://" + addr, dir: t.TempDir(), opts: opts}
+	if opts.Token {
+		ts, err := newTokenServer(r.dir, opts.User, opts.Password)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(ts.srv.Close)
+		r.ts = ts
+	}
 	if err := r.writeConfig(); err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +91,10 @@ storage:
 http:
   addr: %s
 `, filepath.Join(r.dir, "data"), r.Addr)
-	if r.opts.User != "" {
+	if r.ts != nil {
+		cfg += fmt.Sprintf("auth:\n  token:\n    realm: %s/token\n    service: %s\n    issuer: %s\n    rootcertbundle: %s\n",
+			r.ts.srv.URL, tokenService, tokenIssuer, r.ts.certPath)
+	} else if r.opts.User != "" {
 		out, err := exec.Command("htpasswd", "-Bbn", r.opts.User, r.opts.Password).Output()
 		if err != nil {
 			return fmt.Errorf("htpasswd (Debian apache2-utils): %w", err)
@@ -216,6 +233,11 @@ func (r *Registry) PushBlob(t testing.TB, repo string, data []byte) string {
 }
 
 func (r *Registry) auth(req *http.Request) {
+	if r.ts != nil {
+		tok, _ := r.ts.mint(r.opts.User, []string{"repository:" + strings.TrimPrefix(strings.SplitN(req.URL.Path, "/blobs/", 2)[0], "/v2/") + ":pull,push"})
+		req.Header.Set("Authorization", "Bearer "+tok)
+		return
+	}
 	if r.opts.User != "" {
 		req.SetBasicAuth(r.opts.User, r.opts.Password)
 	}
