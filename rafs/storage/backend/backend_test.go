@@ -189,5 +189,4 @@ func TestNew(t *testing.T) {
 	}
 }
 
-
 var fixedTime = time.Unix(1700000000, 0)
