@@ -145,4 +145,3 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	b.ReportMetric(float64(coldEvents)/float64(b.N)/(benchSize>>20), "cold-events/MiB")
 	b.ReportMetric(float64(events)/float64(b.N)/(benchSize>>20), "warm-events/MiB")
 }
-

@@ -22,10 +22,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/rafsd/rafsd/fscache/fanotify"
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
-	"github.com/rafsd/rafsd/rafs/fusedev"
 	"github.com/rafsd/rafsd/rafs/storage"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
 )
@@ -61,40 +59,16 @@ func (s slowBackend) ReadAt(ctx context.Context, id string, p []byte, off int64)
 	return s.Backend.ReadAt(ctx, id, p, off)
 }
 
-// runDaemon is a one-mount fanotify daemon: fresh, it mounts and hands the
-// group to the supervisor; with takeover, it gets the group back, adopts the
-// mount and answers what the dead daemon left pending.
+// runDaemon runs RunDaemon with one mount, over a slowed backend; fresh,
+// it mounts and hands the group to the supervisor; with takeover, it gets
+// the group back and adopts the mount.
 func runDaemon() error {
-	sock := os.Getenv("FANOTIFYFS_SUPERVISOR")
 	var st daemonState
-	var g *fanotify.Group
-	takeover := os.Getenv("FANOTIFYFS_TAKEOVER") == "1"
-	if takeover {
-		raw, file, err := fusedev.RecvState(sock, 10*time.Second)
-		if err != nil {
-			return err
-		}
-		if err := json.Unmarshal(raw, &st); err != nil {
-			return err
-		}
-		// Own the fd: the *os.File's finalizer would close it under us.
-		fd, err := unix.Dup(int(file.Fd()))
-		file.Close()
-		if err != nil {
-			return err
-		}
-		unix.CloseOnExec(fd)
-		g = fanotify.FromFD(fd)
-	} else {
-		if err := json.Unmarshal([]byte(os.Getenv("FANOTIFYFS_STATE")), &st); err != nil {
-			return err
-		}
-		var err error
-		if g, err = fanotify.New(); err != nil {
-			return err
-		}
+	if err := json.Unmarshal([]byte(os.Getenv("FANOTIFYFS_STATE")), &st); err != nil {
+		return err
 	}
-	cfg, err := config.Parse(configJSON(st.BlobDir, st.WorkDir))
+	cfgJSON := configJSON(st.BlobDir, st.WorkDir)
+	cfg, err := config.Parse(cfgJSON)
 	if err != nil {
 		return err
 	}
@@ -102,29 +76,14 @@ func runDaemon() error {
 	if err != nil {
 		return err
 	}
-	f, err := storage.New(cfg, storage.WithBackend(slowBackend{inner, 2 * time.Millisecond}))
-	if err != nil {
-		return err
-	}
-	srv := NewServer(g, nil)
-	opts := Options{Bootstrap: st.Bootstrap, Mountpoint: st.Mountpoint, Fetcher: f, ReadAheadKB: 256}
-	orphans := 0
-	if takeover {
-		if _, err := srv.Adopt(opts); err != nil {
-			return err
-		}
-		orphans = g.DenyOrphans(1024)
-	} else {
-		if _, err := srv.Mount(opts); err != nil {
-			return err
-		}
-		raw, _ := json.Marshal(st)
-		if err := fusedev.SendState(sock, raw, g.FD(), 10*time.Second); err != nil {
-			return err
-		}
-	}
-	fmt.Printf("ready orphans=%d\n", orphans)
-	return srv.Serve(context.Background(), fanotify.Options{Timeout: 20 * time.Second})
+	return RunDaemon(context.Background(), DaemonOptions{
+		Mounts:         []MountSpec{{Bootstrap: st.Bootstrap, Mountpoint: st.Mountpoint, Config: cfgJSON, ReadAheadKB: 256}},
+		Supervisor:     os.Getenv("FANOTIFYFS_SUPERVISOR"),
+		Upgrade:        os.Getenv("FANOTIFYFS_TAKEOVER") == "1",
+		Timeout:        20 * time.Second,
+		FetcherOptions: []storage.Option{storage.WithBackend(slowBackend{inner, 2 * time.Millisecond})},
+		Ready:          func(*Server) { fmt.Println("ready") },
+	})
 }
 
 // supervisor keeps the group fd the first daemon sends and hands a copy
