@@ -419,50 +419,12 @@ func parseV1(tree map[string]any) (*Config, error) {
 	if _, ok := tree["device"]; !ok {
 		return nil, errors.New("device: missing (a v1 config needs device.backend)")
 	}
-	be := &Backend{Type: v1.Device.Backend.Type}
-	const bp = "device.backend.config"
-	cfgTree := v1.Device.Backend.Config
-	if cfgTree == nil {
-		cfgTree = map[string]any{}
-	}
-	var err error
-	switch be.Type {
-	case "localfs":
-		err = decodeInto(bp, cfgTree, &be.LocalFS)
-	case "registry":
-		err = decodeInto(bp, cfgTree, &be.Registry)
-	case "oss":
-		err = decodeInto(bp, cfgTree, &be.OSS)
-	case "s3":
-		err = decodeInto(bp, cfgTree, &be.S3)
-	case "localdisk":
-		err = decodeInto(bp, cfgTree, &be.LocalDisk)
-	case "http-proxy":
-		err = decodeInto(bp, cfgTree, &be.HTTPProxy)
-	case "":
-		return nil, errors.New("device.backend.type: missing")
-	default:
-		return nil, fmt.Errorf("device.backend.type: unsupported backend type %q", be.Type)
-	}
+	be, err := decodeBackendV1("device.backend", v1.Device.Backend.Type, v1.Device.Backend.Config)
 	if err != nil {
 		return nil, err
 	}
-	cache := &Cache{Type: v1.Device.Cache.Type, Compressed: v1.Device.Cache.Compressed, Validate: v1.Device.Cache.Validate}
-	cache.Prefetch.setDefaults()
-	const cp = "device.cache.config"
-	ctree := v1.Device.Cache.Config
-	if ctree == nil {
-		ctree = map[string]any{}
-	}
-	switch cache.Type {
-	case "blobcache", "filecache":
-		err = decodeInto(cp, ctree, &cache.FileCache)
-	case "fscache":
-		err = decodeInto(cp, ctree, &cache.FsCache)
-	case "", "dummycache":
-	default:
-		return nil, fmt.Errorf("device.cache.type: unsupported cache type %q", cache.Type)
-	}
+	c := v1.Device.Cache
+	cache, err := decodeCacheV1("device.cache", c.Type, c.Compressed, c.Validate, c.Config)
 	if err != nil {
 		return nil, err
 	}
@@ -488,6 +450,63 @@ func parseV1(tree map[string]any) (*Config, error) {
 		Version: 1, ID: v1.Device.ID, Backend: be, ExternalBackends: v1.Device.ExternalBackends,
 		Cache: cache, Rafs: rafs,
 	})
+}
+
+// decodeBackendV1 decodes a legacy {type, config} backend; path names
+// the config object in errors.
+func decodeBackendV1(path, typ string, tree any) (*Backend, error) {
+	be := &Backend{Type: typ}
+	bp := path + ".config"
+	if tree == nil {
+		tree = map[string]any{}
+	}
+	var err error
+	switch typ {
+	case "localfs":
+		err = decodeInto(bp, tree, &be.LocalFS)
+	case "registry":
+		err = decodeInto(bp, tree, &be.Registry)
+	case "oss":
+		err = decodeInto(bp, tree, &be.OSS)
+	case "s3":
+		err = decodeInto(bp, tree, &be.S3)
+	case "localdisk":
+		err = decodeInto(bp, tree, &be.LocalDisk)
+	case "http-proxy":
+		err = decodeInto(bp, tree, &be.HTTPProxy)
+	case "":
+		return nil, fmt.Errorf("%s.type: missing", path)
+	default:
+		return nil, fmt.Errorf("%s.type: unsupported backend type %q", path, typ)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return be, nil
+}
+
+// decodeCacheV1 decodes a legacy {type, config} cache.
+func decodeCacheV1(path, typ string, compressed, validate bool, tree any) (*Cache, error) {
+	cache := &Cache{Type: typ, Compressed: compressed, Validate: validate}
+	cache.Prefetch.setDefaults()
+	cp := path + ".config"
+	if tree == nil {
+		tree = map[string]any{}
+	}
+	var err error
+	switch typ {
+	case "blobcache", "filecache":
+		err = decodeInto(cp, tree, &cache.FileCache)
+	case "fscache":
+		err = decodeInto(cp, tree, &cache.FsCache)
+	case "", "dummycache":
+	default:
+		return nil, fmt.Errorf("%s.type: unsupported cache type %q", path, typ)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return cache, nil
 }
 
 // finish fills absent sections and checks what nydusd's validate() checks.

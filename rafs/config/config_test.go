@@ -222,3 +222,75 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// nydusEntry is misc/configs/nydusd-boostrap-blob-cache-entry.json of nydus.
+const nydusEntry = `{
+  "type": "bootstrap",
+  "id": "bootstrap1",
+  "domain_id": "userid1",
+  "config": {
+    "id": "factory1",
+    "backend_type": "localfs",
+    "backend_config": {
+      "dir": "/tmp/nydus"
+    },
+    "cache_type": "fscache",
+    "cache_config": {
+      "work_dir": "/tmp/nydus"
+    },
+    "metadata_file": "/tmp/nydus/bootstrap1"
+  }
+}`
+
+func TestParseBlobCacheEntry(t *testing.T) {
+	e, err := ParseBlobCacheEntry([]byte(nydusEntry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Type != EntryBootstrap || e.ID != "bootstrap1" || e.DomainID != "userid1" || e.MetadataPath != "/tmp/nydus/bootstrap1" {
+		t.Errorf("entry %+v", e)
+	}
+	if e.Config.Backend.LocalFS.Dir != "/tmp/nydus" || e.Config.Cache.Type != "fscache" || e.Config.Cache.WorkDir() != "/tmp/nydus" ||
+		!e.Config.Cache.Prefetch.PrefetchAll || e.Config.Rafs.Mode != "direct" {
+		t.Errorf("config %+v / %+v", e.Config.Backend, e.Config.Cache)
+	}
+	v2 := `{"type":"datablob","id":"b1","config_v2":{"version":2,"id":"f","backend":{"type":"registry","registry":{"host":"h","repo":"r"}},
+		"cache":{"type":"fscache","fscache":{"work_dir":"/w"}},"metadata_path":"/m"}}`
+	e, err = ParseBlobCacheEntry([]byte(v2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Type != EntryDataBlob || e.MetadataPath != "/m" || e.Config.Backend.Registry.Scheme != "https" || e.Config.Cache.WorkDir() != "/w" {
+		t.Errorf("v2 entry %+v %+v", e, e.Config.Backend.Registry)
+	}
+	for _, tc := range []struct{ in, want string }{
+		{`{"type":"blob","id":"x","config":{}}`, `type: "blob"`},
+		{`{"type":"bootstrap","config":{}}`, "id: missing"},
+		{`{"type":"bootstrap","id":"x"}`, "config or config_v2: missing"},
+		{`{"type":"bootstrap","id":"x","config":{"backend_type":"localfs","backend_config":{"dri":"/x"}}}`, "config.backend.config.dri: unknown field"},
+		{`{"type":"bootstrap","id":"x","config":{"backend_type":"localfs","backend_config":{"dir":"/x"}}}`, "cache: missing"},
+		{`{"type":"bootstrap","id":"x","config_v2":{"version":1}}`, "config_v2.version"},
+		{`{"type":"bootstrap","id":"x","extra":1}`, "extra: unknown field"},
+	} {
+		if _, err := ParseBlobCacheEntry([]byte(tc.in)); err == nil || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("ParseBlobCacheEntry(%s) = %v, want %q", tc.in, err, tc.want)
+		}
+	}
+}
+
+func FuzzParseBlobCacheEntry(f *testing.F) {
+	f.Add([]byte(nydusEntry))
+	f.Add([]byte(`{"type":"datablob","id":"b1","config_v2":{"version":2,"backend":{"type":"localfs","localfs":{"dir":"/b"}},"cache":{"type":"fscache"}}}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		e, err := ParseBlobCacheEntry(data)
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error does not wrap ErrInvalid: %v", err)
+			}
+			return
+		}
+		if e.Config == nil || e.Config.Backend == nil || e.Config.Cache == nil || e.Config.Rafs == nil {
+			t.Fatalf("incomplete entry %+v", e)
+		}
+	})
+}
