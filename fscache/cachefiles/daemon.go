@@ -51,6 +51,7 @@ type Stats struct {
 // Daemon serves the cachefiles on-demand requests of one bound cache.
 type Daemon struct {
 	dev     *Device
+	cmd     func(string) error // writes a reply to the device
 	log     *slog.Logger
 	threads int
 	timeout time.Duration
@@ -93,6 +94,25 @@ type readTask struct {
 // returns a daemon ready to Serve. Images are bound with BindBlob, before
 // or while serving.
 func New(cfg Config) (*Daemon, error) {
+	d := newDaemon(cfg)
+	var err error
+	if cfg.Device != nil {
+		d.dev, err = AdoptDevice(cfg.Device)
+	} else {
+		if cfg.Dir == "" {
+			return nil, errors.New("cachefiles: no cache dir")
+		}
+		d.dev, err = OpenDevice(cfg.DevicePath, cfg.Dir, cfg.Tag)
+	}
+	if err != nil {
+		return nil, err
+	}
+	d.cmd = d.dev.Command
+	return d, nil
+}
+
+// newDaemon is a daemon without a device yet.
+func newDaemon(cfg Config) *Daemon {
 	d := &Daemon{
 		log:     cfg.Logger,
 		threads: cfg.Threads,
@@ -110,19 +130,7 @@ func New(cfg Config) (*Daemon, error) {
 	if d.timeout <= 0 {
 		d.timeout = 2 * time.Minute
 	}
-	var err error
-	if cfg.Device != nil {
-		d.dev, err = AdoptDevice(cfg.Device)
-	} else {
-		if cfg.Dir == "" {
-			return nil, errors.New("cachefiles: no cache dir")
-		}
-		d.dev, err = OpenDevice(cfg.DevicePath, cfg.Dir, cfg.Tag)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return d, nil
+	return d
 }
 
 // Device returns the bound device, e.g. to hand its fd to a successor.
@@ -217,7 +225,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 }
 
 func (d *Daemon) reply(cmd string) {
-	if err := d.dev.Command(cmd); err != nil {
+	if err := d.cmd(cmd); err != nil {
 		d.log.Error("cachefiles: reply failed", "cmd", cmd, "err", err)
 	}
 }
@@ -491,7 +499,9 @@ func (d *Daemon) pwrite(o *object, p []byte, off uint64) error {
 func (d *Daemon) Close() error {
 	var err error
 	d.closed.Do(func() {
-		d.dev.Wake()
+		if d.dev != nil {
+			d.dev.Wake()
+		}
 		d.wg.Wait()
 		d.mu.Lock()
 		objs := d.objects
@@ -508,7 +518,9 @@ func (d *Daemon) Close() error {
 		for _, im := range imgs {
 			im.fetcher.Close()
 		}
-		err = d.dev.Close()
+		if d.dev != nil {
+			err = d.dev.Close()
+		}
 	})
 	return err
 }
