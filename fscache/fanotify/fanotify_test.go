@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync/atomic"
 	"syscall"
@@ -245,5 +246,87 @@ func TestHandoverKeepsReadersBlocked(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("reader not answered by the new daemon")
+	}
+}
+
+// An event a dead daemon read but never answered stays pending: the next
+// daemon cannot fill it (it does not know it), but DenyOrphans fails it
+// with EIO instead of leaving its reader blocked forever.
+func TestDenyOrphans(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "blob.cache")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(path, 1<<16)
+	g, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Mark(path); err != nil {
+		t.Fatal(err)
+	}
+	held, err := unix.Dup(g.FD()) // the supervisor's copy
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := make(chan error, 1)
+	go func() { _, err := readAt(path, 0, 100); res <- err }()
+	// The "dead daemon" reads the event and dies without answering.
+	buf := make([]byte, 4096)
+	n, err := unix.Read(g.FD(), buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs, err := ParseEvents(buf[:n])
+	if err != nil || len(evs) == 0 {
+		t.Fatalf("%v %v", evs, err)
+	}
+	for _, ev := range evs {
+		unix.Close(ev.Fd)
+	}
+	g.Close()
+	select {
+	case err := <-res:
+		t.Fatalf("reader answered with its event orphaned: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	g2 := FromFD(held)
+	defer g2.Close()
+	if got := g2.DenyOrphans(1024); got != len(evs) {
+		t.Errorf("DenyOrphans answered %d events, want %d", got, len(evs))
+	}
+	select {
+	case err := <-res:
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("orphaned reader got %v, want EIO", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("orphaned reader still blocked")
+	}
+}
+
+// Events the Trusted predicate picks are allowed at once without a fill,
+// even while every worker is busy (a fill waiting on the daemon's own I/O
+// must not deadlock).
+func TestTrustedBypassesBusyWorkers(t *testing.T) {
+	fl := &patternFiller{block: true}
+	path := serve(t, fl, Options{Workers: 1, Timeout: time.Second, Trusted: SelfPid})
+	// A foreign reader (dd in another process) occupies the only worker.
+	cmd := exec.Command("dd", "if="+path, "of=/dev/null", "bs=4096", "count=1")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	for fl.calls.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	// Our own read is answered at once, with no fill: the file's hole.
+	start := time.Now()
+	got, err := readAt(path, 8192, 10)
+	if err != nil || !bytes.Equal(got, make([]byte, 10)) {
+		t.Fatalf("own read: %v %v", got, err)
+	}
+	if took := time.Since(start); took > 500*time.Millisecond {
+		t.Fatalf("own read waited %s behind a busy worker", took)
 	}
 }
