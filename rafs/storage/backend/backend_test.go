@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -190,3 +191,58 @@ func TestNew(t *testing.T) {
 }
 
 var fixedTime = time.Unix(1700000000, 0)
+
+// forwardProxy is a plain HTTP forward proxy (what dfdaemon is to nydusd).
+func forwardProxy(t *testing.T) (*httptest.Server, *atomic.Int32) {
+	var n atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n.Add(1)
+		if !r.URL.IsAbs() {
+			http.Error(w, "not a proxy request", http.StatusBadRequest)
+			return
+		}
+		out := r.Clone(r.Context())
+		out.RequestURI = ""
+		resp, err := http.DefaultTransport.RoundTrip(out)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer resp.Body.Close()
+		for k, v := range resp.Header {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(resp.StatusCode)
+		io.Copy(w, resp.Body)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, &n
+}
+
+func TestRegistryProxy(t *testing.T) {
+	data := []byte(strings.Repeat("proxy!", 200))
+	origin, originHits := blobServer(t, data, 0, nil)
+	proxy, proxyHits := forwardProxy(t)
+	cfg := registryCfg(origin.URL)
+	cfg.Proxy = config.Proxy{URL: proxy.URL, Fallback: true, CheckInterval: 1}
+	var failovers atomic.Int32
+	r, err := NewRegistry(cfg, Hooks{Failover: func(string, string) { failovers.Add(1) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	p := make([]byte, 12)
+	if err := r.ReadAt(context.Background(), "abc", p, 6); err != nil || !bytes.Equal(p, data[6:18]) {
+		t.Fatalf("read via proxy: %q %v", p, err)
+	}
+	if proxyHits.Load() != 1 || originHits.Load() != 1 {
+		t.Fatalf("proxy %d origin %d hits, want the request through the proxy", proxyHits.Load(), originHits.Load())
+	}
+	proxy.Close()
+	if err := r.ReadAt(context.Background(), "abc", p, 12); err != nil || !bytes.Equal(p, data[12:24]) {
+		t.Fatalf("fallback read: %q %v", p, err)
+	}
+	if failovers.Load() != 1 || originHits.Load() != 2 {
+		t.Fatalf("failovers %d origin hits %d after the proxy died", failovers.Load(), originHits.Load())
+	}
+}
