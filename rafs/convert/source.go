@@ -159,7 +159,9 @@ func (s *ociLayout) close() error { return nil }
 // dockerArchive reads `docker save` output: a tar with manifest.json naming
 // the config and layer tars of each image. Its entries are read in place.
 type dockerArchive struct {
-	f       *os.File
+	ra      io.ReaderAt
+	size    int64
+	closer  io.Closer
 	entries map[string]*io.SectionReader
 	blobs   map[digest.Digest]func() io.Reader
 	rootDsc ocispec.Descriptor
@@ -176,10 +178,25 @@ func openDockerArchive(name string) (*dockerArchive, error) {
 	if err != nil {
 		return nil, fmt.Errorf("docker archive: %w", err)
 	}
-	a := &dockerArchive{f: f, entries: map[string]*io.SectionReader{}, blobs: map[digest.Digest]func() io.Reader{}}
-	if err := a.index(); err != nil {
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("docker archive: %w", err)
+	}
+	a, err := newDockerArchive(f, st.Size())
+	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("docker archive %s: %w", name, err)
+	}
+	a.closer = f
+	return a, nil
+}
+
+// newDockerArchive indexes the archive of size bytes in ra.
+func newDockerArchive(ra io.ReaderAt, size int64) (*dockerArchive, error) {
+	a := &dockerArchive{ra: ra, size: size, entries: map[string]*io.SectionReader{}, blobs: map[digest.Digest]func() io.Reader{}}
+	if err := a.index(); err != nil {
+		return nil, err
 	}
 	return a, nil
 }
@@ -199,7 +216,7 @@ func (c *countingReader) Read(p []byte) (int, error) {
 }
 
 func (a *dockerArchive) index() error {
-	cr := &countingReader{r: a.f}
+	cr := &countingReader{r: io.NewSectionReader(a.ra, 0, a.size)}
 	tr := tar.NewReader(cr)
 	for {
 		h, err := tr.Next()
@@ -212,7 +229,7 @@ func (a *dockerArchive) index() error {
 		if h.Typeflag != tar.TypeReg {
 			continue
 		}
-		a.entries[path.Clean(h.Name)] = io.NewSectionReader(a.f, cr.n, h.Size)
+		a.entries[path.Clean(h.Name)] = io.NewSectionReader(a.ra, cr.n, h.Size)
 	}
 	mf, ok := a.entries["manifest.json"]
 	if !ok {
@@ -291,7 +308,12 @@ func (a *dockerArchive) fetch(ctx context.Context, desc ocispec.Descriptor) (io.
 	return io.NopCloser(open()), nil
 }
 
-func (a *dockerArchive) close() error { return a.f.Close() }
+func (a *dockerArchive) close() error {
+	if a.closer == nil {
+		return nil
+	}
+	return a.closer.Close()
+}
 
 func readLimited(name string) ([]byte, error) {
 	f, err := os.Open(name)
