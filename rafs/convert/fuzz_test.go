@@ -163,4 +163,3 @@ func TestHostileSources(t *testing.T) {
 		}
 	})
 }
-
