@@ -14,7 +14,7 @@
 // were written and fdatasync'd, so after a crash at any point a set bit
 // always means good data; a lost bit only costs a refetch. Marking is
 // batched: written chunks are served from the data file at once, and a
-// flush (every FlushInterval, every 64 MiB per blob, and on release)
+// flush (every FlushInterval, every 256 MiB written to a blob, and on release)
 // syncs the data and then writes their bits.
 //
 // A Store is shared by everything in the process that opens the same
@@ -426,10 +426,10 @@ func (b *Blob) closeFiles() {
 
 // FlushInterval is how long written chunks may wait to be marked in
 // their map file (a crash loses at most this much cache work).
-var FlushInterval = 200 * time.Millisecond
+var FlushInterval = time.Second
 
 // flushBytes flushes a blob early once this much was written to it.
-const flushBytes = 64 << 20
+const flushBytes = 256 << 20
 
 func (s *Store) wrote(b *Blob, n int64) {
 	s.mu.Lock()
