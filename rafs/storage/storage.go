@@ -158,6 +158,11 @@ func New(cfg *config.Config, opts ...Option) (*Fetcher, error) {
 		f.be = be
 	}
 	f.beType = f.be.Type()
+	if fc := cfg.Cache.FileCache; fc != nil && (fc.EnableEncryption || fc.EnableConvergentEncryption) {
+		// Refuse rather than silently store plaintext.
+		f.be.Close()
+		return nil, errors.New("storage: cache encryption (enable_encryption) is not supported")
+	}
 	switch cfg.Cache.Type {
 	case "blobcache", "filecache", "fscache":
 		dir := cfg.Cache.WorkDir()

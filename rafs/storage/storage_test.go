@@ -10,6 +10,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -410,5 +411,18 @@ func TestPrefetchYieldsToReads(t *testing.T) {
 	f.WaitPrefetch()
 	if ready, total := f.CacheBlob(ti.img.Blobs[0]).Ready(); ready != total {
 		t.Fatalf("prefetch resumed but cached %d/%d", ready, total)
+	}
+}
+
+func TestNewRejects(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct{ js, want string }{
+		{fmt.Sprintf(`{"version":2,"backend":{"type":"localfs","localfs":{"dir":%q}},"cache":{"type":"blobcache","filecache":{"work_dir":%q,"enable_encryption":true}}}`, dir, dir), "encryption"},
+		{`{"device":{"backend":{"type":"oss","config":{"endpoint":"e","bucket_name":"b"}}}}`, `"oss" is not supported`},
+		{`{"version":2}`, "no backend"},
+	} {
+		if _, err := New(parseConfig(t, tc.js)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("New(%s) = %v, want %q", tc.js, err, tc.want)
+		}
 	}
 }
