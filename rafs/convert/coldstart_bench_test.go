@@ -1,0 +1,459 @@
+package convert
+
+import (
+	"archive/tar"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/config"
+	"github.com/rafsd/rafsd/rafs/storage"
+)
+
+// throttle is a token bucket shared by every connection of a proxy: the
+// registry->client direction may move at most rate bytes/s in total.
+type throttle struct {
+	mu     sync.Mutex
+	rate   float64
+	tokens float64
+	last   time.Time
+	burst  float64
+}
+
+func (t *throttle) wait(n int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := time.Now()
+	t.tokens = min(t.burst, t.tokens+now.Sub(t.last).Seconds()*t.rate)
+	t.last = now
+	t.tokens -= float64(n)
+	if t.tokens < 0 {
+		// Sleeping under the lock serializes the connections, which is
+		// what one shared link does.
+		time.Sleep(time.Duration(-t.tokens / t.rate * float64(time.Second)))
+	}
+}
+
+// capProxy is a TCP proxy on 127.0.0.1 in front of upstream that caps the
+// download bandwidth and counts the bytes it moved.
+type capProxy struct {
+	Addr  string
+	bytes atomic.Int64
+}
+
+func startCapProxy(tb testing.TB, upstream string, rate float64) *capProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	p := &capProxy{Addr: ln.Addr().String()}
+	th := &throttle{rate: rate, burst: 256 << 10, last: time.Now()}
+	var wg sync.WaitGroup
+	var conns sync.Map
+	tb.Cleanup(func() {
+		ln.Close()
+		conns.Range(func(k, _ any) bool { k.(net.Conn).Close(); return true })
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", upstream)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			conns.Store(c, nil)
+			conns.Store(u, nil)
+			wg.Add(2)
+			go func() { // client -> registry: requests, unthrottled
+				defer wg.Done()
+				io.Copy(u, c)
+				u.(*net.TCPConn).CloseWrite()
+			}()
+			go func() { // registry -> client: throttled and counted
+				defer wg.Done()
+				defer c.Close()
+				defer u.Close()
+				buf := make([]byte, 32<<10)
+				for {
+					n, err := u.Read(buf)
+					if n > 0 {
+						th.wait(n)
+						p.bytes.Add(int64(n))
+						if _, werr := c.Write(buf[:n]); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return p
+}
+
+// coldFile is one file of the benchmark image.
+type coldFile struct {
+	name  string
+	size  int
+	seed  uint64
+	layer int
+}
+
+// fileData returns a file's bytes: blocks alternate between random and
+// text-like data, so the image compresses about 2:1 like real ones.
+func fileData(f coldFile) []byte {
+	r := rand.New(rand.NewPCG(f.seed, 7))
+	b := make([]byte, f.size)
+	for off := 0; off < len(b); off += 4096 {
+		end := min(off+4096, len(b))
+		if r.IntN(2) == 0 {
+			for i := off; i < end; i++ {
+				b[i] = byte(r.Uint32())
+			}
+		} else {
+			for i := off; i < end; i++ {
+				b[i] = "lorem ipsum dolor sit amet, consectetur\n"[(i+int(f.seed))%40]
+			}
+		}
+	}
+	return b
+}
+
+// coldImage plans an image of about total bytes in 3 layers and a startup
+// set of about 6% of its bytes (whole files spread over the layers, as a
+// trace of a container's start would list).
+func coldImage(total int64) (files []coldFile, startup []coldFile) {
+	r := rand.New(rand.NewPCG(42, 42))
+	var sum, st int64
+	for i := 0; sum < total; i++ {
+		// Mostly small files, a fifth of them large, like a distro
+		// image with a runtime and its libraries.
+		size := 4<<10 + r.IntN(256<<10)
+		if r.IntN(5) == 0 {
+			size = 256<<10 + r.IntN(8<<20)
+		}
+		f := coldFile{name: fmt.Sprintf("usr/share/app%d/file%05d", i%37, i), size: size, seed: uint64(i + 1), layer: i % 3}
+		files = append(files, f)
+		sum += int64(size)
+	}
+	for _, i := range r.Perm(len(files)) {
+		if st >= sum*6/100 {
+			break
+		}
+		startup = append(startup, files[i])
+		st += int64(files[i].size)
+	}
+	return files, startup
+}
+
+// pushColdImage writes the layers as tar.gz files and pushes the OCI image.
+func pushColdImage(b *testing.B, ref string, files []coldFile, work string) {
+	ctx := context.Background()
+	p, err := newPusher(ctx, ref, RegistryOptions{PlainHTTP: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}}
+	cfg.RootFS.Type = "layers"
+	man := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest}
+	man.SchemaVersion = 2
+	layers := make([]ocispec.Descriptor, 3)
+	diffIDs := make([]digest.Digest, 3)
+	var g errgroup.Group
+	for l := range 3 {
+		g.Go(func() error {
+			name := filepath.Join(work, fmt.Sprintf("layer%d.tar.gz", l))
+			out, err := os.Create(name)
+			if err != nil {
+				return err
+			}
+			defer out.Close()
+			ch, dh := sha256.New(), sha256.New()
+			zw, _ := gzip.NewWriterLevel(io.MultiWriter(out, ch), gzip.BestSpeed)
+			tw := tar.NewWriter(io.MultiWriter(zw, dh))
+			dirs := map[string]bool{}
+			for _, f := range files {
+				if f.layer != l {
+					continue
+				}
+				for _, d := range []string{"usr/", "usr/share/", filepath.Dir(f.name) + "/"} {
+					if !dirs[d] {
+						dirs[d] = true
+						tw.WriteHeader(&tar.Header{Name: d, Typeflag: tar.TypeDir, Mode: 0o755, ModTime: testEpoch})
+					}
+				}
+				tw.WriteHeader(&tar.Header{Name: f.name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(f.size), ModTime: testEpoch})
+				tw.Write(fileData(f))
+			}
+			if err := tw.Close(); err != nil {
+				return err
+			}
+			if err := zw.Close(); err != nil {
+				return err
+			}
+			st, _ := out.Stat()
+			layers[l] = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.NewDigest(digest.SHA256, ch), Size: st.Size()}
+			diffIDs[l] = digest.NewDigest(digest.SHA256, dh)
+			_, err = p.pushFile(ctx, layers[l], name)
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		b.Fatal(err)
+	}
+	man.Layers, cfg.RootFS.DiffIDs = layers, diffIDs
+	cb, _ := json.Marshal(cfg)
+	man.Config = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromBytes(cb), Size: int64(len(cb))}
+	mb, _ := json.Marshal(man)
+	md := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromBytes(mb), Size: int64(len(mb))}
+	for _, x := range []struct {
+		d ocispec.Descriptor
+		b []byte
+	}{{man.Config, cb}, {md, mb}} {
+		if _, err := p.pushBytes(ctx, x.d, x.b); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// coldOCI is the classic start: pull every layer (3 at once, as
+// containerd does), gunzip and untar each into its own directory, then read
+// the startup set from the unpacked tree.
+func coldOCI(b *testing.B, ref string, startup []coldFile, work string) {
+	ctx := context.Background()
+	src := newRegistrySource(ref, RegistryOptions{PlainHTTP: true})
+	root, err := src.root(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var man ocispec.Manifest
+	if _, err := readJSON(ctx, src, root, &man); err != nil {
+		b.Fatal(err)
+	}
+	var g errgroup.Group
+	for i, l := range man.Layers {
+		g.Go(func() error {
+			rc, err := src.fetch(ctx, l)
+			if err != nil {
+				return err
+			}
+			vr, err := newVerifiedReader(rc, l)
+			if err != nil {
+				return err
+			}
+			defer vr.Close()
+			zr, err := gzip.NewReader(vr)
+			if err != nil {
+				return err
+			}
+			return untar(zr, filepath.Join(work, strconv.Itoa(i)))
+		})
+	}
+	if err := g.Wait(); err != nil {
+		b.Fatal(err)
+	}
+	for _, f := range startup {
+		n, err := readAll(filepath.Join(work, strconv.Itoa(f.layer), f.name))
+		if err != nil || n != f.size {
+			b.Fatalf("%s: %d bytes, %v", f.name, n, err)
+		}
+	}
+}
+
+func readAll(name string) (int, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	n, err := io.Copy(io.Discard, f)
+	return int(n), err
+}
+
+func untar(r io.Reader, dir string) error {
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		p := filepath.Join(dir, filepath.Clean("/"+h.Name))
+		switch h.Typeflag {
+		case tar.TypeDir:
+			if err := os.MkdirAll(p, 0o755); err != nil {
+				return err
+			}
+		case tar.TypeReg:
+			f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
+			if err != nil {
+				return err
+			}
+			_, err = io.Copy(f, tr)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// coldRAFS is the lazy start: fetch the bootstrap, then read the startup
+// set through the chunk fetcher (registry backend, blob cache), which pulls
+// only the chunks those files use.
+func coldRAFS(b *testing.B, ref string, startup []coldFile, work string) {
+	ctx := context.Background()
+	r, err := FetchBootstrap(ctx, ref, filepath.Join(work, "image.boot"), RegistryOptions{PlainHTTP: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg, err := config.Parse(r.DaemonConfig(filepath.Join(work, "cache")))
+	if err != nil {
+		b.Fatal(err)
+	}
+	f, err := storage.New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.AddImage(r.Image); err != nil {
+		b.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	for _, sf := range startup {
+		ino, err := lookupPath(r.Image, sf.name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var off int64
+		for {
+			n, err := r.Image.ReadAt(ctx, f, ino, buf, off)
+			off += int64(n)
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				b.Fatalf("%s: %v", sf.name, err)
+			}
+		}
+		if off != int64(sf.size) {
+			b.Fatalf("%s: read %d bytes, want %d", sf.name, off, sf.size)
+		}
+	}
+}
+
+func lookupPath(img *rafs.Image, p string) (*rafs.Inode, error) {
+	ino := img.Root()
+	for _, name := range strings.Split(p, "/") {
+		var err error
+		if ino, err = img.Lookup(ino, name); err != nil {
+			return nil, fmt.Errorf("%s: %w", p, err)
+		}
+	}
+	return ino, nil
+}
+
+// BenchmarkColdStart compares a container's cold start from an OCI image
+// (pull, gunzip, untar everything, then read the startup set) with one from
+// the converted RAFS image (bootstrap, then only the startup set's chunks),
+// both from the same local registry behind a 100 MiB/s token-bucket proxy.
+// RAFS_COLDSTART_MIB sets the image size (default 256; make bench-coldstart
+// uses 1024).
+func BenchmarkColdStart(b *testing.B) {
+	mib := int64(256)
+	if s := os.Getenv("RAFS_COLDSTART_MIB"); s != "" {
+		v, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || v < 8 {
+			b.Fatalf("RAFS_COLDSTART_MIB=%q", s)
+		}
+		mib = v
+	}
+	const rate = 100 << 20
+	reg := startRegistry(b)
+	work := b.TempDir()
+	files, startup := coldImage(mib << 20)
+	var total, st int64
+	for _, f := range files {
+		total += int64(f.size)
+	}
+	for _, f := range startup {
+		st += int64(f.size)
+	}
+	b.Logf("image: %d files, %.0f MiB in 3 layers; startup set: %d files, %.1f MiB (%.1f%%); link: %d MiB/s",
+		len(files), float64(total)/(1<<20), len(startup), float64(st)/(1<<20), 100*float64(st)/float64(total), rate>>20)
+	pushColdImage(b, reg.Addr+"/cold/app:oci", files, work)
+	t0 := time.Now()
+	res, err := Convert(context.Background(), reg.Addr+"/cold/app:oci", reg.Addr+"/cold/app:nydus", Options{
+		Source: RegistryOptions{PlainHTTP: true}, Target: RegistryOptions{PlainHTTP: true}, WorkDir: b.TempDir(),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	convertTime := time.Since(t0)
+	var blobBytes int64
+	for _, d := range res.Blobs {
+		blobBytes += d.Size
+	}
+	b.Logf("converted in %s: %d blobs, %.0f MiB, bootstrap %.1f KiB", convertTime.Round(time.Millisecond), len(res.Blobs), float64(blobBytes)/(1<<20), float64(res.Bootstrap.Size)/1024)
+	proxy := startCapProxy(b, reg.Addr, rate)
+
+	var ociTime, rafsTime time.Duration
+	var ociBytes, rafsBytes int64
+	b.ResetTimer()
+	for i := range b.N {
+		dir := filepath.Join(work, "run"+strconv.Itoa(i))
+		proxy.bytes.Store(0)
+		t := time.Now()
+		coldOCI(b, proxy.Addr+"/cold/app:oci", startup, filepath.Join(dir, "oci"))
+		ociTime, ociBytes = time.Since(t), proxy.bytes.Load()
+
+		proxy.bytes.Store(0)
+		t = time.Now()
+		coldRAFS(b, proxy.Addr+"/cold/app:nydus", startup, filepath.Join(dir, "rafs"))
+		rafsTime, rafsBytes = time.Since(t), proxy.bytes.Load()
+		b.StopTimer()
+		os.RemoveAll(dir)
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(mib), "image-MiB")
+	b.ReportMetric(ociTime.Seconds(), "oci-s")
+	b.ReportMetric(rafsTime.Seconds(), "rafs-s")
+	b.ReportMetric(float64(ociBytes)/(1<<20), "oci-MiB-moved")
+	b.ReportMetric(float64(rafsBytes)/(1<<20), "rafs-MiB-moved")
+	b.ReportMetric(rafsTime.Seconds()/ociTime.Seconds(), "rafs/oci-time")
+	b.ReportMetric(float64(rafsBytes)/float64(ociBytes), "rafs/oci-bytes")
+	b.Logf("cold start: OCI %s, %.1f MiB moved; RAFS %s, %.1f MiB moved; time ratio %.3f (target <= 0.2)",
+		ociTime.Round(time.Millisecond), float64(ociBytes)/(1<<20), rafsTime.Round(time.Millisecond), float64(rafsBytes)/(1<<20),
+		rafsTime.Seconds()/ociTime.Seconds())
+}
