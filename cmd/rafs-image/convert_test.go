@@ -82,7 +82,7 @@ func TestConvertCLI(t *testing.T) {
 	if r.Image.Compressor.String() != "lz4_block" || r.Image.ChunkSize != 0x10000 {
 		t.Errorf("image compressor %v chunk size %#x", r.Image.Compressor, r.Image.ChunkSize)
 	}
-	cfg, err := config.Parse(r.DaemonConfig(""))
+	cfg, err := config.Parse(r.DaemonConfig("", false))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -332,13 +332,13 @@ func untar(r io.Reader, dir string) error {
 // coldRAFS is the lazy start: fetch the bootstrap, then read the startup
 // set through the chunk fetcher (registry backend, blob cache), which pulls
 // only the chunks those files use.
-func coldRAFS(b *testing.B, ref string, startup []coldFile, work string) {
+func coldRAFS(b *testing.B, ref string, startup []coldFile, work string, prefetch bool) {
 	ctx := context.Background()
 	r, err := FetchBootstrap(ctx, ref, filepath.Join(work, "image.boot"), RegistryOptions{PlainHTTP: true})
 	if err != nil {
 		b.Fatal(err)
 	}
-	cfg, err := config.Parse(r.DaemonConfig(filepath.Join(work, "cache")))
+	cfg, err := config.Parse(r.DaemonConfig(filepath.Join(work, "cache"), prefetch))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -349,6 +349,14 @@ func coldRAFS(b *testing.B, ref string, startup []coldFile, work string) {
 	defer f.Close()
 	if err := f.AddImage(r.Image); err != nil {
 		b.Fatal(err)
+	}
+	if prefetch {
+		if len(r.Image.Prefetch) != len(startup) {
+			b.Fatalf("prefetch table has %d entries, want %d", len(r.Image.Prefetch), len(startup))
+		}
+		if err := f.Prefetch(ctx, r.Image); err != nil {
+			b.Fatal(err)
+		}
 	}
 	buf := make([]byte, 1<<20)
 	for _, sf := range startup {
@@ -413,8 +421,13 @@ func BenchmarkColdStart(b *testing.B) {
 	b.Logf("image: %d files, %.0f MiB in 3 layers; startup set: %d files, %.1f MiB (%.1f%%); link: %d MiB/s",
 		len(files), float64(total)/(1<<20), len(startup), float64(st)/(1<<20), 100*float64(st)/float64(total), rate>>20)
 	pushColdImage(b, reg.Addr+"/cold/app:oci", files, work)
+	var trace []string
+	for _, f := range startup {
+		trace = append(trace, "/"+f.name)
+	}
 	t0 := time.Now()
 	res, err := Convert(context.Background(), reg.Addr+"/cold/app:oci", reg.Addr+"/cold/app:nydus", Options{
+		Prefetch: trace,
 		Source: RegistryOptions{PlainHTTP: true}, Target: RegistryOptions{PlainHTTP: true}, WorkDir: b.TempDir(),
 	})
 	if err != nil {
@@ -428,8 +441,8 @@ func BenchmarkColdStart(b *testing.B) {
 	b.Logf("converted in %s: %d blobs, %.0f MiB, bootstrap %.1f KiB", convertTime.Round(time.Millisecond), len(res.Blobs), float64(blobBytes)/(1<<20), float64(res.Bootstrap.Size)/1024)
 	proxy := startCapProxy(b, reg.Addr, rate)
 
-	var ociTime, rafsTime time.Duration
-	var ociBytes, rafsBytes int64
+	var ociTime, rafsTime, preTime time.Duration
+	var ociBytes, rafsBytes, preBytes int64
 	b.ResetTimer()
 	for i := range b.N {
 		dir := filepath.Join(work, "run"+strconv.Itoa(i))
@@ -440,8 +453,13 @@ func BenchmarkColdStart(b *testing.B) {
 
 		proxy.bytes.Store(0)
 		t = time.Now()
-		coldRAFS(b, proxy.Addr+"/cold/app:nydus", startup, filepath.Join(dir, "rafs"))
+		coldRAFS(b, proxy.Addr+"/cold/app:nydus", startup, filepath.Join(dir, "rafs"), false)
 		rafsTime, rafsBytes = time.Since(t), proxy.bytes.Load()
+
+		proxy.bytes.Store(0)
+		t = time.Now()
+		coldRAFS(b, proxy.Addr+"/cold/app:nydus", startup, filepath.Join(dir, "rafs-prefetch"), true)
+		preTime, preBytes = time.Since(t), proxy.bytes.Load()
 		b.StopTimer()
 		os.RemoveAll(dir)
 		b.StartTimer()
@@ -451,9 +469,14 @@ func BenchmarkColdStart(b *testing.B) {
 	b.ReportMetric(rafsTime.Seconds(), "rafs-s")
 	b.ReportMetric(float64(ociBytes)/(1<<20), "oci-MiB-moved")
 	b.ReportMetric(float64(rafsBytes)/(1<<20), "rafs-MiB-moved")
+	b.ReportMetric(preTime.Seconds(), "rafs-prefetch-s")
+	b.ReportMetric(float64(preBytes)/(1<<20), "rafs-prefetch-MiB-moved")
 	b.ReportMetric(rafsTime.Seconds()/ociTime.Seconds(), "rafs/oci-time")
+	b.ReportMetric(preTime.Seconds()/ociTime.Seconds(), "rafs-prefetch/oci-time")
 	b.ReportMetric(float64(rafsBytes)/float64(ociBytes), "rafs/oci-bytes")
-	b.Logf("cold start: OCI %s, %.1f MiB moved; RAFS %s, %.1f MiB moved; time ratio %.3f (target <= 0.2)",
-		ociTime.Round(time.Millisecond), float64(ociBytes)/(1<<20), rafsTime.Round(time.Millisecond), float64(rafsBytes)/(1<<20),
-		rafsTime.Seconds()/ociTime.Seconds())
+	b.Logf("cold start: OCI %s, %.1f MiB moved; RAFS on demand %s, %.1f MiB moved (time ratio %.3f); "+
+		"RAFS with the trace as prefetch table %s, %.1f MiB moved (time ratio %.3f); target <= 0.2",
+		ociTime.Round(time.Millisecond), float64(ociBytes)/(1<<20),
+		rafsTime.Round(time.Millisecond), float64(rafsBytes)/(1<<20), rafsTime.Seconds()/ociTime.Seconds(),
+		preTime.Round(time.Millisecond), float64(preBytes)/(1<<20), preTime.Seconds()/ociTime.Seconds())
 }

@@ -31,9 +31,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
+	"slices"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -72,6 +75,11 @@ type Options struct {
 	// instead of stored again (nydusify --chunk-dict bootstrap:PATH). Their
 	// blobs must already be in the target repository.
 	ChunkDicts []*rafs.Image
+	// Prefetch lists absolute paths (files or directories) for the
+	// bootstrap's prefetch table (nydusify --prefetch-patterns), e.g. the
+	// files a trace of the container's start read. Paths not in the image
+	// are skipped, as nydus-image does.
+	Prefetch []string
 	// MergePlatform pushes an index with the source's OCI manifest beside
 	// the Nydus one.
 	MergePlatform bool
@@ -340,6 +348,9 @@ func (c *conv) run(ctx context.Context, target string) (*Result, error) {
 		stats.StoredBytes += st.StoredBytes
 		stats.DedupChunks += st.DedupChunks
 	}
+	if err := setPrefetch(merged, c.opts.Prefetch); err != nil {
+		return nil, err
+	}
 	var boot bytes.Buffer
 	if err := bootstrap.Write(&boot, merged); err != nil {
 		return nil, fmt.Errorf("write bootstrap: %w", err)
@@ -479,6 +490,33 @@ func (c *conv) run(ctx context.Context, target string) (*Result, error) {
 	}
 	c.progress("pushed %s: %d blobs (%d uploaded), bootstrap %s", target, len(res.Blobs), len(res.Uploaded), size(bootDesc.Size))
 	return res, nil
+}
+
+// setPrefetch fills img's prefetch table from paths, resolved in the merged
+// tree (layer builds cannot: a path may be in any layer).
+func setPrefetch(img *rafs.Image, paths []string) error {
+	img.Prefetch = nil
+	for _, p := range paths {
+		ino := img.Root()
+		for _, name := range strings.Split(strings.Trim(path.Clean("/"+p), "/"), "/") {
+			if name == "" || ino == nil {
+				break
+			}
+			next, err := img.Lookup(ino, name)
+			if err != nil {
+				ino = nil
+				break
+			}
+			ino = next
+		}
+		if ino != nil && !slices.Contains(img.Prefetch, ino.Ino) {
+			img.Prefetch = append(img.Prefetch, ino.Ino)
+		}
+	}
+	if err := img.Validate(); err != nil {
+		return fmt.Errorf("prefetch table: %w", err)
+	}
+	return nil
 }
 
 // copyImage pushes the source manifest's config and layers to the target,

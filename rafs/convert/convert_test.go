@@ -71,7 +71,7 @@ func readBack(t *testing.T, ref, work string) (*Remote, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := config.Parse(r.DaemonConfig(filepath.Join(work, "cache")))
+	cfg, err := config.Parse(r.DaemonConfig(filepath.Join(work, "cache"), false))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,7 +48,7 @@ type Remote struct {
 // an image reference with:
 //
 //	r, err := convert.FetchBootstrap(ctx, ref, filepath.Join(workDir, "image.boot"), ro)
-//	cfg := r.DaemonConfig(cacheDir)   // nydusd v1 JSON: registry backend + blobcache
+//	cfg := r.DaemonConfig(cacheDir, true)  // nydusd v1 JSON: registry backend, blobcache, fs_prefetch
 //	// then mount r.BootstrapPath with cfg as if given --bootstrap and --config
 func FetchBootstrap(ctx context.Context, ref, dest string, ro RegistryOptions) (*Remote, error) {
 	src := newRegistrySource(ref, ro)
@@ -188,8 +188,10 @@ func ExtractBootstrap(layer io.Reader, w io.Writer) error {
 }
 
 // DaemonConfig returns a nydusd v1 JSON config that reads the image's blobs
-// from its registry, caching them under cacheDir (no cache if empty).
-func (r *Remote) DaemonConfig(cacheDir string) []byte {
+// from its registry, caching them under cacheDir (no cache if empty), with
+// fs_prefetch of the bootstrap's prefetch table if prefetch (it needs the
+// cache).
+func (r *Remote) DaemonConfig(cacheDir string, prefetch bool) []byte {
 	rc := r.Registry
 	bc := map[string]any{
 		"scheme": rc.Scheme, "host": rc.Host, "repo": rc.Repo, "skip_verify": rc.SkipVerify,
@@ -202,9 +204,13 @@ func (r *Remote) DaemonConfig(cacheDir string) []byte {
 	if cacheDir != "" {
 		cache = map[string]any{"type": "blobcache", "config": map[string]any{"work_dir": cacheDir}}
 	}
-	b, _ := json.Marshal(map[string]any{
+	cfg := map[string]any{
 		"device": map[string]any{"backend": map[string]any{"type": "registry", "config": bc}, "cache": cache},
 		"mode":   "direct", "digest_validate": false,
-	})
+	}
+	if prefetch && cacheDir != "" {
+		cfg["fs_prefetch"] = map[string]any{"enable": true, "threads_count": 4, "merging_size": 1 << 20}
+	}
+	b, _ := json.Marshal(cfg)
 	return b
 }
