@@ -428,7 +428,7 @@ func BenchmarkColdStart(b *testing.B) {
 	t0 := time.Now()
 	res, err := Convert(context.Background(), reg.Addr+"/cold/app:oci", reg.Addr+"/cold/app:nydus", Options{
 		Prefetch: trace,
-		Source: RegistryOptions{PlainHTTP: true}, Target: RegistryOptions{PlainHTTP: true}, WorkDir: b.TempDir(),
+		Source:   RegistryOptions{PlainHTTP: true}, Target: RegistryOptions{PlainHTTP: true}, WorkDir: b.TempDir(),
 	})
 	if err != nil {
 		b.Fatal(err)
