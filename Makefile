@@ -5,7 +5,7 @@ VERSION    = $(shell git describe --tags --always 2>/dev/null || echo dev)
 LDFLAGS    = -X github.com/rafsd/rafsd/internal/version.Version=$(VERSION) -X github.com/rafsd/rafsd/internal/version.GitCommit=$(GIT_COMMIT)
 BIN        = bin
 
-.PHONY: all build test deps bench demo fuzz clean testbed
+.PHONY: all build test deps bench bench-coldstart demo fuzz clean testbed
 
 all: build
 
@@ -26,6 +26,11 @@ fuzz:
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
+
+# bench-coldstart: OCI pull+unpack vs lazy RAFS start of a 1 GiB image from a
+# local registry behind a 100 MiB/s proxy (make bench runs it at 256 MiB).
+bench-coldstart:
+	RAFS_COLDSTART_MIB=1024 $(GO) test -run '^$$' -bench BenchmarkColdStart -benchtime 1x -timeout 30m -v ./rafs/convert/
 
 # testbed builds (or finds cached) the guest kernel, then boots a guest and runs the smoke scenario.
 testbed:
