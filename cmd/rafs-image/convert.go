@@ -48,6 +48,7 @@ func runConvert(args []string, stdin io.Reader, stdout io.Writer) error {
 		workDir    = fs.String("work-dir", "", "directory for blobs while converting (default: a temporary one)")
 		parallel   = fs.Int("parallel", 0, "layers converted at once (default: CPUs)")
 		quiet      = fs.Bool("quiet", false, "no progress on stderr")
+		prefetch   = fs.Bool("prefetch-patterns", false, "read absolute paths for the prefetch table from stdin, one per line (nydusify)")
 		dicts      listFlag
 	)
 	fs.Var(&dicts, "chunk-dict", "reuse chunks of this bootstrap: PATH, bootstrap=PATH, bootstrap:local:PATH or bootstrap:registry:REF (repeatable)")
@@ -104,7 +105,14 @@ func runConvert(args []string, stdin io.Reader, stdout io.Writer) error {
 	}
 	dictImgs = append(dictImgs, more...)
 
+	var prefetchList []string
+	if *prefetch {
+		if prefetchList, err = readPrefetchList(stdin); err != nil {
+			return err
+		}
+	}
 	opts := convert.Options{
+		Prefetch:  prefetchList,
 		FsVersion: *fsVersion, Compressor: &comp, ChunkSize: cs, ChunkDicts: dictImgs,
 		MergePlatform: *merge, Platform: *platform, Parallel: *parallel, WorkDir: tmp,
 		Source: ro, Target: ro,

@@ -62,8 +62,8 @@ func TestConvertCLI(t *testing.T) {
 	writeLayout(t, layout, map[string]string{"hello.txt": "hello, nydus\n", "etc/os-release": "ID=test\n"})
 	target := reg.Addr + "/cli/hello:nydus"
 
-	out := mustCLI(t, "", "convert", "--source", "oci-layout:"+layout, "--target", target,
-		"--plain-http", "--merge-platform", "--compressor", "lz4_block", "--chunk-size", "0x10000", "--quiet")
+	out := mustCLI(t, "/hello.txt\n/not/there\n", "convert", "--source", "oci-layout:"+layout, "--target", target,
+		"--plain-http", "--merge-platform", "--prefetch-patterns", "--compressor", "lz4_block", "--chunk-size", "0x10000", "--quiet")
 	var res convertResult
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		t.Fatalf("stdout is not the JSON summary: %v\n%s", err, out)
@@ -81,6 +81,9 @@ func TestConvertCLI(t *testing.T) {
 	}
 	if r.Image.Compressor.String() != "lz4_block" || r.Image.ChunkSize != 0x10000 {
 		t.Errorf("image compressor %v chunk size %#x", r.Image.Compressor, r.Image.ChunkSize)
+	}
+	if len(r.Image.Prefetch) != 1 || r.Image.Inodes[r.Image.Prefetch[0]-1].Size != 13 {
+		t.Errorf("prefetch table %v, want hello.txt's inode", r.Image.Prefetch)
 	}
 	cfg, err := config.Parse(r.DaemonConfig("", false))
 	if err != nil {
