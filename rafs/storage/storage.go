@@ -389,22 +389,27 @@ func (f *Fetcher) loadCached(bs *blobState, c *rafs.Chunk) ([]byte, error) {
 // it or starting one that takes following missing chunks up to batch bytes.
 func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch int, prefetch bool) ([]byte, error) {
 	bs.mu.Lock()
-	if cl, ok := bs.inflight[c.CompressedOffset]; ok {
-		bs.mu.Unlock()
-		select {
-		case <-cl.done:
-			return cl.data, cl.err
-		case <-ctx.Done():
-			return nil, fmt.Errorf("storage: chunk %d of blob %s: %w", c.Index, bs.blob.ID, ctx.Err())
+	for {
+		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+			bs.mu.Unlock()
+			select {
+			case <-cl.done:
+				return cl.data, cl.err
+			case <-ctx.Done():
+				return nil, fmt.Errorf("storage: chunk %d of blob %s: %w", c.Index, bs.blob.ID, ctx.Err())
+			}
 		}
-	}
-	// It may have been cached since the caller looked.
-	if bs.cached(c, f.compressed) {
+		// It may have been cached since the caller looked.
+		if !bs.cached(c, f.compressed) {
+			break
+		}
 		bs.mu.Unlock()
 		data, err := f.loadWhole(bs, c)
 		if err != nil || data != nil {
 			return data, err
 		}
+		// It failed its check and was invalidated: fetch it (unless
+		// someone started to meanwhile).
 		bs.mu.Lock()
 	}
 	group := f.plan(bs, c, batch)

@@ -249,6 +249,9 @@ func (r *Registry) Close() error {
 	for _, m := range r.mirrors {
 		m.client.CloseIdleConnections()
 	}
+	if r.proxy != nil {
+		r.proxy.client.CloseIdleConnections()
+	}
 	return nil
 }
 
