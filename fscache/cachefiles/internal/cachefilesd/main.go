@@ -36,18 +36,19 @@ func main() {
 		threads  = flag.Int("threads", 4, "READ workers")
 		stats    = flag.String("stats", "", "write counters here as JSON")
 		adoptFD  = flag.Int("adopt-fd", -1, "adopt this bound device fd (restart)")
+		restart  = flag.String("restart-file", "", "when this file appears, remove it and hand over to a new process")
 		bindList binds
 	)
 	flag.Var(&bindList, "bind", "JSON file holding a PUT /api/v2/blobs body (repeatable)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if err := run(log, *dir, *tag, *threads, *stats, *adoptFD, bindList); err != nil {
+	if err := run(log, *dir, *tag, *threads, *stats, *restart, *adoptFD, bindList); err != nil {
 		log.Error("cachefilesd", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(log *slog.Logger, dir, tag string, threads int, statsPath string, adoptFD int, bindList []string) error {
+func run(log *slog.Logger, dir, tag string, threads int, statsPath, restartPath string, adoptFD int, bindList []string) error {
 	cfg := cachefiles.Config{Dir: dir, Tag: tag, Threads: threads, Logger: log}
 	if adoptFD >= 0 {
 		cfg.Device = os.NewFile(uintptr(adoptFD), "cachefiles")
@@ -84,7 +85,9 @@ func run(log *slog.Logger, dir, tag string, threads int, statsPath string, adopt
 		b, _ := json.Marshal(struct {
 			cachefiles.Stats
 			BackendBytes uint64
-		}{d.Stats(), d.BackendBytes()})
+			Pid          int
+			Adopted      bool
+		}{d.Stats(), d.BackendBytes(), os.Getpid(), adoptFD >= 0})
 		tmp := statsPath + ".tmp"
 		if os.WriteFile(tmp, b, 0o644) == nil {
 			os.Rename(tmp, statsPath)
@@ -95,6 +98,12 @@ func run(log *slog.Logger, dir, tag string, threads int, statsPath string, adopt
 		select {
 		case <-tick.C:
 			writeStats()
+			if restartPath == "" {
+				continue
+			}
+			if err := os.Remove(restartPath); err == nil {
+				sigs <- syscall.SIGUSR2
+			}
 		case err := <-done:
 			d.Close()
 			return err
@@ -111,7 +120,7 @@ func run(log *slog.Logger, dir, tag string, threads int, statsPath string, adopt
 			if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, 0); err != nil {
 				return fmt.Errorf("clearing close-on-exec: %w", err)
 			}
-			args := []string{os.Args[0], "-dir", dir, "-threads", strconv.Itoa(threads), "-stats", statsPath, "-adopt-fd", strconv.Itoa(fd)}
+			args := []string{os.Args[0], "-dir", dir, "-threads", strconv.Itoa(threads), "-stats", statsPath, "-adopt-fd", strconv.Itoa(fd), "-restart-file", restartPath}
 			if tag != "" {
 				args = append(args, "-tag", tag)
 			}
