@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rafsd/rafsd/rafs/codec"
+	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/storage/blobcache"
 	"github.com/rafsd/rafsd/rafs/storage/internal/registrytest"
 )
@@ -71,14 +72,21 @@ func BenchmarkColdFetch(b *testing.B) {
 		cache          string
 		readers, batch int
 		shm            bool // cache on tmpfs: the fetcher without the disk
+		// prefetch fetches the blob with prefetch_all (readers threads,
+		// batch-sized requests) instead of reads.
+		prefetch bool
 	}{
-		{"blobcache", 1, 32 << 20, false}, {"blobcache", 4, 8 << 20, false},
-		{"blobcache", 1, 32 << 20, true}, {"blobcache", 4, 8 << 20, true},
-		{"", 4, 1 << 20, false},
+		{"blobcache", 1, 32 << 20, false, false}, {"blobcache", 4, 8 << 20, false, false},
+		{"blobcache", 1, 32 << 20, true, false}, {"blobcache", 4, 8 << 20, true, false},
+		{"", 4, 1 << 20, false, false},
+		{"blobcache", 4, 16 << 20, false, true}, {"blobcache", 4, 16 << 20, true, true},
 	} {
 		name := fmt.Sprintf("cache=%s/readers=%d/batch=%dM", tc.cache, tc.readers, tc.batch>>20)
 		if tc.shm {
 			name += "/tmpfs"
+		}
+		if tc.prefetch {
+			name += "/prefetch"
 		}
 		b.Run(name, func(b *testing.B) {
 			var httpTime, rangedTime, fetchTime time.Duration
@@ -108,14 +116,26 @@ func BenchmarkColdFetch(b *testing.B) {
 				cfg := parseConfig(b, registryConfig(reg.Addr, "", "", tc.cache, work, nil))
 				cfg.Rafs.BatchSize = tc.batch
 				cfg.Rafs.Validate = false
+				if tc.prefetch {
+					cfg.Cache.Prefetch = config.Prefetch{Enable: true, ThreadsCount: tc.readers, BatchSize: tc.batch, PrefetchAll: true}
+				}
 				f, _ := newFetcher(b, cfg)
 				f.AddImage(ti.img)
 				start = time.Now()
-				err := parallel(tc.readers, 1<<20, func(off, n int) error {
-					buf := make([]byte, n)
-					_, err := ti.img.ReadAt(context.Background(), f, ti.file(), buf, int64(off))
-					return err
-				})
+				var err error
+				if tc.prefetch {
+					err = f.Prefetch(context.Background(), ti.img)
+					f.WaitPrefetch()
+					if r, n := f.CacheBlob(ti.img.Blobs[0]).Ready(); err == nil && r != n {
+						err = fmt.Errorf("prefetch cached %d/%d chunks", r, n)
+					}
+				} else {
+					err = parallel(tc.readers, 1<<20, func(off, n int) error {
+						buf := make([]byte, n)
+						_, err := ti.img.ReadAt(context.Background(), f, ti.file(), buf, int64(off))
+						return err
+					})
+				}
 				if err != nil {
 					b.Fatal(err)
 				}
