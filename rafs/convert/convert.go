@@ -190,7 +190,8 @@ func (c *conv) pickManifest(ctx context.Context) (ocispec.Descriptor, ocispec.Ma
 				continue
 			}
 			if d.Platform == nil || m.Match(*d.Platform) {
-				if !found || (d.Platform != nil && m.Less(*d.Platform, *desc.Platform)) {
+				better := !found || (d.Platform != nil && (desc.Platform == nil || m.Less(*d.Platform, *desc.Platform)))
+				if better {
 					desc, found = d, true
 				}
 			}

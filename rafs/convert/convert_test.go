@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"io"
 	"os"
 	"path/filepath"
@@ -385,4 +386,47 @@ func TestChunkDict(t *testing.T) {
 			t.Fatalf("err = %v, want a chunk dict blob error", err)
 		}
 	})
+}
+
+// TestMultiPlatformSource: from an index of several platforms, Platform
+// (default: this machine's) picks the manifest converted.
+func TestMultiPlatformSource(t *testing.T) {
+	reg := startRegistry(t)
+	amd := newOCIImage(t, []entry{fileStr("arch", "amd64")})
+	arm := newOCIImage(t, []entry{fileStr("arch", "arm64")})
+	layout := t.TempDir()
+	amd.writeOCILayout(t, layout)
+	arm.writeOCILayout(t, t.TempDir()) // only to fill arm.blobs' files below
+	bd := filepath.Join(layout, "blobs", "sha256")
+	for d, b := range arm.blobs {
+		os.WriteFile(filepath.Join(bd, d.Encoded()), b, 0o644)
+	}
+	armDesc := arm.manifest
+	armDesc.Platform = &ocispec.Platform{OS: "linux", Architecture: "arm64", Variant: "v8"}
+	noPlat := arm.manifest
+	noPlat.Platform = nil
+	idx := ocispec.Index{MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{noPlat, armDesc, amd.manifest}}
+	idx.SchemaVersion = 2
+	b, _ := json.Marshal(idx)
+	os.WriteFile(filepath.Join(layout, "index.json"), b, 0o644)
+
+	ro := RegistryOptions{PlainHTTP: true}
+	for _, tc := range []struct{ platform, want string }{{"linux/arm64", "arm64"}, {"linux/amd64", "amd64"}} {
+		target := reg.Addr + "/multi/app:" + strings.ReplaceAll(tc.platform, "/", "-")
+		if _, err := Convert(context.Background(), "oci-layout:"+layout, target, Options{Platform: tc.platform, Target: ro}); err != nil {
+			t.Fatal(err)
+		}
+		_, got := readBack(t, target, t.TempDir())
+		if b, _ := os.ReadFile(filepath.Join(got, "arch")); string(b) != tc.want {
+			t.Errorf("--platform %s converted the %q image", tc.platform, b)
+		}
+	}
+	// Without the platform-less entry nothing matches linux/s390x.
+	idx.Manifests = idx.Manifests[1:]
+	b, _ = json.Marshal(idx)
+	os.WriteFile(filepath.Join(layout, "index.json"), b, 0o644)
+	_, err := Convert(context.Background(), "oci-layout:"+layout, reg.Addr+"/multi/app:s390x", Options{Platform: "linux/s390x", Target: ro})
+	if err == nil || !strings.Contains(err.Error(), "no manifest for the platform") {
+		t.Fatalf("err = %v", err)
+	}
 }
