@@ -365,6 +365,7 @@ func TestGuestRebootAndReset(t *testing.T) {
 func TestReconnect(t *testing.T) {
 	dir, _ := testTree(t)
 	sock := startDevice(t, loopbackFS(t, dir), FSOptions{})
+	before := openFds(t)
 	for i := 0; i < 3; i++ {
 		fe := dialFrontend(t, sock)
 		fe.connect(2)
@@ -375,4 +376,28 @@ func TestReconnect(t *testing.T) {
 		}
 		fe.close() // disconnect without stopping the rings
 	}
+	// The device drops everything a front end gave it (memfd mapping,
+	// kick/call/err eventfds, the connection) when it goes away.
+	deadline := time.Now().Add(5 * time.Second)
+	for openFds(t) > before && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := openFds(t); n > before {
+		t.Fatalf("%d fds open after 3 front ends came and went, %d before", n, before)
+	}
+	maps, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(maps), "memfd:guest-ram"); n != 0 {
+		t.Fatalf("%d guest memory mappings left", n)
+	}
+}
+
+func openFds(t testing.TB) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
