@@ -93,7 +93,7 @@ type Fetcher struct {
 	m     *metrics
 	stats stats
 
-	mu     sync.Mutex
+	mu     sync.RWMutex
 	blobs  map[string]*blobState
 	closed bool
 
@@ -218,6 +218,13 @@ func (f *Fetcher) CacheBlob(b *rafs.Blob) *blobcache.Blob {
 }
 
 func (f *Fetcher) state(b *rafs.Blob) (*blobState, error) {
+	f.mu.RLock()
+	bs, ok := f.blobs[b.ID]
+	closed := f.closed
+	f.mu.RUnlock()
+	if ok && !closed {
+		return bs, nil
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
@@ -226,7 +233,7 @@ func (f *Fetcher) state(b *rafs.Blob) (*blobState, error) {
 	if bs, ok := f.blobs[b.ID]; ok {
 		return bs, nil
 	}
-	bs := &blobState{blob: b, inflight: map[uint64]*call{}}
+	bs = &blobState{blob: b, inflight: map[uint64]*call{}}
 	if f.store != nil {
 		cb, err := f.store.Blob(b, f.compressed)
 		switch {
