@@ -23,6 +23,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 	"github.com/rafsd/rafsd/rafs/builder/unpack"
 	"github.com/rafsd/rafsd/rafs/config"
+	"github.com/rafsd/rafsd/rafs/convert/converttest"
 	"github.com/rafsd/rafsd/rafs/storage"
 )
 
@@ -428,5 +429,60 @@ func TestMultiPlatformSource(t *testing.T) {
 	_, err := Convert(context.Background(), "oci-layout:"+layout, reg.Addr+"/multi/app:s390x", Options{Platform: "linux/s390x", Target: ro})
 	if err == nil || !strings.Contains(err.Error(), "no manifest for the platform") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestAuthRegistry: source and target behind htpasswd auth; the pushed
+// image reads back through the registry backend with the credentials
+// DaemonConfig carries, and wrong credentials fail clearly.
+func TestAuthRegistry(t *testing.T) {
+	reg := converttest.StartAuthRegistry(t, "alice", "s3cret")
+	ro := RegistryOptions{PlainHTTP: true, Username: "alice", Password: "s3cret"}
+	im := newOCIImage(t, []entry{dir("d", 0o755), file("d/f", 0o644, pseudoRandom(9, 300_000))})
+	p, err := newPusher(context.Background(), reg.Addr+"/auth/oci:v1", ro)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var man ocispec.Manifest
+	json.Unmarshal(im.blobs[im.manifest.Digest], &man)
+	for _, d := range append(man.Layers, man.Config, ocispec.Descriptor{MediaType: im.manifest.MediaType, Digest: im.manifest.Digest, Size: im.manifest.Size}) {
+		if _, err := p.pushBytes(context.Background(), d, im.blobs[d.Digest]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	target := reg.Addr + "/auth/nydus:v1"
+	if _, err := Convert(context.Background(), reg.Addr+"/auth/oci:v1", target, Options{Source: ro, Target: ro}); err != nil {
+		t.Fatal(err)
+	}
+	work := t.TempDir()
+	r, err := FetchBootstrap(context.Background(), target, filepath.Join(work, "b"), ro)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Parse(r.DaemonConfig("", false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := storage.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	out := filepath.Join(work, "tree")
+	os.Mkdir(out, 0o755)
+	if err := unpack.ToDir(context.Background(), r.Image, f, out); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(out, "d/f")); !bytes.Equal(b, pseudoRandom(9, 300_000)) {
+		t.Error("d/f differs after the authenticated round trip")
+	}
+
+	bad := RegistryOptions{PlainHTTP: true, Username: "alice", Password: "wrong"}
+	if _, err := Convert(context.Background(), reg.Addr+"/auth/oci:v1", reg.Addr+"/auth/nydus:v2", Options{Source: bad, Target: bad}); err == nil ||
+		!strings.Contains(err.Error(), "401") && !strings.Contains(strings.ToLower(err.Error()), "unauthorized") {
+		t.Fatalf("wrong password: err = %v", err)
+	}
+	if _, err := FetchBootstrap(context.Background(), target, filepath.Join(work, "b2"), RegistryOptions{PlainHTTP: true}); err == nil {
+		t.Fatal("anonymous FetchBootstrap from an auth registry succeeded")
 	}
 }

@@ -26,7 +26,11 @@ type Registry struct {
 
 // StartRegistry starts a registry with a temporary storage directory and
 // kills it (SIGTERM, then SIGKILL) when the test ends.
-func StartRegistry(t testing.TB) *Registry {
+func StartRegistry(t testing.TB) *Registry { return StartAuthRegistry(t, "", "") }
+
+// StartAuthRegistry starts a registry that requires basic auth (htpasswd,
+// from Debian's apache2-utils) as user with password, if user is not empty.
+func StartAuthRegistry(t testing.TB, user, password string) *Registry {
 	t.Helper()
 	if _, err := os.Stat(Binary); err != nil {
 		t.Fatalf("%s not installed (Debian package docker-registry; run .ci/deps): %v", Binary, err)
@@ -39,6 +43,16 @@ func StartRegistry(t testing.TB) *Registry {
 	ln.Close()
 	dir := t.TempDir()
 	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), addr)
+	if user != "" {
+		out, err := exec.Command("htpasswd", "-Bbn", user, password).Output()
+		if err != nil {
+			t.Fatalf("htpasswd (Debian apache2-utils): %v", err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "htpasswd"), out, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cfg += fmt.Sprintf("auth:\n  htpasswd:\n    realm: test\n    path: %s\n", filepath.Join(dir, "htpasswd"))
+	}
 	if err := os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -65,6 +79,7 @@ func StartRegistry(t testing.TB) *Registry {
 		}
 	})
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		// Any answer (401 with auth) means it is up.
 		if resp, err := http.Get("http://" + addr + "/v2/"); err == nil {
 			resp.Body.Close()
 			return &Registry{Addr: addr}
