@@ -46,6 +46,7 @@ type Stats struct {
 	Reads, ReadFailures uint64
 	BytesWritten        uint64 // bytes written into cache files
 	BadMessages         uint64
+	Prefetched          uint64 // chunk runs written by prefetch
 }
 
 // Daemon serves the cachefiles on-demand requests of one bound cache.
@@ -63,10 +64,11 @@ type Daemon struct {
 
 	work    chan readTask
 	wg      sync.WaitGroup
+	bg      sync.WaitGroup // prefetches
 	serving atomic.Bool
 	closed  sync.Once
 
-	opens, openFails, closes, reads, readFails, written, bad atomic.Uint64
+	opens, openFails, closes, reads, readFails, written, bad, prefetched atomic.Uint64
 }
 
 // object is one cache file the kernel opened through the daemon.
@@ -81,8 +83,11 @@ type object struct {
 	bootSize int64
 	blob     *sharedBlob
 	im       *image // the image whose fetcher serves the object
-	refs     int    // in-flight READs
+	refs     int    // in-flight READs and prefetches
 	closing  bool
+	// ctx ends when the object closes: it stops the object's prefetch.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 type readTask struct {
@@ -141,7 +146,7 @@ func (d *Daemon) Stats() Stats {
 	return Stats{
 		Opens: d.opens.Load(), OpenFailures: d.openFails.Load(), Closes: d.closes.Load(),
 		Reads: d.reads.Load(), ReadFailures: d.readFails.Load(), BytesWritten: d.written.Load(),
-		BadMessages: d.bad.Load(),
+		BadMessages: d.bad.Load(), Prefetched: d.prefetched.Load(),
 	}
 }
 
@@ -279,11 +284,25 @@ func (d *Daemon) handleOpen(m Msg) {
 		}
 		o.boot, o.bootSize, o.size = f, fi.Size(), uint64(fi.Size())
 	}
+	o.ctx, o.cancel = context.WithCancel(context.Background())
+	var pre []*rafs.Chunk
 	d.mu.Lock()
 	d.objects[m.ObjectID] = o
+	if o.blob != nil {
+		if pre = prefetchChunks(o.im, o.blob.layout); len(pre) > 0 {
+			o.refs++
+			d.bg.Add(1)
+		}
+	}
 	d.mu.Unlock()
 	d.log.Debug("cachefiles: OPEN", "object", m.ObjectID, "volume", om.VolumeKey, "cookie", om.CookieKey, "size", o.size)
 	d.reply(fmt.Sprintf("copen %d,%d", m.ID, o.size))
+	if len(pre) > 0 {
+		go func() {
+			defer d.bg.Done()
+			d.prefetch(o.ctx, o, pre)
+		}()
+	}
 }
 
 func cutPrefix(s, p string) (string, bool) {
@@ -308,6 +327,7 @@ func (d *Daemon) handleClose(m Msg) {
 	o.closing = true
 	release := o.refs == 0
 	d.mu.Unlock()
+	o.cancel()
 	if release {
 		d.release(o)
 	}
@@ -363,6 +383,12 @@ func (d *Daemon) finishRead(o *object, m Msg, err error) {
 	if cerr := readComplete(o.fd, m.ID); cerr != nil {
 		d.log.Error("cachefiles: completing READ", "object", o.id, "err", cerr)
 	}
+	d.unref(o)
+}
+
+// unref drops a READ's or a prefetch's hold on o, releasing a closed
+// object with the last one.
+func (d *Daemon) unref(o *object) {
 	d.mu.Lock()
 	o.refs--
 	release := o.closing && o.refs == 0
@@ -510,6 +536,10 @@ func (d *Daemon) Close() error {
 		d.images = map[key]*image{}
 		d.mu.Unlock()
 		for _, o := range objs {
+			o.cancel()
+		}
+		d.bg.Wait()
+		for _, o := range objs {
 			unix.Close(o.fd)
 			if o.boot != nil {
 				o.boot.Close()
@@ -547,6 +577,10 @@ func (d *Daemon) Detach() (*os.File, error) {
 		imgs := d.images
 		d.images = map[key]*image{}
 		d.mu.Unlock()
+		for _, o := range objs {
+			o.cancel()
+		}
+		d.bg.Wait()
 		for _, o := range objs {
 			unix.Close(o.fd)
 			if o.boot != nil {

@@ -48,13 +48,18 @@ func writeTree(t testing.TB, dir string, seed int64, files map[string]int) {
 // buildImage builds src into a zstd RAFS v6 image (64 KiB chunks) whose
 // blob goes to blobDir, reusing the chunks of dicts.
 func buildImage(t testing.TB, src, blobDir string, dicts ...*rafs.Image) *testImage {
+	return buildImageOpts(t, src, blobDir, builder.Options{ChunkDicts: dicts})
+}
+
+func buildImageOpts(t testing.TB, src, blobDir string, opts builder.Options) *testImage {
 	t.Helper()
 	tmp, err := os.CreateTemp(blobDir, "blob")
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := codec.Zstd
-	b, err := builder.New(builder.Options{Version: 6, ChunkSize: 64 << 10, Compressor: &c, ChunkDicts: dicts}, tmp)
+	opts.Version, opts.ChunkSize, opts.Compressor = 6, 64<<10, &c
+	b, err := builder.New(opts, tmp)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -400,4 +405,64 @@ func allZero(p []byte) bool {
 		}
 	}
 	return true
+}
+
+// TestPrefetch: with prefetch enabled, opening a blob object fills the
+// cache file in the background: everything with prefetch_all, else the
+// bootstrap's prefetch list.
+func TestPrefetch(t *testing.T) {
+	src := t.TempDir()
+	writeTree(t, src, 6, map[string]int{"lib/a": 300 << 10, "lib/sub/b": 100 << 10, "other/c": 400 << 10})
+	im := buildImageOpts(t, src, t.TempDir(), builder.Options{Prefetch: []string{"/lib"}})
+	for _, tc := range []struct {
+		name, cfg string
+		want      func(path string) bool
+	}{
+		{"all", `{"enable":true,"threads_count":3,"prefetch_all":true}`, func(string) bool { return true }},
+		{"list", `{"enable":true,"threads_count":2,"prefetch_all":false}`, func(p string) bool { return strings.HasPrefix(p, "/lib/") }},
+		{"off", `{"enable":false,"prefetch_all":true}`, func(string) bool { return false }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, _ := testDaemon(t)
+			req := bindReq("id", "", im)
+			req.Config.PrefetchConfig = json.RawMessage(tc.cfg)
+			if err := d.BindBlob(req); err != nil {
+				t.Fatal(err)
+			}
+			fd, path := cacheFile(t)
+			open(d, 1, 1, "erofs,id", im.img.Blobs[0].ID, fd)
+			d.bg.Wait()
+			cache, _ := os.ReadFile(path)
+			// Chunks are shared between files (the zero halves): a chunk
+			// is wanted if any wanted file has it.
+			wanted := map[uint64]bool{}
+			im.img.Walk(func(p string, ino *rafs.Inode) error {
+				for _, fc := range ino.Chunks {
+					if tc.want(p) {
+						wanted[fc.UncompressedOffset] = true
+					}
+				}
+				return nil
+			})
+			im.img.Walk(func(p string, ino *rafs.Inode) error {
+				if !ino.IsRegular() || ino.Size == 0 {
+					return nil
+				}
+				src, _ := os.ReadFile(filepath.Join(im.src, p))
+				for _, fc := range ino.Chunks {
+					c := fc.Chunk
+					end := c.UncompressedOffset + uint64(c.UncompressedSize)
+					ok := end <= uint64(len(cache)) && bytes.Equal(cache[c.UncompressedOffset:end], src[fc.FileOffset:fc.FileOffset+uint64(c.UncompressedSize)])
+					if ok != wanted[c.UncompressedOffset] {
+						t.Errorf("%s chunk at %d: prefetched %v, want %v", p, fc.FileOffset, ok, wanted[c.UncompressedOffset])
+					}
+				}
+				return nil
+			})
+			d.handleClose(Msg{Opcode: OpClose, ObjectID: 1})
+			if fdOpen(fd) {
+				t.Error("CLOSE left the fd open")
+			}
+		})
+	}
 }

@@ -57,6 +57,7 @@ type image struct {
 	img        *rafs.Image
 	fetcher    *storage.Fetcher
 	unbound    bool // removed from the registry; closed with its last object
+	prefetch   config.Prefetch
 }
 
 // sharedBlob is one blob of a domain: the union of the chunks every bound
@@ -147,7 +148,7 @@ func (d *Daemon) BindBlob(req *BindRequest) error {
 		f.Close()
 		return fmt.Errorf("cachefiles: bind %s: %w", req.ID, err)
 	}
-	im := &image{domain: req.Domain(), id: req.ID, path: req.Config.MetadataPath, size: fi.Size(), img: img, fetcher: f}
+	im := &image{domain: req.Domain(), id: req.ID, path: req.Config.MetadataPath, size: fi.Size(), img: img, fetcher: f, prefetch: cfg.Rafs.Prefetch}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
