@@ -78,16 +78,19 @@ func run(log *slog.Logger, dir, tag string, threads int, statsPath, restartPath 
 	go func() { done <- d.Serve(ctx) }()
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
+	var seq uint64
 	writeStats := func() {
 		if statsPath == "" {
 			return
 		}
+		seq++
 		b, _ := json.Marshal(struct {
 			cachefiles.Stats
 			BackendBytes uint64
 			Pid          int
 			Adopted      bool
-		}{d.Stats(), d.BackendBytes(), os.Getpid(), adoptFD >= 0})
+			Seq          uint64 // a reader waits for a later Seq to see counts as of now
+		}{d.Stats(), d.BackendBytes(), os.Getpid(), adoptFD >= 0, seq})
 		tmp := statsPath + ".tmp"
 		if os.WriteFile(tmp, b, 0o644) == nil {
 			os.Rename(tmp, statsPath)
