@@ -174,7 +174,9 @@ func TestGuestFscache(t *testing.T) {
 	fresh := func() guestStats {
 		t.Helper()
 		first := stats(func(guestStats) bool { return true })
-		return stats(func(s guestStats) bool { return s.Pid != first.Pid || s.Adopted != first.Adopted || s.Seq >= first.Seq+2 })
+		return stats(func(s guestStats) bool {
+			return s.Pid != first.Pid || s.Adopted != first.Adopted || s.Seq >= first.Seq+2
+		})
 	}
 	stats(func(guestStats) bool { return true })
 	mount := func(dir, data string) {
