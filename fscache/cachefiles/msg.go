@@ -16,6 +16,23 @@
 // `PUT /api/v2/blobs` that nydus-snapshotter sends. Blob objects of one
 // domain are shared by every image of the domain that names the blob.
 //
+// The data path keeps no blob cache of its own: a READ fetches the chunks
+// covering the range (whole chunks, so the kernel does not ask again for
+// the rest of a chunk) through the shared fetcher (rafs/storage), which
+// checks every chunk's digest, and writes them at their uncompressed
+// offsets. With prefetch enabled in the bind config, opening a blob object
+// also fills it in the background (prefetch_all, or the bootstrap's
+// prefetch list).
+//
+// Restart: the kernel lets one process hold /dev/cachefiles, and closing
+// it fails every mount on the cache, so a restart hands the still-bound fd
+// to the successor (Detach, then New with Config.Device, which sends
+// "restore"). The objects' anon fds are closed on the way; the kernel
+// re-opens each object (a new OPEN) the next time it needs data from it,
+// so mounted filesystems keep working, and reads in the gap wait rather
+// than fail. Bindings are not part of the handover: the successor binds
+// the same images again before serving.
+//
 // Everything the kernel sends is checked before use: a message for an
 // unknown object, a truncated message or an out-of-range read gets an error
 // reply (or a completed read that the kernel turns into EIO), never a crash.
