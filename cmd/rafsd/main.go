@@ -3,7 +3,7 @@
 // nydus-snapshotter and Kata Containers start it unchanged.
 //
 //	rafsd [fuse] --mountpoint DIR [--config F --bootstrap F | --shared-dir D] [--apisock S] ...
-//	rafsd virtiofs --sock S --apisock S        (not implemented yet)
+//	rafsd virtiofs --sock S --apisock S [--thread-num N]  (also: --sock without a subcommand, as Kata starts it)
 //	rafsd singleton --fscache DIR --apisock S  (not implemented yet)
 //	rafsd fanotify ...                         (not implemented yet)
 package main
@@ -180,7 +180,14 @@ func run(argv []string, stdout, stderr io.Writer) int {
 	slog.SetDefault(log)
 
 	switch a.mode {
-	case "virtiofs", "singleton", "fanotify":
+	case "virtiofs":
+		if err := runVirtiofs(a, log, level); err != nil {
+			log.Error("rafsd failed", "err", err)
+			fmt.Fprintln(stderr, "rafsd:", err)
+			return 1
+		}
+		return 0
+	case "singleton", "fanotify":
 		log.Error("mode not implemented yet", "mode", a.mode)
 		fmt.Fprintf(stderr, "rafsd: %s mode is not implemented yet\n", a.mode)
 		return 1
