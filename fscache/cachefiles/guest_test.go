@@ -58,7 +58,7 @@ func scenarioTree(t *testing.T, seed int64, extra map[string]int) string {
 	return dir
 }
 
-func ext4Disk(t *testing.T, dir string, mb int) string {
+func ext4Disk(t testing.TB, dir string, mb int) string {
 	img := filepath.Join(t.TempDir(), "disk.img")
 	args := []string{"-q", "-F"}
 	if dir != "" {

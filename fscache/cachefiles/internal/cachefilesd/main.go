@@ -40,7 +40,16 @@ func main() {
 		bindList binds
 	)
 	flag.Var(&bindList, "bind", "JSON file holding a PUT /api/v2/blobs body (repeatable)")
+	dropCaches := flag.Bool("drop-caches", false, "write 3 to /proc/sys/vm/drop_caches and exit (the guest has no shell)")
 	flag.Parse()
+	if *dropCaches {
+		unix.Sync()
+		if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	if err := run(log, *dir, *tag, *threads, *stats, *restart, *adoptFD, bindList); err != nil {
 		log.Error("cachefilesd", "err", err)
