@@ -462,20 +462,54 @@ func (d *Daemon) fillBlob(ctx context.Context, o *object, off, end uint64) error
 		}
 		lo, hi = nlo, nhi
 	}
-	// Runs of chunks whose pages touch are assembled and written at once.
+	// Runs of chunks whose pages touch are assembled and written at once;
+	// the runs of one READ are fetched in parallel (a cold read is mostly
+	// waiting on the backend and decompressing).
+	runs := splitRuns(chunks)
+	if len(runs) == 1 {
+		return d.writeRun(ctx, o, runs[0])
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+		sem   = make(chan struct{}, runParallelism)
+	)
+	for _, run := range runs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if err := d.writeRun(ctx, o, run); err != nil {
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return first
+}
+
+// runParallelism bounds the chunk runs of one READ fetched at once.
+const runParallelism = 4
+
+// splitRuns cuts offset-sorted chunks into runs whose pages touch: each
+// run is written with one page-aligned pwrite.
+func splitRuns(chunks []*rafs.Chunk) [][]*rafs.Chunk {
+	var runs [][]*rafs.Chunk
 	for len(chunks) > 0 {
-		n := 1
-		runEnd := chunkEnd(chunks[0])
-		for n < len(chunks) && roundDown(chunks[n].UncompressedOffset) < roundUp(runEnd) {
-			runEnd = max(runEnd, chunkEnd(chunks[n]))
+		n, end := 1, chunkEnd(chunks[0])
+		for n < len(chunks) && roundDown(chunks[n].UncompressedOffset) < roundUp(end) {
+			end = max(end, chunkEnd(chunks[n]))
 			n++
 		}
-		if err := d.writeRun(ctx, o, chunks[:n]); err != nil {
-			return err
-		}
+		runs = append(runs, chunks[:n])
 		chunks = chunks[n:]
 	}
-	return nil
+	return runs
 }
 
 func chunkEnd(c *rafs.Chunk) uint64 { return c.UncompressedOffset + uint64(c.UncompressedSize) }

@@ -71,16 +71,7 @@ func (d *Daemon) prefetch(ctx context.Context, o *object, chunks []*rafs.Chunk) 
 	defer d.unref(o)
 	threads := max(1, min(o.im.prefetch.ThreadsCount, 16))
 	// Runs of chunks sharing pages are the unit of work, as for READs.
-	var runs [][]*rafs.Chunk
-	for len(chunks) > 0 {
-		n, end := 1, chunkEnd(chunks[0])
-		for n < len(chunks) && roundDown(chunks[n].UncompressedOffset) < roundUp(end) {
-			end = max(end, chunkEnd(chunks[n]))
-			n++
-		}
-		runs = append(runs, chunks[:n])
-		chunks = chunks[n:]
-	}
+	runs := splitRuns(chunks)
 	next := make(chan []*rafs.Chunk)
 	var wg sync.WaitGroup
 	for range threads {
