@@ -290,7 +290,7 @@ func TestKataVirtioFSNydus(t *testing.T) {
 	}
 
 	start := time.Now()
-	d := startKataDaemon(t, apisock, sock)
+	d := startKataDaemon(t, apisock, sock, kataExtraArgs(t)...)
 	// Start() -> setupShareDirFn(): the client waits for the socket as
 	// Kata does and mounts the shared dir right away.
 	c, err := newKataClient(apisock)
@@ -321,6 +321,10 @@ func TestKataVirtioFSNydus(t *testing.T) {
 	}
 	if feats&(1<<32) == 0 || feats&(1<<30) == 0 {
 		t.Fatalf("features %#x lack VIRTIO_F_VERSION_1 or VHOST_USER_F_PROTOCOL_FEATURES", feats)
+	}
+	// The device answers, so it logged its start. The extra args took effect (--thread-num is the per-queue workers).
+	if out := d.out.String(); !strings.Contains(out, "serving virtio-fs") || !strings.Contains(out, "workers=8") {
+		t.Errorf("rafsd did not log serving virtio-fs with 8 workers:\n%s", out)
 	}
 
 	const cid = "3c5e0f2d9a1b-ctr"
@@ -396,6 +400,30 @@ func TestKataVirtioFSNydus(t *testing.T) {
 			t.Errorf("%s left behind after exit", p)
 		}
 	}
+}
+
+// kataExtraArgs returns virtio_fs_extra_args of the shipped Kata config
+// snippet, so the replay starts rafsd as that config would.
+func kataExtraArgs(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile("../../configs/kata/configuration-qemu.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, "=")
+		if !ok || strings.TrimSpace(k) != "virtio_fs_extra_args" {
+			continue
+		}
+		// A TOML array of basic strings is also a JSON array.
+		var args []string
+		if err := json.Unmarshal([]byte(strings.TrimSpace(v)), &args); err != nil {
+			t.Fatalf("virtio_fs_extra_args: %v", err)
+		}
+		return args
+	}
+	t.Fatal("configs/kata/configuration-qemu.toml has no virtio_fs_extra_args")
+	return nil
 }
 
 func mustJSON(v any) string {

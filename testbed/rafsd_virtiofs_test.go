@@ -1,0 +1,296 @@
+package testbed
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rafsd/rafsd/guest"
+	"github.com/rafsd/rafsd/guest/treehash"
+)
+
+// hostRafsd is `rafsd virtiofs` running on the host, driven through its
+// API socket.
+type hostRafsd struct {
+	cmd    *exec.Cmd
+	out    *lockedBuf
+	exited chan struct{}
+	err    error
+	hc     *http.Client
+}
+
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func startHostRafsd(t *testing.T, ctx context.Context, sock, apisock string) *hostRafsd {
+	t.Helper()
+	bin, err := BuildStatic(ctx, "./cmd/rafsd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &hostRafsd{out: &lockedBuf{}, exited: make(chan struct{})}
+	d.cmd = exec.Command(bin, "virtiofs", "--sock", sock, "--apisock", apisock, "--log-level", "info", "--thread-num", "4")
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.err = d.cmd.Wait(); close(d.exited) }()
+	t.Cleanup(func() {
+		select {
+		case <-d.exited:
+		default:
+			d.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-d.exited:
+			case <-time.After(5 * time.Second):
+				d.cmd.Process.Kill()
+				<-d.exited
+			}
+		}
+		if t.Failed() {
+			t.Logf("rafsd output:\n%s", d.out)
+		}
+	})
+	d.hc = &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", apisock)
+		},
+	}}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		_, err1 := os.Stat(apisock)
+		_, err2 := os.Stat(sock)
+		if err1 == nil && err2 == nil {
+			break
+		}
+		select {
+		case <-d.exited:
+			t.Fatalf("rafsd exited at start: %v\n%s", d.err, d.out)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rafsd sockets did not appear\n%s", d.out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return d
+}
+
+// call sends an API request and fails the test unless it gets 204.
+func (d *hostRafsd) call(t *testing.T, method, mountpoint string, body any) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, "http://unix/api/v1/mount?mountpoint="+mountpoint, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := d.hc.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, mountpoint, err)
+	}
+	defer resp.Body.Close()
+	msg, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("%s %s: %s %s", method, mountpoint, resp.Status, msg)
+	}
+}
+
+func (d *hostRafsd) state(t *testing.T) string {
+	t.Helper()
+	resp, err := d.hc.Get("http://unix/api/v1/daemon")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var info struct {
+		State string `json:"state"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&info); err != nil {
+		t.Fatal(err)
+	}
+	return info.State
+}
+
+func localfsConfig(dir string) string {
+	b, _ := json.Marshal(map[string]any{
+		"device": map[string]any{"backend": map[string]any{"type": "localfs", "config": map[string]any{"dir": dir}}},
+		"mode":   "direct", "digest_validate": true,
+	})
+	return string(b)
+}
+
+// TestRafsdVirtioFSKata is Kata's virtio-fs-nydus mode with a real guest:
+// `rafsd virtiofs` on the host serves the vhost-user-fs device QEMU
+// connects to; the guest mounts the tag where the kata-agent does. While
+// the guest runs, the sandbox's shared dir and two RAFS images (v6 and v5)
+// are mounted through the API; the guest sees the host's trees, writes
+// into the shared dir, and loses one image when it is unmounted while the
+// other keeps serving. The guest then powers off (QEMU must exit on its
+// own: the device stop completes) and rafsd exits 0 on SIGTERM.
+func TestRafsdVirtioFSKata(t *testing.T) {
+	requireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
+	defer cancel()
+
+	srcA := sourceTree(t)
+	srcB := sourceTree(t)
+	if err := os.WriteFile(filepath.Join(srcB, "only-in-b"), []byte("image b\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(srcB, "many")); err != nil {
+		t.Fatal(err)
+	}
+	imgA := buildImages(t, ctx, srcA, 6)
+	imgB := buildImages(t, ctx, srcB, 5)
+	shared := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(shared, "ctr1", "rootfs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(shared, "ctr1", "config.json"), []byte(`{"ociVersion":"1.1.0"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hashOf := func(dir string) string {
+		h, err := treehash.Hash(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	wantA, wantB := hashOf(srcA), hashOf(srcB)
+
+	run := t.TempDir()
+	sock, apisock := filepath.Join(run, "vhost-fs.sock"), filepath.Join(run, "nydusd-api.sock")
+	d := startHostRafsd(t, ctx, sock, apisock)
+	if st := d.state(t); st != "RUNNING" {
+		t.Fatalf("daemon state %s before the VM, want RUNNING", st)
+	}
+	// Kata mounts the shared dir before it starts QEMU.
+	d.call(t, http.MethodPost, "/containers", map[string]string{"fs_type": "passthrough_fs", "source": shared, "config": ""})
+
+	vm := StartTB(t, Options{VirtioFS: []VirtioFS{{Socket: sock, Tag: "kataShared"}}})
+	a := vm.Agent()
+	const root = "/run/kata-containers/shared"
+	if err := a.Mount(ctx, guest.MountRequest{Source: "kataShared", Target: root, FSType: "virtiofs", Mkdir: true}); err != nil {
+		t.Fatalf("guest mount -t virtiofs: %v", err)
+	}
+
+	// Containers start: their images are mounted while the guest runs.
+	lowerA, lowerB := "/rafs/ctr-a/lowerdir", "/rafs/ctr-b/lowerdir"
+	d.call(t, http.MethodPost, lowerA, map[string]string{"fs_type": "rafs", "source": filepath.Join(imgA, "v6", "bootstrap"), "config": localfsConfig(filepath.Join(imgA, "blobs"))})
+	d.call(t, http.MethodPost, lowerB, map[string]string{"fs_type": "rafs", "source": filepath.Join(imgB, "v5", "bootstrap"), "config": localfsConfig(filepath.Join(imgB, "blobs"))})
+
+	guestHash := func(p, want string) {
+		t.Helper()
+		start := time.Now()
+		got, err := a.TreeHash(ctx, root+p, false)
+		if err != nil {
+			t.Fatalf("guest tree hash of %s: %v", p, err)
+		}
+		if got.Hash != want {
+			t.Fatalf("guest tree hash of %s = %s, host %s", p, got.Hash, want)
+		}
+		t.Logf("guest tree hash of %s matches the host (%s)", p, time.Since(start).Round(time.Millisecond))
+	}
+	guestHash(lowerA, wantA)
+	guestHash(lowerB, wantB)
+	guestHash("/containers", hashOf(shared))
+	tool, err := a.ReadFile(ctx, root+lowerA+"/bin/tool", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if orig, _ := os.ReadFile(filepath.Join(srcA, "bin/tool")); !bytes.Equal(tool, orig) {
+		t.Fatalf("guest read %d bytes of bin/tool, content differs from the host's %d", len(tool), len(orig))
+	}
+
+	// The guest writes into the shared dir (a container's output); the
+	// host sees the bytes.
+	payload := bytes.Repeat([]byte("written by the guest\n"), 5000)
+	if err := a.WriteFile(ctx, root+"/containers/ctr1/from-guest.log", payload, 0o640); err != nil {
+		t.Fatalf("guest write into the shared dir: %v", err)
+	}
+	if got, err := os.ReadFile(filepath.Join(shared, "ctr1", "from-guest.log")); err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("host sees the guest's file: %d bytes, err %v; want %d bytes", len(got), err, len(payload))
+	}
+	if err := a.WriteFile(ctx, root+lowerB+"/new", []byte("x"), 0o644); err == nil {
+		t.Fatalf("guest created a file in a read-only RAFS image")
+	}
+
+	// Container a stops: its image is unmounted through the API. The guest
+	// drops it when its cached entries expire (virtio-fs has no
+	// invalidation channel), while b keeps serving.
+	d.call(t, http.MethodDelete, lowerA, nil)
+	gone := false
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		if _, err := a.ReadFile(ctx, root+lowerA+"/etc/conf", 0); err != nil {
+			gone = true
+			t.Logf("unmounted image gone in the guest: %v", err)
+			break
+		}
+	}
+	if !gone {
+		t.Fatalf("%s still readable in the guest 60 s after the API unmounted it", lowerA)
+	}
+	// The pseudo directory /rafs/ctr-a went with it.
+	rafsDir, err := a.TreeHash(ctx, root+"/rafs", true)
+	if err != nil {
+		t.Fatalf("guest walk of %s/rafs: %v", root, err)
+	}
+	for _, e := range rafsDir.Entries {
+		if e.Path != "." && !strings.HasPrefix(e.Path, "ctr-b") {
+			t.Fatalf("guest still lists %s/rafs/%s after the unmount", root, e.Path)
+		}
+	}
+	guestHash(lowerB, wantB)
+
+	// The VM shuts down: QEMU resets the device and must exit by itself.
+	start := time.Now()
+	if err := vm.Stop(); err != nil {
+		t.Fatalf("QEMU did not exit on its own after guest power-off: %v", err)
+	}
+	t.Logf("guest power-off to QEMU exit: %s", time.Since(start).Round(time.Millisecond))
+	if st := d.state(t); st != "RUNNING" {
+		t.Fatalf("daemon state %s after the VM went away, want RUNNING", st)
+	}
+	// Kata's Stop(): SIGTERM, 5 s grace.
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+		if d.err != nil {
+			t.Fatalf("rafsd exit after SIGTERM: %v", d.err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("rafsd still running 5 s after SIGTERM")
+	}
+	if out := d.out.String(); strings.Contains(out, "level=ERROR") || strings.Contains(out, "panic") {
+		t.Errorf("rafsd logged errors:\n%s", out)
+	}
+}
