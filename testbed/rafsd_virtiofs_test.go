@@ -155,7 +155,8 @@ func localfsConfig(dir string) string {
 // are mounted through the API; the guest sees the host's trees, writes
 // into the shared dir, and loses one image when it is unmounted while the
 // other keeps serving. The guest then powers off (QEMU must exit on its
-// own: the device stop completes) and rafsd exits 0 on SIGTERM.
+// own: the device stop completes), a second QEMU reconnects to the same
+// daemon and sees the same mounts, and rafsd exits 0 on SIGTERM.
 func TestRafsdVirtioFSKata(t *testing.T) {
 	requireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
@@ -279,6 +280,18 @@ func TestRafsdVirtioFSKata(t *testing.T) {
 	t.Logf("guest power-off to QEMU exit: %s", time.Since(start).Round(time.Millisecond))
 	if st := d.state(t); st != "RUNNING" {
 		t.Fatalf("daemon state %s after the VM went away, want RUNNING", st)
+	}
+	// The VMM restarts (a new QEMU on the same socket): the daemon takes
+	// the new front end without a restart, with its mounts as they were.
+	vm2 := StartTB(t, Options{VirtioFS: []VirtioFS{{Socket: sock, Tag: "kataShared"}}})
+	a = vm2.Agent()
+	if err := a.Mount(ctx, guest.MountRequest{Source: "kataShared", Target: root, FSType: "virtiofs", Mkdir: true}); err != nil {
+		t.Fatalf("second guest: mount -t virtiofs: %v", err)
+	}
+	guestHash(lowerB, wantB)
+	guestHash("/containers", hashOf(shared))
+	if err := vm2.Stop(); err != nil {
+		t.Fatalf("second QEMU did not exit on its own after guest power-off: %v", err)
 	}
 	// Kata's Stop(): SIGTERM, 5 s grace.
 	d.cmd.Process.Signal(syscall.SIGTERM)
