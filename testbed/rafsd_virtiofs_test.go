@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"math/rand"
 	"net"
 	"net/http"
 	"os"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/rafsd/rafsd/guest"
 	"github.com/rafsd/rafsd/guest/treehash"
+	"github.com/rafsd/rafsd/testbed/initramfs"
 )
 
 // hostRafsd is `rafsd virtiofs` running on the host, driven through its
@@ -47,7 +50,7 @@ func (l *lockedBuf) String() string {
 	return l.b.String()
 }
 
-func startHostRafsd(t *testing.T, ctx context.Context, sock, apisock string) *hostRafsd {
+func startHostRafsd(t testing.TB, ctx context.Context, sock, apisock string) *hostRafsd {
 	t.Helper()
 	bin, err := BuildStatic(ctx, "./cmd/rafsd")
 	if err != nil {
@@ -102,7 +105,7 @@ func startHostRafsd(t *testing.T, ctx context.Context, sock, apisock string) *ho
 }
 
 // call sends an API request and fails the test unless it gets 204.
-func (d *hostRafsd) call(t *testing.T, method, mountpoint string, body any) {
+func (d *hostRafsd) call(t testing.TB, method, mountpoint string, body any) {
 	t.Helper()
 	var rd io.Reader
 	if body != nil {
@@ -306,4 +309,126 @@ func TestRafsdVirtioFSKata(t *testing.T) {
 	if out := d.out.String(); strings.Contains(out, "level=ERROR") || strings.Contains(out, "panic") {
 		t.Errorf("rafsd logged errors:\n%s", out)
 	}
+}
+
+// benchTree writes the benchmark's tree: one 64 MiB file (half random,
+// half zeros per MiB) and a directory of 10,000 small files.
+func benchTree(tb testing.TB) string {
+	tb.Helper()
+	dir := tb.TempDir()
+	rng := rand.New(rand.NewSource(7))
+	big := make([]byte, 64<<20)
+	for off := 0; off < len(big); off += 1 << 20 {
+		rng.Read(big[off : off+1<<19])
+	}
+	if err := os.WriteFile(filepath.Join(dir, "big.bin"), big, 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "many"), 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	for i := 0; i < 10000; i++ {
+		if err := os.WriteFile(filepath.Join(dir, "many", fmt.Sprintf("f%05d", i)), []byte(fmt.Sprintf("file %d\n", i)), 0o644); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// vfsbenchResult is one line of testdata/vfsbench's output.
+type vfsbenchResult struct {
+	Root      string  `json:"root"`
+	SeqMiBps  float64 `json:"seq_mib_per_s"`
+	RandOpsps float64 `json:"rand_4k_reads_per_s"`
+	StatOpsps float64 `json:"stats_per_s"`
+	Files     int     `json:"files"`
+}
+
+// BenchmarkRafsdVirtioFS measures, inside a TCG guest, a RAFS image served
+// by `rafsd virtiofs` (daemon cache warm) against the same tree on an ext4
+// virtio-blk disk in the same guest: sequential reads of a 64 MiB file,
+// random 4 KiB reads, and lstat of 10,000 files, with the guest's caches
+// dropped before each pass. Ratios are virtio-fs / virtio-blk.
+func BenchmarkRafsdVirtioFS(b *testing.B) {
+	requireRoot(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	src := benchTree(b)
+	tool, err := BuildStatic(ctx, "./cmd/rafs-image")
+	if err != nil {
+		b.Fatal(err)
+	}
+	img := b.TempDir()
+	boot, blobs := filepath.Join(img, "bootstrap"), filepath.Join(img, "blobs")
+	if out, err := exec.CommandContext(ctx, tool, "create", "--bootstrap", boot, "--blob-dir", blobs, src).CombinedOutput(); err != nil {
+		b.Fatalf("rafs-image create: %v\n%s", err, out)
+	}
+	disk := filepath.Join(b.TempDir(), "disk.img")
+	if out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-N", "20000", "-d", src, disk, "160M").CombinedOutput(); err != nil {
+		b.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	bench, err := BuildStatic(ctx, "./testbed/testdata/vfsbench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	run := b.TempDir()
+	sock, apisock := filepath.Join(run, "vhost-fs.sock"), filepath.Join(run, "api.sock")
+	d := startHostRafsd(b, ctx, sock, apisock)
+	d.call(b, http.MethodPost, "/rafs/bench/lowerdir", map[string]string{"fs_type": "rafs", "source": boot, "config": localfsConfig(blobs)})
+
+	vm := StartTB(b, Options{
+		MemoryMiB: 768,
+		VirtioFS:  []VirtioFS{{Socket: sock, Tag: "rafsfs"}},
+		Disks:     []string{disk},
+		Files:     []initramfs.File{{Path: "/bin/vfsbench", Source: bench}},
+		Timeout:   20 * time.Minute,
+	})
+	a := vm.Agent()
+	if err := a.Mount(ctx, guest.MountRequest{Source: "rafsfs", Target: "/vfs", FSType: "virtiofs", Mkdir: true}); err != nil {
+		b.Fatal(err)
+	}
+	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vda", Target: "/blk", FSType: "ext4", Flags: 1 /* MS_RDONLY */, Mkdir: true}); err != nil {
+		b.Fatal(err)
+	}
+	var fs, blk vfsbenchResult
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		res, err := a.Exec(ctx, guest.ExecRequest{Argv: []string{"/bin/vfsbench", "/vfs/rafs/bench/lowerdir", "/blk"}, TimeoutMS: 10 * 60 * 1000})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if res.ExitCode != 0 {
+			b.Fatalf("vfsbench: exit %d\n%s%s", res.ExitCode, res.Stdout, res.Stderr)
+		}
+		lines := strings.Split(strings.TrimSpace(string(res.Stdout)), "\n")
+		if len(lines) != 2 {
+			b.Fatalf("vfsbench output: %q", res.Stdout)
+		}
+		var r [2]vfsbenchResult
+		for j := range r {
+			if err := json.Unmarshal([]byte(lines[j]), &r[j]); err != nil {
+				b.Fatalf("vfsbench output %q: %v", lines[j], err)
+			}
+		}
+		if r[0].Files != 10000 || r[1].Files != 10000 {
+			b.Fatalf("vfsbench stat'ed %d and %d files, want 10000", r[0].Files, r[1].Files)
+		}
+		fs.SeqMiBps += r[0].SeqMiBps
+		fs.RandOpsps += r[0].RandOpsps
+		fs.StatOpsps += r[0].StatOpsps
+		blk.SeqMiBps += r[1].SeqMiBps
+		blk.RandOpsps += r[1].RandOpsps
+		blk.StatOpsps += r[1].StatOpsps
+	}
+	b.StopTimer()
+	n := float64(b.N)
+	b.ReportMetric(fs.SeqMiBps/n, "virtiofs-seq-MiB/s")
+	b.ReportMetric(blk.SeqMiBps/n, "blk-seq-MiB/s")
+	b.ReportMetric(fs.SeqMiBps/blk.SeqMiBps, "seq-virtiofs/blk")
+	b.ReportMetric(fs.RandOpsps/n, "virtiofs-rand4k/s")
+	b.ReportMetric(blk.RandOpsps/n, "blk-rand4k/s")
+	b.ReportMetric(fs.RandOpsps/blk.RandOpsps, "rand-virtiofs/blk")
+	b.ReportMetric(fs.StatOpsps/n, "virtiofs-stat/s")
+	b.ReportMetric(blk.StatOpsps/n, "blk-stat/s")
+	b.ReportMetric(fs.StatOpsps/blk.StatOpsps, "stat-virtiofs/blk")
 }
