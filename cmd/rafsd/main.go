@@ -4,7 +4,7 @@
 //
 //	rafsd [fuse] --mountpoint DIR [--config F --bootstrap F | --shared-dir D] [--apisock S] ...
 //	rafsd virtiofs --sock S --apisock S [--thread-num N]  (also: --sock without a subcommand, as Kata starts it)
-//	rafsd singleton --fscache DIR --apisock S  (not implemented yet)
+//	rafsd singleton --fscache DIR [--fscache-tag T] [--fscache-threads N] --apisock S
 //	rafsd fanotify ...                         (not implemented yet)
 package main
 
@@ -187,7 +187,14 @@ func run(argv []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		return 0
-	case "singleton", "fanotify":
+	case "singleton":
+		if err := runSingleton(a, log); err != nil {
+			log.Error("rafsd failed", "err", err)
+			fmt.Fprintln(stderr, "rafsd:", err)
+			return 1
+		}
+		return 0
+	case "fanotify":
 		log.Error("mode not implemented yet", "mode", a.mode)
 		fmt.Fprintf(stderr, "rafsd: %s mode is not implemented yet\n", a.mode)
 		return 1
