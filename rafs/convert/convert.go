@@ -215,6 +215,9 @@ func (c *conv) pickManifest(ctx context.Context) (ocispec.Descriptor, ocispec.Ma
 	return desc, man, nil
 }
 
+// progressInterval is how often a layer still converting is reported.
+var progressInterval = 5 * time.Second
+
 type layerOut struct {
 	res   *builder.Result
 	stats builder.Stats
@@ -232,6 +235,24 @@ func (c *conv) buildLayer(ctx context.Context, i, n int, desc ocispec.Descriptor
 		return nil, err
 	}
 	defer vr.Close()
+	if c.opts.Progress != nil {
+		// Large layers take minutes: say how far each one is.
+		tick := time.NewTicker(progressInterval)
+		stop := make(chan struct{})
+		defer func() { tick.Stop(); close(stop) }()
+		go func() {
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+					r := vr.read.Load()
+					c.progress("layer %d/%d %s: %s of %s read (%d%%)", i+1, n, desc.Digest.Encoded()[:12],
+						size(r), size(desc.Size), 100*r/max(desc.Size, 1))
+				}
+			}
+		}()
+	}
 	f, err := os.CreateTemp(c.work, "blob-")
 	if err != nil {
 		return nil, err

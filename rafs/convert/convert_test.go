@@ -10,7 +10,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/remotes"
@@ -93,6 +95,24 @@ func readBack(t *testing.T, ref, work string) (*Remote, string) {
 	return r, out
 }
 
+// syncBuffer is a bytes.Buffer safe for the converter's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
 // TestConvertRegistry converts a multi-layer image from one repository of a
 // real registry to another, then reads the result back through the registry
 // (bootstrap from its layer, file data by the fetcher's registry backend)
@@ -106,7 +126,9 @@ func TestConvertRegistry(t *testing.T) {
 	for _, v := range []int{6, 5} {
 		t.Run("v"+string(rune('0'+v)), func(t *testing.T) {
 			target := reg.Addr + "/app/nydus:v" + string(rune('0'+v))
-			var progress bytes.Buffer
+			var progress syncBuffer
+			progressInterval = time.Millisecond
+			t.Cleanup(func() { progressInterval = 5 * time.Second })
 			res, err := Convert(context.Background(), src, target, Options{
 				FsVersion: v, ChunkSize: 256 << 10, Parallel: 2,
 				Source: RegistryOptions{PlainHTTP: true}, Target: RegistryOptions{PlainHTTP: true},
@@ -115,7 +137,7 @@ func TestConvertRegistry(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !strings.Contains(progress.String(), "layer 3/3") || !strings.Contains(progress.String(), "pushed blob") {
+			if p := progress.String(); !strings.Contains(p, "layer 3/3") || !strings.Contains(p, "pushed blob") || !strings.Contains(p, " read (") {
 				t.Errorf("progress output:\n%s", progress.String())
 			}
 			if len(res.Blobs) != 3 || len(res.Uploaded) != 3 {

@@ -15,6 +15,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/remotes"
@@ -340,6 +341,8 @@ type verifiedReader struct {
 	h    hash.Hash
 	n    int64
 	err  error
+	// read mirrors n for progress reports from other goroutines.
+	read atomic.Int64
 }
 
 func newVerifiedReader(rc io.ReadCloser, desc ocispec.Descriptor) (*verifiedReader, error) {
@@ -364,6 +367,7 @@ func (v *verifiedReader) Read(p []byte) (int, error) {
 	n, err := v.rc.Read(p)
 	v.h.Write(p[:n])
 	v.n += int64(n)
+	v.read.Store(v.n)
 	if v.n > v.desc.Size {
 		v.err = fmt.Errorf("blob %s: more than its %d bytes", v.desc.Digest, v.desc.Size)
 		return 0, v.err
