@@ -28,7 +28,7 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
 
 # bench-coldstart: OCI pull+unpack vs lazy RAFS start of a 1 GiB image from a
-# local registry behind a 100 MiB/s proxy (make bench runs it at 256 MiB).
+# local registry behind a 100 MiB/s proxy (also part of make bench).
 bench-coldstart:
 	RAFS_COLDSTART_MIB=1024 $(GO) test -run '^$$' -bench BenchmarkColdStart -benchtime 1x -timeout 30m -v ./rafs/convert/
 

@@ -396,10 +396,10 @@ func lookupPath(img *rafs.Image, p string) (*rafs.Inode, error) {
 // (pull, gunzip, untar everything, then read the startup set) with one from
 // the converted RAFS image (bootstrap, then only the startup set's chunks),
 // both from the same local registry behind a 100 MiB/s token-bucket proxy.
-// RAFS_COLDSTART_MIB sets the image size (default 256; make bench-coldstart
-// uses 1024).
+// RAFS_COLDSTART_MIB sets the image size (default 1024, about a minute on 2
+// cores; below ~512 MiB fixed request latencies dominate the RAFS side).
 func BenchmarkColdStart(b *testing.B) {
-	mib := int64(256)
+	mib := int64(1024)
 	if s := os.Getenv("RAFS_COLDSTART_MIB"); s != "" {
 		v, err := strconv.ParseInt(s, 10, 64)
 		if err != nil || v < 8 {
