@@ -1,0 +1,455 @@
+// Package clients brings up the real clients that drive nydusd in
+// production — containerd, nydus-snapshotter and runc — around rafsd, for
+// tests: containerd from Debian with its own root, state and socket under a
+// temporary directory (never the system's), nydus-snapshotter built once from
+// the Go module proxy and cached, and both wired together through a proxy
+// snapshotter plugin named "nydus".
+//
+// Every process started here is killed when the test ends (SIGTERM, then
+// SIGKILL), and every mount left under the test's directory is lazily
+// unmounted.
+package clients
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// SnapshotterVersion is the nydus-snapshotter release the tests pin.
+const SnapshotterVersion = "v0.16.1"
+
+// CacheDir holds binaries built for the tests, outside the repository.
+var CacheDir = "/var/cache/rafsd-testbed/clients"
+
+// Binaries of the stack under test.
+const (
+	Containerd = "/usr/bin/containerd"
+	Runc       = "/usr/sbin/runc"
+)
+
+// moduleRoot is the rafsd module's root directory.
+func moduleRoot(t testing.TB) string {
+	t.Helper()
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		t.Fatal("not inside the rafsd module")
+	}
+	return filepath.Dir(mod)
+}
+
+// BuildRafs builds bin/rafsd and bin/rafs-image of this tree into dir and
+// returns their paths.
+func BuildRafs(t testing.TB, dir string) (rafsd, rafsImage string) {
+	t.Helper()
+	root := moduleRoot(t)
+	rafsd, rafsImage = filepath.Join(dir, "rafsd"), filepath.Join(dir, "rafs-image")
+	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/rafsd", "./cmd/rafs-image")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building rafsd and rafs-image: %v\n%s", err, out)
+	}
+	return rafsd, rafsImage
+}
+
+// SnapshotterBinary returns containerd-nydus-grpc at SnapshotterVersion,
+// building it on first use: `go install` refuses the module (its go.mod has
+// exclude directives), so the module is downloaded and built in a writable
+// copy. The binary is cached under CacheDir, keyed by version.
+func SnapshotterBinary(t testing.TB) string {
+	t.Helper()
+	dir := filepath.Join(CacheDir, "nydus-snapshotter-"+SnapshotterVersion)
+	bin := filepath.Join(dir, "containerd-nydus-grpc")
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// One builder at a time: parallel test binaries share the cache.
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
+	out, err := exec.Command("go", "mod", "download", "-json", "github.com/containerd/nydus-snapshotter@"+SnapshotterVersion).Output()
+	if err != nil {
+		t.Fatalf("go mod download nydus-snapshotter: %v", err)
+	}
+	var mod struct{ Dir, Error string }
+	if err := json.Unmarshal(out, &mod); err != nil || mod.Dir == "" {
+		t.Fatalf("go mod download nydus-snapshotter: %s (%v)", out, err)
+	}
+	src := t.TempDir()
+	if out, err := exec.Command("cp", "-r", mod.Dir+"/.", src).CombinedOutput(); err != nil {
+		t.Fatalf("copy module: %v: %s", err, out)
+	}
+	if out, err := exec.Command("chmod", "-R", "u+w", src).CombinedOutput(); err != nil {
+		t.Fatalf("chmod module copy: %v: %s", err, out)
+	}
+	t.Logf("building nydus-snapshotter %s (first run; cached in %s)", SnapshotterVersion, dir)
+	cmd := exec.Command("go", "build", "-o", bin+".tmp", "./cmd/containerd-nydus-grpc")
+	cmd.Dir = src
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building nydus-snapshotter: %v\n%s", err, out)
+	}
+	if err := os.Rename(bin+".tmp", bin); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// Proc is a process started by the harness.
+type Proc struct {
+	Cmd  *exec.Cmd
+	Log  string
+	done chan struct{}
+}
+
+// Exited reports whether the process has exited.
+func (p *Proc) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// start runs argv in its own process group with output in logName, and
+// kills the whole group when the test ends: children it spawned (rafsd
+// daemons, shims) go with it.
+func start(t testing.TB, logName string, argv ...string) *Proc {
+	t.Helper()
+	logf, err := os.Create(logName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", argv[0], err)
+	}
+	p := &Proc{Cmd: cmd, Log: logName, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { p.Stop(5 * time.Second) })
+	return p
+}
+
+// Stop sends SIGTERM to the process group, then SIGKILL after grace.
+func (p *Proc) Stop(grace time.Duration) {
+	pgid := p.Cmd.Process.Pid
+	syscall.Kill(-pgid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		<-p.done
+	}
+	// Whatever is left in the group (a shim that outlived its parent).
+	syscall.Kill(-pgid, syscall.SIGKILL)
+}
+
+// Tail returns the last n bytes of the process log, for failure messages.
+func (p *Proc) Tail(n int) string {
+	b, _ := os.ReadFile(p.Log)
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(b)
+}
+
+func waitSocket(t testing.TB, p *Proc, sock string, timeout time.Duration) {
+	t.Helper()
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return
+		}
+		if p.Exited() {
+			t.Fatalf("%s exited before listening on %s:\n%s", p.Cmd.Path, sock, p.Tail(4000))
+		}
+	}
+	t.Fatalf("%s did not listen on %s within %v:\n%s", p.Cmd.Path, sock, timeout, p.Tail(4000))
+}
+
+// SnapshotterConfig is what the tests vary in nydus-snapshotter's config.
+type SnapshotterConfig struct {
+	DaemonMode    string // "dedicated" or "shared"
+	RecoverPolicy string // "none", "restart" or "failover"
+	Rafsd         string // nydusd_path
+	RafsImage     string // nydusimage_path
+	// PlainHTTP makes rafsd talk HTTP to the registry.
+	PlainHTTP bool
+}
+
+// Stack is a running containerd + nydus-snapshotter.
+type Stack struct {
+	Dir         string // everything lives under here
+	Address     string // containerd's socket
+	SnapRoot    string // the snapshotter's root
+	Containerd  *Proc
+	Snapshotter *Proc
+}
+
+// StartStack starts nydus-snapshotter and a containerd that uses it as the
+// "nydus" proxy snapshotter. Socket paths must stay under 108 bytes, so the
+// directory is a short one under /tmp rather than t.TempDir.
+func StartStack(t testing.TB, sc SnapshotterConfig) *Stack {
+	t.Helper()
+	for _, b := range []string{Containerd, Runc, "/usr/bin/containerd-shim-runc-v2"} {
+		if _, err := os.Stat(b); err != nil {
+			t.Fatalf("%s missing (Debian packages containerd and runc; run .ci/deps): %v", b, err)
+		}
+	}
+	snapBin := SnapshotterBinary(t)
+	dir, err := os.MkdirTemp("", "rc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Stack{Dir: dir, Address: filepath.Join(dir, "ctd.sock"), SnapRoot: filepath.Join(dir, "ns")}
+	// Registered first, so it runs last: after both daemons are dead.
+	t.Cleanup(func() {
+		UnmountUnder(t, dir)
+		os.RemoveAll(dir)
+	})
+
+	scheme := "https"
+	if sc.PlainHTTP {
+		scheme = "http"
+	}
+	nydusdCfg := fmt.Sprintf(`{
+  "device": {
+    "backend": {"type": "registry", "config": {"scheme": %q, "timeout": 5, "connect_timeout": 5, "retry_limit": 2}},
+    "cache": {"type": "blobcache"}
+  },
+  "mode": "direct",
+  "digest_validate": true,
+  "iostats_files": false,
+  "enable_xattr": true,
+  "fs_prefetch": {"enable": false}
+}
+`, scheme)
+	nydusdCfgPath := filepath.Join(dir, "nydusd.json")
+	writeFile(t, nydusdCfgPath, nydusdCfg)
+	snapSock := filepath.Join(dir, "ns.sock")
+	snapCfg := fmt.Sprintf(`version = 1
+root = %q
+address = %q
+daemon_mode = %q
+cleanup_on_close = true
+
+[system]
+enable = false
+
+[daemon]
+nydusd_config = %q
+nydusd_path = %q
+nydusimage_path = %q
+fs_driver = "fusedev"
+recover_policy = %q
+threads_number = 2
+failover_policy = "resend"
+
+[cgroup]
+enable = false
+
+[log]
+log_to_stdout = true
+level = "debug"
+
+[metrics]
+address = ""
+
+[snapshot]
+enable_nydus_overlayfs = false
+sync_remove = true
+
+[cache_manager]
+disable = false
+gc_period = "24h"
+`, s.SnapRoot, snapSock, sc.DaemonMode, nydusdCfgPath, sc.Rafsd, sc.RafsImage, sc.RecoverPolicy)
+	snapCfgPath := filepath.Join(dir, "ns.toml")
+	writeFile(t, snapCfgPath, snapCfg)
+
+	ctdCfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.opt"]
+
+[grpc]
+  address = %q
+
+[ttrpc]
+  address = %q
+
+[debug]
+  level = "debug"
+
+[metrics]
+  address = ""
+
+[proxy_plugins.nydus]
+  type = "snapshot"
+  address = %q
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), s.Address, s.Address+".ttrpc", snapSock)
+	ctdCfgPath := filepath.Join(dir, "containerd.toml")
+	writeFile(t, ctdCfgPath, ctdCfg)
+
+	s.Snapshotter = start(t, filepath.Join(dir, "snapshotter.log"), snapBin, "--config", snapCfgPath, "--log-to-stdout")
+	waitSocket(t, s.Snapshotter, snapSock, 30*time.Second)
+	s.Containerd = start(t, filepath.Join(dir, "containerd.log"), Containerd, "--config", ctdCfgPath)
+	waitSocket(t, s.Containerd, s.Address, 30*time.Second)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("snapshotter log:\n%s", s.Snapshotter.Tail(12000))
+			t.Logf("containerd log:\n%s", s.Containerd.Tail(6000))
+			for _, l := range DaemonLogs(s.SnapRoot) {
+				b, _ := os.ReadFile(l)
+				if len(b) > 6000 {
+					b = b[len(b)-6000:]
+				}
+				t.Logf("%s:\n%s", l, b)
+			}
+		}
+	})
+	return s
+}
+
+// DaemonLogs lists the nydusd (rafsd) log files under the snapshotter root.
+func DaemonLogs(root string) []string {
+	var out []string
+	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() && strings.HasSuffix(p, ".log") {
+			out = append(out, p)
+		}
+		return nil
+	})
+	return out
+}
+
+func writeFile(t testing.TB, name, data string) {
+	t.Helper()
+	if err := os.WriteFile(name, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Mounts returns the mount points at or under dir, deepest last.
+func Mounts(dir string) []string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		mp := unescapeMount(f[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			out = append(out, mp)
+		}
+	}
+	return out
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space...).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b bytes.Buffer
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// UnmountUnder lazily unmounts everything mounted under dir, deepest first.
+func UnmountUnder(t testing.TB, dir string) {
+	ms := Mounts(dir)
+	for i := len(ms) - 1; i >= 0; i-- {
+		if err := unix.Unmount(ms[i], unix.MNT_DETACH); err != nil {
+			t.Logf("unmount %s: %v", ms[i], err)
+		}
+	}
+}
+
+// ProcsOf returns the pids of running processes whose executable is bin.
+func ProcsOf(bin string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err != nil {
+			continue
+		}
+		exe = strings.TrimSuffix(exe, " (deleted)")
+		if exe != bin {
+			continue
+		}
+		// Zombies are gone for our purpose: they hold no mount or fd.
+		if st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
+			if i := bytes.LastIndexByte(st, ')'); i > 0 && i+2 < len(st) && st[i+2] == 'Z' {
+				continue
+			}
+		}
+		out = append(out, pid)
+	}
+	return out
+}
+
+// WaitNoProcs waits until no process runs bin, or fails the test.
+func WaitNoProcs(ctx context.Context, t testing.TB, bin string) {
+	t.Helper()
+	for {
+		pids := ProcsOf(bin)
+		if len(pids) == 0 {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s still running: pids %v", bin, pids)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,379 @@
+package clients
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/remotes"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
+
+	"github.com/rafsd/rafsd/rafs/convert/converttest"
+)
+
+// syncBuffer collects a container's output while the test polls it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// fixture is what every scenario shares: the registry, the OCI image and
+// its Nydus conversion, and this tree's rafsd and rafs-image.
+type fixture struct {
+	img              *testImage
+	ociRef, nydusRef string
+	rafsd, rafsImage string
+}
+
+func setup(t *testing.T) *fixture {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Fatal("needs root: containerd, runc and FUSE mounts")
+	}
+	f := &fixture{img: newTestImage(t)}
+	f.rafsd, f.rafsImage = BuildRafs(t, t.TempDir())
+	reg := converttest.StartRegistry(t)
+	f.ociRef = reg.Addr + "/rafsd/clients:oci"
+	f.nydusRef = reg.Addr + "/rafsd/clients:nydus"
+	f.img.push(t, f.ociRef)
+	cmd := exec.Command(f.rafsImage, "convert", "--source", f.ociRef, "--target", f.nydusRef, "--plain-http", "--quiet", "--work-dir", t.TempDir())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("rafs-image convert: %v\n%s", err, out)
+	} else {
+		t.Logf("rafs-image convert: %s", bytes.TrimSpace(out))
+	}
+	return f
+}
+
+// client is a containerd client in a namespace of its own, like nerdctl.
+type client struct {
+	*containerd.Client
+	ns    string
+	stack *Stack
+}
+
+func newClient(t *testing.T, s *Stack) (*client, context.Context) {
+	t.Helper()
+	var r [4]byte
+	rand.Read(r[:])
+	ns := "rafsd-" + hex.EncodeToString(r[:])
+	c, err := containerd.New(s.Address, containerd.WithDefaultNamespace(ns), containerd.WithTimeout(30*time.Second))
+	if err != nil {
+		t.Fatalf("containerd client: %v", err)
+	}
+	t.Cleanup(func() {
+		c.Close()
+		// Backstop: containers the test did not delete (runc's root for
+		// the runc.v2 shim is /run/containerd/runc/<namespace>).
+		root := filepath.Join("/run/containerd/runc", ns)
+		if out, err := exec.Command(Runc, "--root", root, "list", "-q").Output(); err == nil {
+			for _, id := range strings.Fields(string(out)) {
+				exec.Command(Runc, "--root", root, "delete", "--force", id).Run()
+			}
+		}
+		os.RemoveAll(root)
+	})
+	ctx := namespaces.WithNamespace(context.Background(), ns)
+	return &client{Client: c, ns: ns, stack: s}, ctx
+}
+
+// resolver talks plain HTTP to the test registry on 127.0.0.1.
+func resolver() remotes.Resolver {
+	return docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchAllHosts))})
+}
+
+// pull pulls and unpacks ref into snapshotter with the labels CRI passes,
+// as `nerdctl pull --snapshotter` does.
+func (c *client) pull(ctx context.Context, t *testing.T, ref, snapshotter string) containerd.Image {
+	t.Helper()
+	img, err := c.Pull(ctx, ref,
+		containerd.WithPullUnpack,
+		containerd.WithPullSnapshotter(snapshotter),
+		containerd.WithResolver(resolver()),
+		containerd.WithImageHandlerWrapper(snapshotters.AppendInfoHandlerWrapper(ref)),
+	)
+	if err != nil {
+		t.Fatalf("pull %s with %s: %v", ref, snapshotter, err)
+	}
+	return img
+}
+
+// container is a started container; wait for it with done.
+type container struct {
+	c    containerd.Container
+	task containerd.Task
+	exit <-chan containerd.ExitStatus
+	out  *syncBuffer
+}
+
+// run creates a container from img on snapshotter and starts args in it
+// under runc, as `nerdctl run --snapshotter` does.
+func (c *client) run(ctx context.Context, t *testing.T, img containerd.Image, snapshotter, id string, args ...string) *container {
+	t.Helper()
+	ctr, err := c.NewContainer(ctx, id,
+		containerd.WithImage(img),
+		containerd.WithSnapshotter(snapshotter),
+		containerd.WithNewSnapshot(id+"-rootfs", img),
+		containerd.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs(args...)),
+	)
+	if err != nil {
+		t.Fatalf("create container %s: %v", id, err)
+	}
+	out := &syncBuffer{}
+	fifos := filepath.Join(c.stack.Dir, "fifo")
+	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, out, out), cio.WithFIFODir(fifos)))
+	if err != nil {
+		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
+		t.Fatalf("create task %s: %v", id, err)
+	}
+	exit, err := task.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := task.Start(ctx); err != nil {
+		task.Delete(ctx, containerd.WithProcessKill)
+		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
+		t.Fatalf("start task %s: %v", id, err)
+	}
+	k := &container{c: ctr, task: task, exit: exit, out: out}
+	t.Cleanup(func() { k.remove(context.WithoutCancel(ctx)) })
+	return k
+}
+
+// wait waits for the container's command to exit and returns its output.
+func (k *container) wait(ctx context.Context, t *testing.T) string {
+	t.Helper()
+	select {
+	case st := <-k.exit:
+		code, _, err := st.Result()
+		out := k.out.String()
+		if err != nil || code != 0 {
+			t.Fatalf("container %s exited %d (%v):\n%s", k.c.ID(), code, err, out)
+		}
+		return out
+	case <-ctx.Done():
+		t.Fatalf("container %s did not exit: %v\noutput so far:\n%s", k.c.ID(), ctx.Err(), k.out.String())
+	}
+	return ""
+}
+
+// remove deletes the task and the container with its snapshot.
+func (k *container) remove(ctx context.Context) error {
+	if k.task != nil {
+		if _, err := k.task.Delete(ctx, containerd.WithProcessKill); err != nil {
+			return fmt.Errorf("delete task: %w", err)
+		}
+		k.task = nil
+	}
+	if k.c != nil {
+		if err := k.c.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
+			return fmt.Errorf("delete container: %w", err)
+		}
+		k.c = nil
+	}
+	return nil
+}
+
+// md5Script prints the md5 of every file of the image and checks the
+// whiteout hid data/gone.
+func md5Script(im *testImage) []string {
+	return []string{"/bin/sh", "-c", "md5sum " + strings.Join(im.names(), " ") + " && ! cat /data/gone 2>/dev/null && echo WHITEOUT-OK"}
+}
+
+func checkSums(t *testing.T, what, out string, want []string) {
+	t.Helper()
+	if err := sameLines(parseSums(out), want); err != nil {
+		t.Fatalf("%s: md5s differ: %v\nfull output:\n%s", what, err, out)
+	}
+	if !strings.Contains(out, "WHITEOUT-OK") {
+		t.Fatalf("%s: whiteout not applied:\n%s", what, out)
+	}
+}
+
+// fuseMounts returns the FUSE mounts under dir.
+func fuseMounts(dir string) []string {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 10 {
+			continue
+		}
+		// Fields after " - " are fstype, source, options.
+		i := strings.Index(line, " - ")
+		if i < 0 {
+			continue
+		}
+		tail := strings.Fields(line[i+3:])
+		mp := unescapeMount(f[4])
+		if len(tail) > 0 && strings.HasPrefix(tail[0], "fuse") && (mp == dir || strings.HasPrefix(mp, dir+"/")) {
+			out = append(out, mp)
+		}
+	}
+	return out
+}
+
+// removeImage deletes the image synchronously (containerd's GC removes its
+// snapshots, and the snapshotter, with sync_remove, the RAFS instance).
+func (c *client) removeImage(ctx context.Context, t *testing.T, name string) {
+	t.Helper()
+	if err := c.ImageService().Delete(ctx, name, images.SynchronousDelete()); err != nil {
+		t.Fatalf("delete image %s: %v", name, err)
+	}
+}
+
+// TestContainerdNydus runs the same files through runc twice — the OCI
+// image on overlayfs and its RAFS conversion on the nydus snapshotter with
+// rafsd — and compares the md5s, in dedicated and shared daemon mode.
+func TestContainerdNydus(t *testing.T) {
+	f := setup(t)
+	want := f.img.expectedSums()
+	for _, mode := range []string{"dedicated", "shared"} {
+		t.Run(mode, func(t *testing.T) {
+			s := StartStack(t, SnapshotterConfig{DaemonMode: mode, RecoverPolicy: "failover", Rafsd: f.rafsd, RafsImage: f.rafsImage, PlainHTTP: true})
+			c, ctx := newClient(t, s)
+			ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+			defer cancel()
+
+			oci := c.pull(ctx, t, f.ociRef, "overlayfs")
+			k := c.run(ctx, t, oci, "overlayfs", "oci-"+mode, md5Script(f.img)...)
+			ociOut := k.wait(ctx, t)
+			checkSums(t, "OCI image on overlayfs", ociOut, want)
+
+			ny := c.pull(ctx, t, f.nydusRef, "nydus")
+			k = c.run(ctx, t, ny, "nydus", "nydus-"+mode, md5Script(f.img)...)
+			nyOut := k.wait(ctx, t)
+			checkSums(t, "RAFS image on nydus+rafsd", nyOut, want)
+			if err := sameLines(parseSums(nyOut), parseSums(ociOut)); err != nil {
+				t.Fatalf("nydus vs overlayfs: %v", err)
+			}
+			if len(ProcsOf(f.rafsd)) == 0 {
+				t.Fatal("no rafsd process serves the nydus container")
+			}
+			if len(fuseMounts(s.SnapRoot)) == 0 {
+				t.Fatal("no FUSE mount under the snapshotter root")
+			}
+			t.Logf("%s: %d files, same md5s through overlayfs and nydus+rafsd", mode, len(want))
+
+			if err := k.remove(ctx); err != nil {
+				t.Fatal(err)
+			}
+			c.removeImage(ctx, t, f.nydusRef)
+			if mode == "dedicated" {
+				// The image's daemon goes with its last snapshot.
+				wctx, wcancel := context.WithTimeout(ctx, 20*time.Second)
+				WaitNoProcs(wctx, t, f.rafsd)
+				wcancel()
+				if ms := fuseMounts(s.SnapRoot); len(ms) != 0 {
+					t.Fatalf("FUSE mounts left after removing container and image: %v", ms)
+				}
+			}
+			stopStack(t, s)
+			if pids := ProcsOf(f.rafsd); len(pids) != 0 {
+				t.Fatalf("rafsd still running after the snapshotter stopped: %v", pids)
+			}
+			if ms := Mounts(s.Dir); len(ms) != 0 {
+				t.Fatalf("mounts left: %v", ms)
+			}
+		})
+	}
+}
+
+// stopStack stops containerd, then the snapshotter alone (SIGTERM to its
+// pid, not its group) so that what it leaves behind is its own doing.
+func stopStack(t *testing.T, s *Stack) {
+	t.Helper()
+	s.Containerd.Stop(10 * time.Second)
+	s.Snapshotter.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.Snapshotter.done:
+	case <-time.After(20 * time.Second):
+		t.Errorf("snapshotter did not exit on SIGTERM")
+		s.Snapshotter.Stop(time.Second)
+	}
+}
+
+// TestContainerdNydusFailover kills rafsd while a container reads its
+// files: with recover_policy "failover" the snapshotter starts a new rafsd
+// that takes the FUSE session over from the supervisor, and the container's
+// next reads succeed with the right bytes.
+func TestContainerdNydusFailover(t *testing.T) {
+	f := setup(t)
+	want := f.img.expectedSums()
+	s := StartStack(t, SnapshotterConfig{DaemonMode: "dedicated", RecoverPolicy: "failover", Rafsd: f.rafsd, RafsImage: f.rafsImage, PlainHTTP: true})
+	c, ctx := newClient(t, s)
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+
+	ny := c.pull(ctx, t, f.nydusRef, "nydus")
+	script := "md5sum /data/a && echo READY && while [ ! -e /tmp/go ]; do sleep 0.1; done && md5sum " + strings.Join(f.img.names(), " ") + " && ! cat /data/gone 2>/dev/null && echo WHITEOUT-OK"
+	k := c.run(ctx, t, ny, "nydus", "failover", "/bin/sh", "-c", script)
+	for !strings.Contains(k.out.String(), "READY") {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("container never got ready:\n%s", k.out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	pids := ProcsOf(f.rafsd)
+	if len(pids) != 1 {
+		t.Fatalf("want one rafsd (dedicated mode), got %v", pids)
+	}
+	if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// Wait for the new daemon, then let the container read on.
+	for {
+		now := ProcsOf(f.rafsd)
+		if len(now) == 1 && now[0] != pids[0] {
+			t.Logf("rafsd %d killed, snapshotter started %d", pids[0], now[0])
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("snapshotter did not restart rafsd (running: %v)", now)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	// The container reads on through the new daemon. /tmp is in the
+	// container's writable layer: poke it through the task.
+	rootfs := filepath.Join("/proc", fmt.Sprint(taskPid(ctx, t, k)), "root", "tmp", "go")
+	if err := os.WriteFile(rootfs, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := k.wait(ctx, t)
+	checkSums(t, "after failover", out, want)
+}
+
+func taskPid(ctx context.Context, t *testing.T, k *container) uint32 {
+	t.Helper()
+	return k.task.Pid()
+}
