@@ -97,6 +97,11 @@ type Registry struct {
 	BlobRedirectedHost string   `cfg:"blob_redirected_host"`
 	Proxy              Proxy    `cfg:"proxy"`
 	Mirrors            []Mirror `cfg:"mirrors"`
+	// ReadAhead and ReadAheadSec are localfs fields that nydus-snapshotter
+	// writes for every backend type (one BackendConfig struct, "readahead"
+	// always present); nydusd ignores them here, and so does rafsd.
+	ReadAhead    bool   `cfg:"readahead"`
+	ReadAheadSec uint32 `cfg:"readahead_sec"`
 }
 
 func (r *Registry) setDefaults() {
@@ -121,6 +126,11 @@ type OSS struct {
 	RetryLimit      uint8    `cfg:"retry_limit"`
 	Proxy           Proxy    `cfg:"proxy"`
 	Mirrors         []Mirror `cfg:"mirrors"`
+	// ReadAhead and ReadAheadSec are localfs fields that nydus-snapshotter
+	// writes for every backend type (one BackendConfig struct, "readahead"
+	// always present); nydusd ignores them here, and so does rafsd.
+	ReadAhead    bool   `cfg:"readahead"`
+	ReadAheadSec uint32 `cfg:"readahead_sec"`
 }
 
 func (o *OSS) setDefaults() {
@@ -146,6 +156,11 @@ type S3 struct {
 	RetryLimit      uint8    `cfg:"retry_limit"`
 	Proxy           Proxy    `cfg:"proxy"`
 	Mirrors         []Mirror `cfg:"mirrors"`
+	// ReadAhead and ReadAheadSec are localfs fields that nydus-snapshotter
+	// writes for every backend type (one BackendConfig struct, "readahead"
+	// always present); nydusd ignores them here, and so does rafsd.
+	ReadAhead    bool   `cfg:"readahead"`
+	ReadAheadSec uint32 `cfg:"readahead_sec"`
 }
 
 func (s *S3) setDefaults() {

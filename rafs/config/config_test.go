@@ -294,3 +294,17 @@ func FuzzParseBlobCacheEntry(f *testing.F) {
 		}
 	})
 }
+
+// TestSnapshotterConfig parses the config nydus-snapshotter v0.16.1 writes
+// for a fusedev daemon (pkg daemonconfig: one BackendConfig for every
+// backend type, so localfs's "readahead" is always there).
+func TestSnapshotterConfig(t *testing.T) {
+	s := `{"device":{"id":"abc","backend":{"type":"registry","config":{"readahead":false,"host":"127.0.0.1:5000","repo":"a/b","scheme":"http","proxy":{"fallback":false},"timeout":5,"connect_timeout":5,"retry_limit":2}},"cache":{"type":"blobcache","config":{"work_dir":"/tmp/x","disable_indexed_map":false}}},"mode":"direct","digest_validate":true,"enable_xattr":true,"fs_prefetch":{"enable":false,"prefetch_all":false}}`
+	c, err := Parse([]byte(s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Backend.Registry == nil || c.Backend.Registry.Host != "127.0.0.1:5000" || c.Backend.Registry.Scheme != "http" {
+		t.Fatalf("registry backend: %+v", c.Backend)
+	}
+}
