@@ -30,11 +30,12 @@ import (
 
 // FUSE protocol numbers this package needs beyond go-fuse's dispatch.
 const (
-	opInit         = 26
-	notifyResend   = 7 // FUSE_NOTIFY_RESEND, Linux 6.9+
-	inHeaderSize   = 40
-	outHeaderSize  = 16
-	defaultThreads = 4
+	opInit           = 26
+	notifyResend     = 7 // FUSE_NOTIFY_RESEND, Linux 6.9+
+	notifyInvalEntry = 3
+	inHeaderSize     = 40
+	outHeaderSize    = 16
+	defaultThreads   = 4
 	// DefaultMaxWrite is the largest READ/WRITE the kernel is told to send;
 	// 1 MiB with a 1 MiB readahead doubles cold sequential reads over the
 	// 128 KiB defaults (see the project's FUSE performance notes).
@@ -279,6 +280,33 @@ func (s *Server) Resend() error {
 		return fmt.Errorf("fusedev: notify resend: %w", werr)
 	}
 	return nil
+}
+
+// EntryNotify tells the kernel to drop its cached entry name in directory
+// node parent (FUSE_NOTIFY_INVAL_ENTRY); the VFS calls it after an
+// unmount. It is a no-op while the readers are stopped: the kernel may
+// need a reply from them before it can take the directory lock.
+func (s *Server) EntryNotify(parent uint64, name string) fuse.Status {
+	s.mu.Lock()
+	running := s.running && !s.stopping
+	s.mu.Unlock()
+	if !running {
+		return fuse.ENOSYS
+	}
+	msg := make([]byte, outHeaderSize+16+len(name)+1)
+	binary.LittleEndian.PutUint32(msg[0:4], uint32(len(msg)))
+	binary.LittleEndian.PutUint32(msg[4:8], notifyInvalEntry)
+	binary.LittleEndian.PutUint64(msg[16:24], parent)
+	binary.LittleEndian.PutUint32(msg[24:28], uint32(len(name)))
+	copy(msg[32:], name)
+	var werr error
+	if err := s.Control(func(fd int) { _, werr = unix.Write(fd, msg) }); err != nil {
+		return fuse.EIO
+	}
+	if werr != nil {
+		return fuse.ToStatus(werr)
+	}
+	return fuse.OK
 }
 
 // Unmount detaches the mount (lazily if busy) and closes the connection.

@@ -120,11 +120,13 @@ func (d *Daemon) Setup() error {
 }
 
 func (d *Daemon) newServer() *fusedev.Server {
-	return fusedev.New(d.vfs, fusedev.Options{
+	srv := fusedev.New(d.vfs, fusedev.Options{
 		Threads:  d.opts.Threads,
 		ReadOnly: !d.opts.Writable,
 		Logger:   d.log,
 	})
+	d.vfs.SetNotifier(srv)
+	return srv
 }
 
 // Wait blocks until the daemon should exit: an exit request, the kernel
@@ -250,8 +252,15 @@ func (d *Daemon) Mount(p string, cmd MountCmd) error {
 	return nil
 }
 
-// Remount replaces the filesystem at p (PUT /api/v1/mount).
+// Remount replaces the filesystem at p in one step, keeping its index
+// (PUT /api/v1/mount).
 func (d *Daemon) Remount(p string, cmd MountCmd) error {
+	d.mu.Lock()
+	_, ok := d.mounts[p]
+	d.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: mountpoint %s", ErrNotFound, p)
+	}
 	in, err := d.openFS(cmd)
 	if err != nil {
 		return err
@@ -263,19 +272,13 @@ func (d *Daemon) Remount(p string, cmd MountCmd) error {
 		in.close()
 		return fmt.Errorf("%w: mountpoint %s", ErrNotFound, p)
 	}
-	_, idx, _ := d.vfs.Get(p)
-	if err := d.vfs.Umount(p); err != nil {
+	if _, err := d.vfs.Replace(p, in.fs); err != nil {
 		in.close()
-		return vfsErr(p, err)
-	}
-	if err := d.vfs.MountAt(idx, p, in.fs); err != nil {
-		in.close()
-		delete(d.mounts, p)
-		old.close()
 		return vfsErr(p, err)
 	}
 	d.mounts[p] = in
 	old.close()
+	d.log.Info("remounted", "mountpoint", p, "fs_type", cmd.FsType, "source", cmd.Source)
 	return nil
 }
 

@@ -1,0 +1,750 @@
+package main
+
+// Tests that run the real rafsd binary as a subprocess serving real FUSE
+// mounts, driven through its API socket the way nydus-snapshotter and Kata
+// drive nydusd.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "rafsd-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/rafsd/rafsd/cmd/rafsd", "github.com/rafsd/rafsd/cmd/rafs-image")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building binaries: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for FUSE mounts")
+	}
+}
+
+// image is a RAFS image built by rafs-image from a generated tree.
+type image struct {
+	src, bootstrap, blobs string
+	files             map[string][]byte
+}
+
+func makeImage(t *testing.T, seed string) *image {
+	t.Helper()
+	dir := t.TempDir()
+	img := &image{src: filepath.Join(dir, "src"), bootstrap: filepath.Join(dir, "bootstrap"), blobs: filepath.Join(dir, "blobs")}
+	big := make([]byte, 3<<20+12345)
+	rand.Read(big)
+	img.files = map[string][]byte{
+		"hello.txt":       []byte("hello from " + seed + "\n"),
+		"dir/big.bin":     big,
+		"dir/sub/a.txt":   []byte(strings.Repeat(seed, 1000)),
+		"empty":           {},
+		"dir/sub/b/c.txt": []byte(seed),
+	}
+	for p, b := range img.files {
+		full := filepath.Join(img.src, p)
+		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(full, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(img.blobs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(binDir, "rafs-image"), "create", "--bootstrap", img.bootstrap, "--blob-dir", img.blobs, img.src).CombinedOutput()
+	if err != nil {
+		t.Fatalf("rafs-image create: %v\n%s", err, out)
+	}
+	return img
+}
+
+// localfsConfig is a nydusd v1 JSON config for a localfs blob dir.
+func localfsConfig(dir string) string {
+	b, _ := json.Marshal(map[string]any{
+		"device": map[string]any{"backend": map[string]any{"type": "localfs", "config": map[string]any{"dir": dir}}},
+		"mode":   "direct", "digest_validate": true,
+	})
+	return string(b)
+}
+
+// daemon is a running rafsd subprocess.
+type proc struct {
+	t       *testing.T
+	cmd     *exec.Cmd
+	apisock string
+	mnt     string
+	out     *syncBuffer
+	exited  chan struct{}
+	exitErr error
+	client  *http.Client
+
+	started     time.Time
+	socketAfter time.Duration // how long the API socket took to appear
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startDaemon runs rafsd with args plus --apisock and --mountpoint mnt, and
+// waits for its API. Cleanup: SIGTERM, SIGKILL after 5 s, lazy unmount.
+func startDaemon(t *testing.T, mnt string, args ...string) *proc {
+	t.Helper()
+	apisock := filepath.Join(t.TempDir(), "api.sock")
+	d := &proc{t: t, apisock: apisock, mnt: mnt, out: &syncBuffer{}, exited: make(chan struct{})}
+	full := append([]string{"fuse", "--mountpoint", mnt, "--apisock", apisock, "--log-level", "debug"}, args...)
+	d.cmd = exec.Command(filepath.Join(binDir, "rafsd"), full...)
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	d.started = time.Now()
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.exitErr = d.cmd.Wait(); close(d.exited) }()
+	d.client = &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var dl net.Dialer
+			return dl.DialContext(ctx, "unix", apisock)
+		},
+	}}
+	t.Cleanup(func() {
+		d.stop(syscall.SIGTERM, 5*time.Second)
+		_ = unix.Unmount(mnt, unix.MNT_DETACH)
+		if t.Failed() {
+			t.Logf("rafsd %v output:\n%s", full, d.out.String())
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(apisock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("API socket not created\n%s", d.out.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	d.socketAfter = time.Since(d.started)
+	return d
+}
+
+// stop signals the daemon and escalates to SIGKILL after grace. A process
+// stuck in a request to its own mount is freed by aborting the connection.
+func (d *proc) stop(sig syscall.Signal, grace time.Duration) error {
+	select {
+	case <-d.exited:
+		return d.exitErr
+	default:
+	}
+	conn := mountDev(d.mnt)
+	_ = d.cmd.Process.Signal(sig)
+	select {
+	case <-d.exited:
+		return d.exitErr
+	case <-time.After(grace):
+	}
+	_ = d.cmd.Process.Kill()
+	select {
+	case <-d.exited:
+		return d.exitErr
+	case <-time.After(5 * time.Second):
+	}
+	d.t.Errorf("rafsd stuck after SIGKILL; aborting FUSE connection %q", conn)
+	abortConn(conn)
+	<-d.exited
+	return d.exitErr
+}
+
+// mountDev returns the minor device number of the mount at mnt, which
+// names its FUSE connection in fusectl.
+func mountDev(mnt string) string {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	dev := ""
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 4 && f[4] == mnt {
+			dev = f[2]
+		}
+	}
+	if i := strings.IndexByte(dev, ':'); i >= 0 {
+		return dev[i+1:]
+	}
+	return ""
+}
+
+func abortConn(minor string) {
+	if minor == "" {
+		return
+	}
+	const ctl = "/sys/fs/fuse/connections"
+	if _, err := os.Stat(filepath.Join(ctl, minor)); err != nil {
+		_ = unix.Mount("none", ctl, "fusectl", 0, "")
+	}
+	_ = os.WriteFile(filepath.Join(ctl, minor, "abort"), []byte("1"), 0)
+}
+
+func (d *proc) waitExit(timeout time.Duration) error {
+	select {
+	case <-d.exited:
+		return d.exitErr
+	case <-time.After(timeout):
+		return errors.New("daemon did not exit")
+	}
+}
+
+// call makes an API request and returns the status and body.
+func (d *proc) call(method, path, body string) (int, []byte) {
+	d.t.Helper()
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, "http://rafsd"+path, r)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	resp, err := d.client.Do(req)
+	if err != nil {
+		d.t.Fatalf("%s %s: %v\n%s", method, path, err, d.out.String())
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, b
+}
+
+// mustCall expects a 2xx answer.
+func (d *proc) mustCall(method, path, body string) []byte {
+	d.t.Helper()
+	st, b := d.call(method, path, body)
+	if st/100 != 2 {
+		d.t.Fatalf("%s %s: status %d: %s", method, path, st, b)
+	}
+	return b
+}
+
+func (d *proc) state() string {
+	d.t.Helper()
+	var info struct {
+		ID      string `json:"id"`
+		State   string `json:"state"`
+		Version struct {
+			PackageVer string `json:"package_ver"`
+			GitCommit  string `json:"git_commit"`
+		} `json:"version"`
+	}
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/daemon", ""), &info); err != nil {
+		d.t.Fatal(err)
+	}
+	if info.Version.PackageVer == "" {
+		d.t.Fatalf("daemon info without version: %+v", info)
+	}
+	return info.State
+}
+
+func (d *proc) waitState(want string) {
+	d.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := d.state()
+		if st == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("daemon state %s, want %s", st, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func mounted(mnt string) bool {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 4 && f[4] == mnt {
+			return true
+		}
+	}
+	return false
+}
+
+// checkTree compares every file of img under dir.
+func checkTree(t *testing.T, img *image, dir string) {
+	t.Helper()
+	for p, want := range img.files {
+		got, err := os.ReadFile(filepath.Join(dir, p))
+		if err != nil {
+			t.Fatalf("read %s: %v", p, err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: %d bytes differ from the %d-byte source", p, len(got), len(want))
+		}
+	}
+}
+
+// directRead reads a whole file with O_DIRECT, so every read is a FUSE
+// request and not a page-cache hit.
+func directRead(path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	n := 0
+	for {
+		if n == len(buf) {
+			return nil, errors.New("buffer too small")
+		}
+		m, err := unix.Read(fd, buf[n:])
+		if err != nil {
+			return nil, fmt.Errorf("read %s: %w", path, err)
+		}
+		if m == 0 {
+			return buf[:n], nil
+		}
+		n += m
+	}
+}
+
+// reader loops over O_DIRECT reads of path, counting reads and errors.
+type reader struct {
+	reads, errs atomic.Int64
+	firstErr    atomic.Value
+	stop        chan struct{}
+	done        chan struct{}
+	conn        string // FUSE connection of the mount
+}
+
+func startReader(t *testing.T, mnt, path string, want []byte) *reader {
+	r := &reader{stop: make(chan struct{}), done: make(chan struct{}), conn: mountDev(mnt)}
+	buf, err := unix.Mmap(-1, 0, len(want)+1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer close(r.done)
+		defer unix.Munmap(buf)
+		deadline := time.Now().Add(60 * time.Second) // bounded even if the test forgets
+		for time.Now().Before(deadline) {
+			select {
+			case <-r.stop:
+				return
+			default:
+			}
+			got, err := directRead(path, buf)
+			if err == nil && !bytes.Equal(got, want) {
+				err = fmt.Errorf("%s: wrong bytes (%d, want %d)", path, len(got), len(want))
+			}
+			if err != nil {
+				r.errs.Add(1)
+				r.firstErr.CompareAndSwap(nil, err)
+				continue
+			}
+			r.reads.Add(1)
+		}
+	}()
+	t.Cleanup(r.finish)
+	return r
+}
+
+// finish stops the reader. A read stuck in the kernel (a request no
+// daemon answers) is ended by aborting the connection, so a failing test
+// still ends.
+func (r *reader) finish() {
+	select {
+	case <-r.stop:
+	default:
+		close(r.stop)
+	}
+	select {
+	case <-r.done:
+	case <-time.After(15 * time.Second):
+		r.errs.Add(1)
+		r.firstErr.CompareAndSwap(nil, errors.New("read stuck: FUSE request never answered"))
+		abortConn(r.conn)
+		<-r.done
+	}
+}
+
+func (r *reader) waitReads(t *testing.T, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for r.reads.Load() < n {
+		if r.errs.Load() > 0 || time.Now().After(deadline) {
+			r.finish()
+			t.Fatalf("reader: %d reads, %d errors (%v)", r.reads.Load(), r.errs.Load(), r.firstErr.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestServeBootstrapAndSIGTERM(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "serve")
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs, "--thread-num", "2")
+	d.waitState("RUNNING")
+	checkTree(t, img, mnt)
+
+	var mounts []map[string]any
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/mount", ""), &mounts); err != nil || len(mounts) != 1 || mounts[0]["fs_type"] != "rafs" {
+		t.Fatalf("GET /api/v1/mount: %v %v", mounts, err)
+	}
+	var m struct {
+		DataRead uint64 `json:"data_read"`
+	}
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics", ""), &m); err != nil || m.DataRead == 0 {
+		t.Fatalf("metrics: %+v %v", m, err)
+	}
+	var be struct {
+		BackendType string `json:"backend_type"`
+		ReadCount   uint64 `json:"read_count"`
+	}
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/backend", ""), &be); err != nil || be.BackendType != "localfs" || be.ReadCount == 0 {
+		t.Fatalf("backend metrics: %+v %v", be, err)
+	}
+	if prom := string(d.mustCall("GET", "/metrics", "")); !strings.Contains(prom, "rafsd_blobcache_misses_total") && !strings.Contains(prom, "rafsd_backend_requests_total") {
+		t.Fatalf("/metrics lacks rafsd metrics:\n%.2000s", prom)
+	}
+	// read_ahead_kb raised on the mount's bdi.
+	var st unix.Stat_t
+	if err := unix.Stat(mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := os.ReadFile(fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev)))
+	if err != nil || strings.TrimSpace(string(ra)) != "1024" {
+		t.Errorf("read_ahead_kb = %q, %v; want 1024", ra, err)
+	}
+
+	if err := d.stop(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("SIGTERM: exit %v", err)
+	}
+	if mounted(mnt) {
+		t.Fatal("mount left behind after SIGTERM")
+	}
+	if _, err := os.Stat(d.apisock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("API socket left behind: %v", err)
+	}
+}
+
+// Kata stats the API socket 3 times 100 ms apart after starting the
+// daemon, so it must appear within 300 ms; best of three starts, to not
+// fail on a machine busy with other test packages.
+func TestAPISocketFast(t *testing.T) {
+	requireRoot(t)
+	best := time.Hour
+	for range 3 {
+		d := startDaemon(t, t.TempDir())
+		best = min(best, d.socketAfter)
+		if err := d.stop(syscall.SIGTERM, 10*time.Second); err != nil {
+			t.Fatalf("SIGTERM: %v", err)
+		}
+	}
+	t.Logf("API socket after %v", best)
+	if best > 300*time.Millisecond {
+		t.Fatalf("API socket took %v to appear, Kata waits 300 ms", best)
+	}
+}
+
+func TestAPIBadInputKeepsServing(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "bad")
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt)
+	d.waitState("RUNNING")
+	good := func(p string) string {
+		b, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": localfsConfig(img.blobs)})
+		return string(b)
+	}
+	d.mustCall("POST", "/api/v1/mount?mountpoint=/ok", good("/ok"))
+	garbage := filepath.Join(t.TempDir(), "garbage")
+	os.WriteFile(garbage, bytes.Repeat([]byte{0xa5}, 8192), 0o644)
+	for _, tc := range []struct {
+		name, method, path, body string
+		want                     int
+	}{
+		{"bad json", "POST", "/api/v1/mount?mountpoint=/x", `{"source":`, 400},
+		{"no mountpoint", "POST", "/api/v1/mount", good("/x"), 400},
+		{"unknown fs_type", "POST", "/api/v1/mount?mountpoint=/x", `{"source":"/","fs_type":"ext4","config":""}`, 400},
+		{"missing bootstrap", "POST", "/api/v1/mount?mountpoint=/x", `{"source":"/nonexistent/boot","fs_type":"rafs","config":` + strconv.Quote(localfsConfig(img.blobs)) + `}`, 400},
+		{"garbage bootstrap", "POST", "/api/v1/mount?mountpoint=/x", `{"source":` + strconv.Quote(garbage) + `,"fs_type":"rafs","config":` + strconv.Quote(localfsConfig(img.blobs)) + `}`, 400},
+		{"bad config", "POST", "/api/v1/mount?mountpoint=/x", `{"source":` + strconv.Quote(img.bootstrap) + `,"fs_type":"rafs","config":"{\"device\":{\"backend\":{\"type\":\"nope\"}}}"}`, 400},
+		{"empty config", "POST", "/api/v1/mount?mountpoint=/x", `{"source":` + strconv.Quote(img.bootstrap) + `,"fs_type":"rafs","config":""}`, 400},
+		{"duplicate mountpoint", "POST", "/api/v1/mount?mountpoint=/ok", good("/ok"), 409},
+		{"bad mount path", "POST", "/api/v1/mount?mountpoint=../../etc", good(""), 400},
+		{"passthrough not a dir", "POST", "/api/v1/mount?mountpoint=/p", `{"source":"/nonexistent","fs_type":"passthrough_fs","config":""}`, 400},
+		{"umount unknown", "DELETE", "/api/v1/mount?mountpoint=/nope", "", 404},
+		{"bad method", "PATCH", "/api/v1/mount?mountpoint=/ok", "", 405},
+		{"unknown endpoint", "GET", "/api/v1/nope", "", 404},
+		{"bad log level", "PUT", "/api/v1/daemon", `{"log_level":"loud"}`, 400},
+		{"takeover without supervisor", "PUT", "/api/v1/daemon/fuse/takeover", "", 400},
+		{"sendfd without supervisor", "PUT", "/api/v1/daemon/fuse/sendfd", "", 400},
+		{"metrics of unknown fs", "GET", "/api/v1/metrics?id=/nope", "", 404},
+		{"config not a map", "PUT", "/api/v1/config", `[1,2]`, 400},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st, body := d.call(tc.method, tc.path, tc.body)
+			if st != tc.want {
+				t.Errorf("status %d, want %d (%s)", st, tc.want, body)
+			}
+			var e struct{ Code, Message string }
+			if err := json.Unmarshal(body, &e); err != nil || e.Code == "" || e.Message == "" {
+				t.Errorf("error body %q is not {code,message}: %v", body, err)
+			}
+			checkTree(t, img, filepath.Join(mnt, "ok"))
+		})
+	}
+	if st := d.state(); st != "RUNNING" {
+		t.Fatalf("state %s after bad requests", st)
+	}
+	d.mustCall("PUT", "/api/v1/daemon", `{"log_level":"info"}`)
+	d.mustCall("PUT", "/api/v1/config", `{"k":"v"}`)
+}
+
+func TestTwoMountsUmountWhileReading(t *testing.T) {
+	requireRoot(t)
+	a, b := makeImage(t, "first"), makeImage(t, "second")
+	shared := t.TempDir()
+	os.WriteFile(filepath.Join(shared, "host.txt"), []byte("from the host"), 0o644)
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt, "--writable")
+	d.waitState("RUNNING")
+	mount := func(p string, img *image) {
+		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": localfsConfig(img.blobs)})
+		if st, out := d.call("POST", "/api/v1/mount?mountpoint="+p, string(body)); st != http.StatusNoContent {
+			t.Fatalf("mount %s: %d %s", p, st, out)
+		}
+	}
+	mount("/rafs/a/lowerdir", a)
+	mount("/rafs/b/lowerdir", b)
+	body, _ := json.Marshal(map[string]any{"source": shared, "fs_type": "passthrough_fs", "config": ""})
+	if st, out := d.call("POST", "/api/v1/mount?mountpoint=/containers", string(body)); st != http.StatusNoContent {
+		t.Fatalf("passthrough mount: %d %s", st, out)
+	}
+	checkTree(t, a, filepath.Join(mnt, "rafs/a/lowerdir"))
+	checkTree(t, b, filepath.Join(mnt, "rafs/b/lowerdir"))
+	if got, err := os.ReadFile(filepath.Join(mnt, "containers/host.txt")); err != nil || string(got) != "from the host" {
+		t.Fatalf("passthrough read: %q %v", got, err)
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "containers/new.txt"), []byte("guest"), 0o644); err != nil {
+		t.Fatalf("passthrough write: %v", err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(shared, "new.txt")); string(got) != "guest" {
+		t.Fatalf("passthrough write not on the host: %q", got)
+	}
+
+	r := startReader(t, mnt, filepath.Join(mnt, "rafs/b/lowerdir/dir/big.bin"), b.files["dir/big.bin"])
+	r.waitReads(t, 3)
+	d.mustCall("DELETE", "/api/v1/mount?mountpoint=/rafs/a/lowerdir", "")
+	if _, err := os.Stat(filepath.Join(mnt, "rafs/a/lowerdir/hello.txt")); err == nil {
+		t.Fatal("unmounted image still visible")
+	}
+	n := r.reads.Load()
+	r.waitReads(t, n+3)
+	r.finish()
+	if r.errs.Load() != 0 {
+		t.Fatalf("reads of the other mount failed: %v", r.firstErr.Load())
+	}
+	var ms []map[string]any
+	json.Unmarshal(d.mustCall("GET", "/api/v1/mount", ""), &ms)
+	if len(ms) != 2 {
+		t.Fatalf("mounts after umount: %v", ms)
+	}
+	// Mount again at the freed path.
+	mount("/rafs/a/lowerdir", a)
+	checkTree(t, a, filepath.Join(mnt, "rafs/a/lowerdir"))
+}
+
+// supervisor is nydus-snapshotter's side of the takeover protocol: it
+// receives a daemon's state and /dev/fuse fd, keeps them, and hands them to
+// the next daemon that connects.
+type supervisor struct {
+	path  string
+	state []byte
+	fd    int
+}
+
+func (s *supervisor) listen(t *testing.T) net.Listener {
+	os.Remove(s.path)
+	l, err := net.Listen("unix", s.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+func (s *supervisor) receive(t *testing.T) <-chan error {
+	l := s.listen(t)
+	ch := make(chan error, 1)
+	go func() {
+		defer l.Close()
+		l.(*net.UnixListener).SetDeadline(time.Now().Add(20 * time.Second))
+		c, err := l.Accept()
+		if err != nil {
+			ch <- err
+			return
+		}
+		defer c.Close()
+		uc := c.(*net.UnixConn)
+		buf, oob := make([]byte, 64<<10), make([]byte, 256)
+		var state []byte
+		fds := []int{}
+		for {
+			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+			if oobn > 0 {
+				msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+				for i := range msgs {
+					got, _ := unix.ParseUnixRights(&msgs[i])
+					fds = append(fds, got...)
+				}
+			}
+			state = append(state, buf[:n]...)
+			if errors.Is(err, io.EOF) || (err == nil && n == 0 && oobn == 0) {
+				break
+			}
+			if err != nil {
+				ch <- err
+				return
+			}
+		}
+		if len(fds) != 1 {
+			ch <- fmt.Errorf("got %d fds", len(fds))
+			return
+		}
+		s.state, s.fd = state, fds[0]
+		ch <- nil
+	}()
+	return ch
+}
+
+func (s *supervisor) send(t *testing.T) <-chan error {
+	l := s.listen(t)
+	ch := make(chan error, 1)
+	go func() {
+		defer l.Close()
+		l.(*net.UnixListener).SetDeadline(time.Now().Add(20 * time.Second))
+		c, err := l.Accept()
+		if err != nil {
+			ch <- err
+			return
+		}
+		defer c.Close()
+		_, _, err = c.(*net.UnixConn).WriteMsgUnix(s.state, unix.UnixRights(s.fd), nil)
+		ch <- err
+	}()
+	return ch
+}
+
+func TestTakeoverNoErrors(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "takeover")
+	mnt := t.TempDir()
+	sup := &supervisor{path: filepath.Join(t.TempDir(), "sup.sock"), fd: -1}
+	t.Cleanup(func() {
+		if sup.fd >= 0 {
+			unix.Close(sup.fd)
+		}
+	})
+	a := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs, "--supervisor", sup.path, "--id", "d1", "--thread-num", "2")
+	a.waitState("RUNNING")
+	// A second image mounted through the API must come back at its index.
+	b := makeImage(t, "second")
+	mnt2 := t.TempDir()
+	a2 := startDaemon(t, mnt2, "--supervisor", filepath.Join(t.TempDir(), "unused.sock"), "--id", "d2")
+	_ = a2 // a daemon without a takeover, to show the two do not interfere
+	body, _ := json.Marshal(map[string]any{"source": b.bootstrap, "fs_type": "rafs", "config": localfsConfig(b.blobs)})
+	a2.mustCall("POST", "/api/v1/mount?mountpoint=/x", string(body))
+
+	big := filepath.Join(mnt, "dir/big.bin")
+	r := startReader(t, mnt, big, img.files["dir/big.bin"])
+	r.waitReads(t, 3)
+
+	recv := sup.receive(t)
+	a.mustCall("PUT", "/api/v1/daemon/fuse/sendfd", "")
+	if err := <-recv; err != nil {
+		t.Fatalf("supervisor receive: %v", err)
+	}
+
+	bd := startDaemon(t, mnt, "--supervisor", sup.path, "--id", "d1", "--upgrade", "--thread-num", "2")
+	bd.waitState("INIT")
+	sent := sup.send(t)
+	bd.mustCall("PUT", "/api/v1/daemon/fuse/takeover", "")
+	if err := <-sent; err != nil {
+		t.Fatalf("supervisor send: %v", err)
+	}
+	bd.waitState("READY")
+
+	a.mustCall("PUT", "/api/v1/daemon/exit", "")
+	if err := a.waitExit(10 * time.Second); err != nil {
+		t.Fatalf("old daemon exit: %v", err)
+	}
+	if !mounted(mnt) {
+		t.Fatal("old daemon's exit removed the mount")
+	}
+	nAtExit := r.reads.Load()
+	bd.mustCall("PUT", "/api/v1/daemon/start", "")
+	bd.waitState("RUNNING")
+	r.waitReads(t, nAtExit+5)
+	r.finish()
+	if r.errs.Load() != 0 {
+		t.Fatalf("reader saw %d errors across the takeover: %v", r.errs.Load(), r.firstErr.Load())
+	}
+	checkTree(t, img, mnt)
+	t.Logf("%d reads, %d after the old daemon exited", r.reads.Load(), r.reads.Load()-nAtExit)
+	checkTree(t, b, filepath.Join(mnt2, "x"))
+
+	if err := bd.stop(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("new daemon SIGTERM: %v", err)
+	}
+	if mounted(mnt) {
+		t.Fatal("mount left behind")
+	}
+}
