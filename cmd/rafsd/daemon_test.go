@@ -59,7 +59,7 @@ func requireRoot(t *testing.T) {
 // image is a RAFS image built by rafs-image from a generated tree.
 type image struct {
 	src, bootstrap, blobs string
-	files             map[string][]byte
+	files                 map[string][]byte
 }
 
 func makeImage(t *testing.T, seed string) *image {

@@ -260,6 +260,9 @@ func runFuse(a *args, log *slog.Logger, level *slog.LevelVar) error {
 	d := daemon.New(opts)
 	h := api.New(d, reg, log)
 
+	// Catch SIGTERM before anyone can know our API socket exists.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
 	// The API socket comes first: Kata gives it 300 ms to appear.
 	var apiSrv *http.Server
 	if a.apisock != "" {
@@ -286,8 +289,6 @@ func runFuse(a *args, log *slog.Logger, level *slog.LevelVar) error {
 		defer ms.Close()
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	if err := d.Setup(); err != nil {
 		return err
 	}
