@@ -400,6 +400,43 @@ func TestKataVirtioFSNydus(t *testing.T) {
 			t.Errorf("%s left behind after exit", p)
 		}
 	}
+	// Kata logs the daemon's output line by line: every line is a
+	// structured record (the standard log package goes through slog too).
+	for _, line := range strings.Split(strings.TrimSpace(d.out.String()), "\n") {
+		if !strings.HasPrefix(line, "time=") {
+			t.Errorf("unstructured output line: %q", line)
+		}
+	}
+}
+
+// TestVirtiofsArgs: command lines the virtio-fs mode refuses, with a
+// message and a non-zero exit rather than a daemon that serves nothing.
+func TestVirtiofsArgs(t *testing.T) {
+	dir := t.TempDir()
+	sock, api := filepath.Join(dir, "vfs.sock"), filepath.Join(dir, "api.sock")
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no sock", []string{"virtiofs", "--apisock", api}, "--sock is required"},
+		{"sock and mountpoint", []string{"virtiofs", "--sock", sock, "--mountpoint", dir}, "exclusive"},
+		{"upgrade", []string{"virtiofs", "--sock", sock, "--upgrade", "--supervisor", filepath.Join(dir, "sup")}, "not supported"},
+		{"sock in a missing dir", []string{"--sock", filepath.Join(dir, "nope", "vfs.sock")}, "vhost-user socket"},
+		{"bad thread-num", []string{"--sock", sock, "--thread-num", "0"}, "--thread-num"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd := exec.Command(kataBinary(t, "rafsd"), tc.args...)
+			out, err := cmd.CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() == 0 {
+				t.Fatalf("rafsd %v: %v, want a non-zero exit\n%s", tc.args, err, out)
+			}
+			if !strings.Contains(string(out), tc.want) {
+				t.Fatalf("rafsd %v output lacks %q:\n%s", tc.args, tc.want, out)
+			}
+		})
+	}
 }
 
 // kataExtraArgs returns virtio_fs_extra_args of the shipped Kata config
