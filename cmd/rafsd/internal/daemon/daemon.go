@@ -420,6 +420,35 @@ type savedMount struct {
 
 const stateVersion = 1
 
+// parseState decodes and checks the state a supervisor hands back: it is
+// bytes from another process, so every field is validated before use.
+func parseState(data []byte) (savedState, error) {
+	var st savedState
+	if err := json.Unmarshal(data, &st); err != nil {
+		return st, fmt.Errorf("bad state from supervisor: %w", err)
+	}
+	if st.Version != stateVersion {
+		return st, fmt.Errorf("state version %d, want %d", st.Version, stateVersion)
+	}
+	if len(st.Init) < 40 || len(st.Init) > 4096 {
+		return st, fmt.Errorf("saved FUSE_INIT request of %d bytes", len(st.Init))
+	}
+	seen := map[uint32]bool{}
+	for _, m := range st.Mounts {
+		if m.Index == 0 || m.Index > vfs.MaxMounts || seen[m.Index] {
+			return st, fmt.Errorf("mount %q: bad or duplicate index %d", m.Path, m.Index)
+		}
+		seen[m.Index] = true
+		if m.Path == "" || m.Path[0] != '/' {
+			return st, fmt.Errorf("mount path %q is not absolute", m.Path)
+		}
+		if m.FsType != FsTypeRafs && m.FsType != FsTypePassthrough && m.FsType != "" {
+			return st, fmt.Errorf("mount %q: unknown fs_type %q", m.Path, m.FsType)
+		}
+	}
+	return st, nil
+}
+
 // SendFD hands the /dev/fuse descriptor and the daemon's state to the
 // supervisor (PUT /api/v1/daemon/fuse/sendfd). The daemon keeps serving.
 func (d *Daemon) SendFD() error {
@@ -475,14 +504,10 @@ func (d *Daemon) Takeover() error {
 	if err != nil {
 		return err
 	}
-	var st savedState
-	if err := json.Unmarshal(data, &st); err != nil {
+	st, err := parseState(data)
+	if err != nil {
 		dev.Close()
-		return fmt.Errorf("takeover: bad state from supervisor: %w", err)
-	}
-	if st.Version != stateVersion {
-		dev.Close()
-		return fmt.Errorf("takeover: state version %d, want %d", st.Version, stateVersion)
+		return fmt.Errorf("takeover: %w", err)
 	}
 	for _, m := range st.Mounts {
 		in, err := d.openFS(m.MountCmd)
