@@ -1,0 +1,111 @@
+package fusedev
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestAdoptRejectsNonInit(t *testing.T) {
+	s := New(nil, Options{})
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := s.Adopt(f, "/x", make([]byte, 40)); err == nil {
+		t.Fatal("accepted a non-INIT request")
+	}
+}
+
+func TestSupervisorRoundTrip(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "sup.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	state := make([]byte, 600<<10) // larger than one message
+	for i := range state {
+		state[i] = byte(i)
+	}
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// The supervisor relays what it got from SendState to RecvState.
+	done := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		relay := c.(*net.UnixConn)
+		data, fd, err := readAll(relay)
+		c.Close()
+		if err != nil {
+			done <- err
+			return
+		}
+		c2, err := l.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		// Like nydus-snapshotter: loop, since a stream write may be short.
+		oob := unix.UnixRights(fd)
+		for len(data) > 0 && err == nil {
+			var n int
+			n, _, err = c2.(*net.UnixConn).WriteMsgUnix(data, oob, nil)
+			data, oob = data[n:], nil
+		}
+		c2.Close()
+		unix.Close(fd)
+		done <- err
+	}()
+	if err := SendState(sock, state, int(f.Fd()), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	got, dev, err := RecvState(sock, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(state) || string(got) != string(state) {
+		t.Fatalf("state: %d bytes, want %d", len(got), len(state))
+	}
+	var st1, st2 unix.Stat_t
+	unix.Fstat(int(f.Fd()), &st1)
+	unix.Fstat(int(dev.Fd()), &st2)
+	if st1.Rdev != st2.Rdev {
+		t.Fatal("received descriptor is not the one sent")
+	}
+}
+
+func readAll(c *net.UnixConn) ([]byte, int, error) {
+	var data []byte
+	fd := -1
+	buf, oob := make([]byte, 64<<10), make([]byte, 128)
+	for {
+		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		if oobn > 0 {
+			if fds, perr := parseRights(oob[:oobn]); perr == nil && len(fds) > 0 {
+				fd = fds[0]
+			}
+		}
+		data = append(data, buf[:n]...)
+		if err != nil || n == 0 {
+			break
+		}
+	}
+	return data, fd, nil
+}
