@@ -266,3 +266,12 @@ func (g *Group) DenyOrphans(maxFD int) int {
 	}
 	return n
 }
+
+// Deny answers the event whose fd is fd with DENY and errno (which the
+// reader gets). The caller still closes fd.
+func (g *Group) Deny(fd int, errno unix.Errno) error {
+	if _, err := unix.Write(g.fd, encodeResponse(fd, deny(errno))); err != nil {
+		return fmt.Errorf("fanotify response: %w", err)
+	}
+	return nil
+}

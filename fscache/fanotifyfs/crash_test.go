@@ -31,6 +31,7 @@ import (
 const roleEnv = "FANOTIFYFS_TEST_ROLE"
 
 func TestMain(m *testing.M) {
+	MaybeRunGuard()
 	if os.Getenv(roleEnv) == "daemon" {
 		if err := runDaemon(); err != nil {
 			fmt.Fprintln(os.Stderr, "daemon:", err)
@@ -82,7 +83,14 @@ func runDaemon() error {
 		Upgrade:        os.Getenv("FANOTIFYFS_TAKEOVER") == "1",
 		Timeout:        20 * time.Second,
 		FetcherOptions: []storage.Option{storage.WithBackend(slowBackend{inner, 2 * time.Millisecond})},
-		Ready:          func(*Server) { fmt.Println("ready") },
+		Guard:          os.Getenv("FANOTIFYFS_SUPERVISOR") == "",
+		Ready: func(_ *Server, g *Guard) {
+			if g != nil {
+				fmt.Printf("ready guard=%d\n", g.Pid())
+				return
+			}
+			fmt.Println("ready")
+		},
 	})
 }
 
@@ -154,33 +162,26 @@ func (s *supervisor) handle(c *net.UnixConn) {
 }
 
 type daemonProc struct {
+	guard  int // pid of its guard, if any
 	cmd    *exec.Cmd
 	done   chan struct{}
 	killed atomic.Bool
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+func fileText(f *os.File) string {
+	b, _ := os.ReadFile(f.Name())
+	return string(b)
 }
 
 func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool) *daemonProc {
 	t.Helper()
 	raw, _ := json.Marshal(st)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), roleEnv+"=daemon", "FANOTIFYFS_SUPERVISOR="+sup.sock(), "FANOTIFYFS_STATE="+string(raw))
+	sock := ""
+	if sup != nil {
+		sock = sup.sock()
+	}
+	cmd.Env = append(os.Environ(), roleEnv+"=daemon", "FANOTIFYFS_SUPERVISOR="+sock, "FANOTIFYFS_STATE="+string(raw))
 	if takeover {
 		cmd.Env = append(cmd.Env, "FANOTIFYFS_TAKEOVER=1")
 	}
@@ -188,7 +189,12 @@ func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	stderr := &lockedBuffer{}
+	// A file, not a pipe: Wait would wait for the guard, which inherits it.
+	stderr, err := os.CreateTemp(t.TempDir(), "daemon.stderr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stderr.Close()
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -203,7 +209,7 @@ func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool) *
 	go func() {
 		err := cmd.Wait()
 		if !d.killed.Load() {
-			t.Errorf("daemon %d exited on its own: %v\n%s", cmd.Process.Pid, err, stderr.String())
+			t.Errorf("daemon %d exited on its own: %v\n%s", cmd.Process.Pid, err, fileText(stderr))
 		}
 		close(d.done)
 	}()
@@ -211,12 +217,13 @@ func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool) *
 	case line := <-ready:
 		if !strings.HasPrefix(line, "ready") {
 			d.kill()
-			t.Fatalf("daemon did not start: %q\n%s", line, stderr.String())
+			t.Fatalf("daemon did not start: %q\n%s", line, fileText(stderr))
 		}
 		t.Logf("daemon %d: %s", cmd.Process.Pid, strings.TrimSpace(line))
+		fmt.Sscanf(strings.TrimSpace(line), "ready guard=%d", &d.guard)
 	case <-time.After(30 * time.Second):
 		d.kill()
-		t.Fatalf("daemon not ready in 30s\n%s", stderr.String())
+		t.Fatalf("daemon not ready in 30s\n%s", fileText(stderr))
 	}
 	return d
 }
@@ -331,5 +338,62 @@ func TestCrashRestartNeverZeros(t *testing.T) {
 	t.Logf("%d restarts, %d passes over %d files, %d EIO retries, %d wrong reads", restarts, passes.Load(), len(want), eio.Load(), wrong.Load())
 	if wrong.Load() != 0 {
 		t.Fatal("wrong bytes read")
+	}
+}
+
+// Without a supervisor, the guard makes a daemon's death loud: a reader
+// holding a file open gets EIO for data not yet fetched, never zeros, and
+// the mount is detached.
+func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	data := fstest.Bytes(5, 2<<20)
+	os.WriteFile(src+"/f", data, 0o644)
+	im := buildImage(t, src, 64<<10)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+	d := startDaemon(t, nil, st, false)
+	t.Cleanup(func() {
+		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		d.kill()
+		if d.guard > 0 {
+			syscall.Kill(d.guard, syscall.SIGKILL)
+		}
+	})
+	if d.guard == 0 {
+		t.Fatal("daemon started no guard")
+	}
+	fh, err := os.Open(st.Mountpoint + "/f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	p := make([]byte, 4096)
+	if _, err := fh.ReadAt(p, 0); err != nil || !bytes.Equal(p, data[:4096]) {
+		t.Fatalf("read while served: %v", err)
+	}
+	t.Log("served read ok")
+	d.kill()
+	// The guard notices, detaches the mount and fails reads.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mounted, _ := os.ReadFile("/proc/self/mountinfo")
+		if !bytes.Contains(mounted, []byte(" "+st.Mountpoint+" ")) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("guard did not detach the mount")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Log("mount detached")
+	res := make(chan error, 1)
+	go func() { _, err := fh.ReadAt(p, 1<<20+12345); res <- err }()
+	select {
+	case err = <-res:
+	case <-time.After(10 * time.Second):
+		t.Fatal("read after the daemon died still blocked after 10s")
+	}
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read after the daemon died: %v (zeros: %v), want EIO", err, bytes.Equal(p, make([]byte, len(p))))
 	}
 }

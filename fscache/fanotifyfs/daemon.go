@@ -48,8 +48,14 @@ type DaemonOptions struct {
 	Logger  *slog.Logger
 	// FetcherOptions are passed to storage.New for every mount.
 	FetcherOptions []storage.Option
-	// Ready, if set, is called once every mount is served.
-	Ready func(*Server)
+	// Guard, without a supervisor, starts a guard process (StartGuard)
+	// before mounting, so that the daemon's death fails reads with EIO
+	// instead of letting them see holes. The binary must call
+	// MaybeRunGuard first thing in main.
+	Guard bool
+	// Ready, if set, is called once every mount is served (with the
+	// guard, if any).
+	Ready func(*Server, *Guard)
 }
 
 // RunDaemon is the fanotify mode of rafsd: it mounts (or, with Upgrade,
@@ -109,6 +115,7 @@ func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 	serveCtx, stopServing := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	started := false
+	var guard *Guard
 	defer func() {
 		unmount()
 		stopServing()
@@ -119,6 +126,10 @@ func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 		for _, f := range fetchers {
 			f.Close()
 		}
+		// Last, once the mounts are gone.
+		if guard != nil {
+			guard.Stop()
+		}
 	}()
 	startServing := func() {
 		started = true
@@ -128,6 +139,16 @@ func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 	}
 	if !opts.Upgrade {
 		startServing()
+	}
+	if opts.Guard && opts.Supervisor == "" {
+		var mps []string
+		for _, ms := range state.Mounts {
+			mps = append(mps, ms.Mountpoint)
+		}
+		var err error
+		if guard, err = StartGuard(g, mps); err != nil {
+			return err
+		}
 	}
 	for _, ms := range state.Mounts {
 		cfg, err := config.Parse(ms.Config)
@@ -162,11 +183,11 @@ func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 		if err := fusedev.SendState(opts.Supervisor, raw, g.FD(), 30*time.Second); err != nil {
 			return fmt.Errorf("fanotifyfs: hand the group to the supervisor: %w", err)
 		}
-	} else {
-		log.Warn("fanotifyfs: no supervisor: if this daemon dies, readers of its mounts see holes (zeros)")
+	} else if guard == nil {
+		log.Warn("fanotifyfs: no supervisor and no guard: if this daemon dies, readers of its mounts see holes (zeros)")
 	}
 	if opts.Ready != nil {
-		opts.Ready(srv)
+		opts.Ready(srv, guard)
 	}
 	select {
 	case <-ctx.Done():
