@@ -5,7 +5,7 @@
 //	rafsd [fuse] --mountpoint DIR [--config F --bootstrap F | --shared-dir D] [--apisock S] ...
 //	rafsd virtiofs --sock S --apisock S [--thread-num N]  (also: --sock without a subcommand, as Kata starts it)
 //	rafsd singleton --fscache DIR [--fscache-tag T] [--fscache-threads N] --apisock S
-//	rafsd fanotify ...                         (not implemented yet)
+//	rafsd fanotify --bootstrap B --mountpoint DIR --config C [--supervisor S [--upgrade]]
 package main
 
 import (
@@ -32,10 +32,12 @@ import (
 
 	"github.com/rafsd/rafsd/cmd/rafsd/internal/api"
 	"github.com/rafsd/rafsd/cmd/rafsd/internal/daemon"
+	"github.com/rafsd/rafsd/fscache/fanotifyfs"
 	"github.com/rafsd/rafsd/internal/version"
 )
 
 func main() {
+	fanotifyfs.MaybeRunGuard() // the fanotify mode's guard child
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
@@ -195,9 +197,12 @@ func run(argv []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	case "fanotify":
-		log.Error("mode not implemented yet", "mode", a.mode)
-		fmt.Fprintf(stderr, "rafsd: %s mode is not implemented yet\n", a.mode)
-		return 1
+		if err := runFanotify(a, log); err != nil {
+			log.Error("rafsd failed", "err", err)
+			fmt.Fprintln(stderr, "rafsd:", err)
+			return 1
+		}
+		return 0
 	}
 	if err := runFuse(a, log, level); err != nil {
 		log.Error("rafsd failed", "err", err)

@@ -78,7 +78,7 @@ func runDaemon() error {
 		return err
 	}
 	return RunDaemon(context.Background(), DaemonOptions{
-		Mounts:         []MountSpec{{Bootstrap: st.Bootstrap, Mountpoint: st.Mountpoint, Config: cfgJSON, ReadAheadKB: 256}},
+		Mounts:         []MountSpec{{Bootstrap: st.Bootstrap, Mountpoint: st.Mountpoint, Config: string(cfgJSON), ReadAheadKB: 256}},
 		Supervisor:     os.Getenv("FANOTIFYFS_SUPERVISOR"),
 		Upgrade:        os.Getenv("FANOTIFYFS_TAKEOVER") == "1",
 		Timeout:        20 * time.Second,

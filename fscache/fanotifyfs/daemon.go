@@ -18,11 +18,11 @@ import (
 
 // MountSpec is one mount of a daemon, as saved with the supervisor.
 type MountSpec struct {
-	Bootstrap   string          `json:"bootstrap"`
-	Mountpoint  string          `json:"mountpoint"`
-	Config      json.RawMessage `json:"config"` // nydusd daemon config (JSON)
-	ReadAheadKB int             `json:"read_ahead_kb,omitempty"`
-	DirectIO    bool            `json:"directio,omitempty"`
+	Bootstrap   string `json:"bootstrap"`
+	Mountpoint  string `json:"mountpoint"`
+	Config      string `json:"config"` // nydusd daemon config (JSON or TOML)
+	ReadAheadKB int    `json:"read_ahead_kb,omitempty"`
+	DirectIO    bool   `json:"directio,omitempty"`
 }
 
 // savedState is what a daemon hands its supervisor with the group fd.
@@ -151,7 +151,7 @@ func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 		}
 	}
 	for _, ms := range state.Mounts {
-		cfg, err := config.Parse(ms.Config)
+		cfg, err := config.Parse([]byte(ms.Config))
 		if err != nil {
 			return fmt.Errorf("fanotifyfs: mount %s: config: %w", ms.Mountpoint, err)
 		}
