@@ -236,6 +236,11 @@ func StartStack(t testing.TB, sc SnapshotterConfig) *Stack {
 	s := &Stack{Dir: dir, Address: filepath.Join(dir, "ctd.sock"), SnapRoot: filepath.Join(dir, "ns")}
 	// Registered first, so it runs last: after both daemons are dead.
 	t.Cleanup(func() {
+		// Shims detach from containerd (own session): find them by the
+		// address they were given.
+		for _, pid := range shimsOf(s.Address) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
 		UnmountUnder(t, dir)
 		os.RemoveAll(dir)
 	})
@@ -452,4 +457,31 @@ func WaitNoProcs(ctx context.Context, t testing.TB, bin string) {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// shimsOf returns the pids of containerd shims serving the containerd at
+// address.
+func shimsOf(address string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if !strings.HasPrefix(filepath.Base(args[0]), "containerd-shim") {
+			continue
+		}
+		for i := 0; i+1 < len(args); i++ {
+			if args[i] == "-address" && args[i+1] == address {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
 }

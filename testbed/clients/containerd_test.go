@@ -164,7 +164,14 @@ func (c *client) run(ctx context.Context, t *testing.T, img containerd.Image, sn
 		t.Fatalf("start task %s: %v", id, err)
 	}
 	k := &container{c: ctr, task: task, exit: exit, out: out}
-	t.Cleanup(func() { k.remove(context.WithoutCancel(ctx)) })
+	t.Cleanup(func() {
+		// Bounded: containerd may already be gone when this runs.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if err := k.remove(cctx); err != nil {
+			t.Logf("cleanup of container %s: %v", id, err)
+		}
+	})
 	return k
 }
 
@@ -267,6 +274,9 @@ func TestContainerdNydus(t *testing.T) {
 			k := c.run(ctx, t, oci, "overlayfs", "oci-"+mode, md5Script(f.img)...)
 			ociOut := k.wait(ctx, t)
 			checkSums(t, "OCI image on overlayfs", ociOut, want)
+			if err := k.remove(ctx); err != nil {
+				t.Fatal(err)
+			}
 
 			ny := c.pull(ctx, t, f.nydusRef, "nydus")
 			k = c.run(ctx, t, ny, "nydus", "nydus-"+mode, md5Script(f.img)...)

@@ -61,7 +61,9 @@ func newTestImage(t testing.TB) *testImage {
 		t.Fatalf("static busybox (Debian package busybox-static; run .ci/deps): %v", err)
 	}
 	dir := func(n string) entry { return entry{name: n, typ: tar.TypeDir, mode: 0o755} }
-	reg := func(n string, mode int64, b []byte) entry { return entry{name: n, typ: tar.TypeReg, mode: mode, data: b} }
+	reg := func(n string, mode int64, b []byte) entry {
+		return entry{name: n, typ: tar.TypeReg, mode: mode, data: b}
+	}
 	sym := func(n, target string) entry { return entry{name: n, typ: tar.TypeSymlink, mode: 0o777, link: target} }
 	l1 := []entry{
 		dir("bin/"), reg("bin/busybox", 0o755, bb),
