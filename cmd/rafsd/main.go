@@ -226,6 +226,13 @@ func runFuse(a *args, log *slog.Logger, level *slog.LevelVar) error {
 		return errors.New("--upgrade needs --supervisor")
 	}
 	raiseNofile(a.rlimitNofile, log)
+	// nydusd's failover: nydus-snapshotter restarts a crashed daemon with
+	// its original command line (no --upgrade) and then calls takeover, so
+	// a leftover mount plus a dead API socket means "take over, don't mount".
+	if !a.upgrade && a.supervisor != "" && a.apisock != "" && previousCrashed(a.mountpoint, a.apisock) {
+		log.Warn("a previous daemon crashed: waiting for takeover", "mountpoint", a.mountpoint)
+		a.upgrade = true
+	}
 	// Saved in the takeover state: a new daemon may run elsewhere.
 	for _, p := range []*string{&a.bootstrap, &a.sharedDir} {
 		if *p != "" {
@@ -350,4 +357,34 @@ func raiseNofile(want uint64, log *slog.Logger) {
 	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
 		log.Debug("RLIMIT_NOFILE unchanged", "err", err)
 	}
+}
+
+// previousCrashed reports what nydusd's is_crashed checks: mountpoint is
+// still mounted and the API socket exists but nobody accepts on it.
+func previousCrashed(mountpoint, apisock string) bool {
+	if _, err := os.Stat(apisock); err != nil {
+		return false
+	}
+	if c, err := net.Dial("unix", apisock); err == nil {
+		c.Close()
+		return false
+	}
+	mnt, err := filepath.Abs(mountpoint)
+	if err != nil {
+		return false
+	}
+	if r, err := filepath.EvalSymlinks(mnt); err == nil {
+		mnt = r
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && strings.ReplaceAll(f[4], "\\040", " ") == mnt {
+			return true
+		}
+	}
+	return false
 }
