@@ -380,7 +380,21 @@ func TestContainerdNydusFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := k.wait(ctx, t)
-	checkSums(t, "after failover", out, want)
+	_, after, _ := strings.Cut(out, "READY\n")
+	checkSums(t, "after failover", after, want)
+
+	// Removing container and image stops the restarted daemon too.
+	if err := k.remove(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.removeImage(ctx, t, f.nydusRef)
+	wctx, wcancel := context.WithTimeout(ctx, 20*time.Second)
+	defer wcancel()
+	WaitNoProcs(wctx, t, f.rafsd)
+	stopStack(t, s)
+	if ms := Mounts(s.Dir); len(ms) != 0 {
+		t.Fatalf("mounts left: %v", ms)
+	}
 }
 
 func taskPid(ctx context.Context, t *testing.T, k *container) uint32 {
