@@ -12,6 +12,7 @@ package clients
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -31,8 +32,9 @@ import (
 // SnapshotterVersion is the nydus-snapshotter release the tests pin.
 const SnapshotterVersion = "v0.16.1"
 
-// CacheDir holds binaries built for the tests, outside the repository.
-var CacheDir = "/var/cache/rafsd-testbed/clients"
+// CacheDir holds binaries built for the tests, outside the repository
+// ($RAFSD_CLIENTS_CACHE overrides it).
+var CacheDir = cmp.Or(os.Getenv("RAFSD_CLIENTS_CACHE"), "/var/cache/rafsd-testbed/clients")
 
 // Binaries of the stack under test.
 const (
@@ -113,7 +115,7 @@ func SnapshotterBinary(t testing.TB) string {
 	t.Logf("building nydus-snapshotter %s (first run; cached in %s)", SnapshotterVersion, dir)
 	cmd := exec.Command("go", "build", "-o", bin+".tmp", "./cmd/containerd-nydus-grpc")
 	cmd.Dir = src
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("building nydus-snapshotter: %v\n%s", err, out)
 	}
