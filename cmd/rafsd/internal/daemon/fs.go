@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/prometheus/client_golang/prometheus"
@@ -65,7 +66,9 @@ func (d *Daemon) openFS(cmd MountCmd) (*instance, error) {
 		if fi, err := os.Stat(cmd.Source); err != nil || !fi.IsDir() {
 			return nil, fmt.Errorf("%w: passthrough_fs source %q is not a directory", ErrInvalid, cmd.Source)
 		}
-		fs, err := passthrough.New(cmd.Source, passthrough.Options{Logger: d.log})
+		// nydusd's passthroughfs keeps fuse-backend-rs's 5 s entry and
+		// attr timeouts; with none, every guest stat costs 2-3 requests.
+		fs, err := passthrough.New(cmd.Source, passthrough.Options{Logger: d.log, EntryTimeout: 5 * time.Second, AttrTimeout: 5 * time.Second})
 		if err != nil {
 			return nil, fmt.Errorf("passthrough_fs %s: %w", cmd.Source, err)
 		}
