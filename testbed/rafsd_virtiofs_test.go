@@ -13,10 +13,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rafsd/rafsd/internal/testutil"
 
 	"github.com/rafsd/rafsd/guest"
 	"github.com/rafsd/rafsd/guest/treehash"
@@ -27,27 +28,10 @@ import (
 // API socket.
 type hostRafsd struct {
 	cmd    *exec.Cmd
-	out    *lockedBuf
+	out    *testutil.SyncBuffer
 	exited chan struct{}
 	err    error
 	hc     *http.Client
-}
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func startHostRafsd(t testing.TB, ctx context.Context, sock, apisock string) *hostRafsd {
@@ -56,7 +40,7 @@ func startHostRafsd(t testing.TB, ctx context.Context, sock, apisock string) *ho
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &hostRafsd{out: &lockedBuf{}, exited: make(chan struct{})}
+	d := &hostRafsd{out: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	d.cmd = exec.Command(bin, "virtiofs", "--sock", sock, "--apisock", apisock, "--log-level", "info", "--thread-num", "4")
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -362,7 +346,7 @@ func startVirtiofsd(tb testing.TB, src string) string {
 		tb.Fatalf("%s missing (apt-get install qemu-system-x86): %v", qemuVirtiofsd, err)
 	}
 	sock := filepath.Join(tb.TempDir(), "virtiofsd.sock")
-	out := &lockedBuf{}
+	out := &testutil.SyncBuffer{}
 	cmd := exec.Command(qemuVirtiofsd, "--socket-path="+sock, "-o", "source="+src, "-o", "cache=auto", "-o", "sandbox=chroot")
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

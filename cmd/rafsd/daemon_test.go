@@ -19,11 +19,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rafsd/rafsd/internal/testutil"
 
 	"golang.org/x/sys/unix"
 )
@@ -109,7 +110,7 @@ type proc struct {
 	cmd     *exec.Cmd
 	apisock string
 	mnt     string
-	out     *syncBuffer
+	out     *testutil.SyncBuffer
 	exited  chan struct{}
 	exitErr error
 	client  *http.Client
@@ -118,29 +119,12 @@ type proc struct {
 	socketAfter time.Duration // how long the API socket took to appear
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // startDaemon runs rafsd with args plus --apisock and --mountpoint mnt, and
 // waits for its API. Cleanup: SIGTERM, SIGKILL after 5 s, lazy unmount.
 func startDaemon(t *testing.T, mnt string, args ...string) *proc {
 	t.Helper()
 	apisock := filepath.Join(t.TempDir(), "api.sock")
-	d := &proc{t: t, apisock: apisock, mnt: mnt, out: &syncBuffer{}, exited: make(chan struct{})}
+	d := &proc{t: t, apisock: apisock, mnt: mnt, out: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	full := append([]string{"fuse", "--mountpoint", mnt, "--apisock", apisock, "--log-level", "debug"}, args...)
 	d.cmd = exec.Command(filepath.Join(binDir, "rafsd"), full...)
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out

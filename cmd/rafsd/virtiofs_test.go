@@ -24,6 +24,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rafsd/rafsd/internal/testutil"
 )
 
 // kataBins builds rafsd and rafs-image once for this file's tests.
@@ -175,26 +177,9 @@ func (c *kataClient) umount(mountpoint string) error {
 // kataDaemon is rafsd started as Kata starts nydusd.
 type kataDaemon struct {
 	cmd    *exec.Cmd
-	out    *lockedBuffer
+	out    *testutil.SyncBuffer
 	exited chan struct{}
 	err    error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // startKataDaemon runs `rafsd --log-level info --apisock A --sock S
@@ -203,7 +188,7 @@ func startKataDaemon(t *testing.T, apisock, sock string, extra ...string) *kataD
 	t.Helper()
 	args := append([]string{"--log-level", "info", "--apisock", apisock, "--sock", sock}, extra...)
 	cmd := exec.Command(kataBinary(t, "rafsd"), args...)
-	d := &kataDaemon{cmd: cmd, out: &lockedBuffer{}, exited: make(chan struct{})}
+	d := &kataDaemon{cmd: cmd, out: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.out, d.out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -10,10 +10,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rafsd/rafsd/internal/testutil"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
@@ -26,24 +27,6 @@ import (
 
 	"github.com/rafsd/rafsd/rafs/convert/converttest"
 )
-
-// syncBuffer collects a container's output while the test polls it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // fixture is what every scenario shares: the registry, the OCI image and
 // its Nydus conversion, and this tree's rafsd and rafs-image.
@@ -131,7 +114,7 @@ type container struct {
 	c    containerd.Container
 	task containerd.Task
 	exit <-chan containerd.ExitStatus
-	out  *syncBuffer
+	out  *testutil.SyncBuffer
 }
 
 // run creates a container from img on snapshotter and starts args in it
@@ -147,7 +130,7 @@ func (c *client) run(ctx context.Context, t *testing.T, img containerd.Image, sn
 	if err != nil {
 		t.Fatalf("create container %s: %v", id, err)
 	}
-	out := &syncBuffer{}
+	out := &testutil.SyncBuffer{}
 	fifos := filepath.Join(c.stack.Dir, "fifo")
 	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, out, out), cio.WithFIFODir(fifos)))
 	if err != nil {
