@@ -276,30 +276,11 @@ func runFuse(a *args, log *slog.Logger, level *slog.LevelVar) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	// The API socket comes first: Kata gives it 300 ms to appear.
-	var apiSrv *http.Server
-	if a.apisock != "" {
-		var err error
-		if apiSrv, err = api.Listen(a.apisock, h); err != nil {
-			return err
-		}
-		defer func() {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			defer cancel()
-			_ = apiSrv.Shutdown(ctx)
-			_ = os.Remove(a.apisock)
-		}()
+	closeListeners, err := serveListeners(a, h, reg)
+	if err != nil {
+		return err
 	}
-	if a.metricsAddr != "" {
-		l, err := net.Listen("tcp", a.metricsAddr)
-		if err != nil {
-			return fmt.Errorf("--metrics-addr: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() { _ = ms.Serve(l) }()
-		defer ms.Close()
-	}
+	defer closeListeners()
 
 	if err := d.Setup(); err != nil {
 		return err
@@ -387,4 +368,40 @@ func previousCrashed(mountpoint, apisock string) bool {
 		}
 	}
 	return false
+}
+
+// serveListeners starts the API on a.apisock and, with --metrics-addr,
+// Prometheus on TCP, and returns what shuts both down and removes the socket.
+func serveListeners(a *args, h http.Handler, reg *prometheus.Registry) (func(), error) {
+	var closers []func()
+	closeAll := func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}
+	if a.apisock != "" {
+		srv, err := api.Listen(a.apisock, h)
+		if err != nil {
+			return nil, err
+		}
+		closers = append(closers, func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_ = srv.Shutdown(ctx)
+			_ = os.Remove(a.apisock)
+		})
+	}
+	if a.metricsAddr != "" {
+		l, err := net.Listen("tcp", a.metricsAddr)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("--metrics-addr: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = ms.Serve(l) }()
+		closers = append(closers, func() { ms.Close() })
+	}
+	return closeAll, nil
 }

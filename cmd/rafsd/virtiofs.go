@@ -3,19 +3,13 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
-	"os"
 	"os/signal"
 	"path/filepath"
 	"syscall"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rafsd/rafsd/cmd/rafsd/internal/api"
 	"github.com/rafsd/rafsd/cmd/rafsd/internal/daemon"
@@ -69,29 +63,11 @@ func runVirtiofs(a *args, log *slog.Logger, level *slog.LevelVar) error {
 
 	// The API socket comes first: Kata stats it 3 times 100 ms apart, and
 	// mounts the shared directory before QEMU connects.
-	if a.apisock != "" {
-		srv, err := api.Listen(a.apisock, api.New(d, reg, log))
-		if err != nil {
-			return err
-		}
-		defer func() {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			defer cancel()
-			_ = srv.Shutdown(ctx)
-			_ = os.Remove(a.apisock)
-		}()
+	closeListeners, err := serveListeners(a, api.New(d, reg, log), reg)
+	if err != nil {
+		return err
 	}
-	if a.metricsAddr != "" {
-		l, err := net.Listen("tcp", a.metricsAddr)
-		if err != nil {
-			return fmt.Errorf("--metrics-addr: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() { _ = ms.Serve(l) }()
-		defer ms.Close()
-	}
+	defer closeListeners()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	log.Info("rafsd started", "version", version.Version, "mode", "virtiofs", "sock", a.sock, "apisock", a.apisock)
