@@ -115,10 +115,8 @@ func runUnpack(args []string, _ io.Reader, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *boot == "" && len(pos) == 1 {
-		*boot = pos[0]
-	} else if len(pos) != 0 {
-		return fmt.Errorf("unexpected arguments %q", pos)
+	if err := bootstrapArg(boot, pos); err != nil {
+		return err
 	}
 	if *boot == "" || *out == "" {
 		return errors.New("want --bootstrap and --output")
@@ -174,10 +172,8 @@ func runCheck(args []string, _ io.Reader, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *boot == "" && len(pos) == 1 {
-		*boot = pos[0]
-	} else if len(pos) != 0 {
-		return fmt.Errorf("unexpected arguments %q", pos)
+	if err := bootstrapArg(boot, pos); err != nil {
+		return err
 	}
 	if *boot == "" {
 		return errors.New("want --bootstrap")
@@ -363,10 +359,8 @@ func runInspect(args []string, _ io.Reader, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *boot == "" && len(pos) == 1 {
-		*boot = pos[0]
-	} else if len(pos) != 0 {
-		return fmt.Errorf("unexpected arguments %q", pos)
+	if err := bootstrapArg(boot, pos); err != nil {
+		return err
 	}
 	if *boot == "" {
 		return errors.New("want a bootstrap")
@@ -479,4 +473,15 @@ func inspect(img *rafs.Image, want map[string]bool) *inspection {
 		}
 	}
 	return res
+}
+
+// bootstrapArg lets the bootstrap be given as the one positional argument
+// instead of --bootstrap, as nydus-image accepts; other positionals are errors.
+func bootstrapArg(boot *string, pos []string) error {
+	if *boot == "" && len(pos) == 1 {
+		*boot = pos[0]
+	} else if len(pos) != 0 {
+		return fmt.Errorf("unexpected arguments %q", pos)
+	}
+	return nil
 }

@@ -562,31 +562,38 @@ func (d *Daemon) Close() error {
 		if d.dev != nil {
 			d.dev.Wake()
 		}
-		d.wg.Wait()
-		d.mu.Lock()
-		objs := d.objects
-		d.objects = map[uint32]*object{}
-		imgs := d.images
-		d.images = map[key]*image{}
-		d.mu.Unlock()
-		for _, o := range objs {
-			o.cancel()
-		}
-		d.bg.Wait()
-		for _, o := range objs {
-			unix.Close(o.fd)
-			if o.boot != nil {
-				o.boot.Close()
-			}
-		}
-		for _, im := range imgs {
-			im.fetcher.Close()
-		}
+		d.stopServing()
 		if d.dev != nil {
 			err = d.dev.Close()
 		}
 	})
 	return err
+}
+
+// stopServing waits for the serving loops (already woken), cancels and
+// drains in-flight READs, then closes every object's fds and the fetchers.
+// The device itself is left to the caller: Close closes it, Detach hands it on.
+func (d *Daemon) stopServing() {
+	d.wg.Wait()
+	d.mu.Lock()
+	objs := d.objects
+	d.objects = map[uint32]*object{}
+	imgs := d.images
+	d.images = map[key]*image{}
+	d.mu.Unlock()
+	for _, o := range objs {
+		o.cancel()
+	}
+	d.bg.Wait()
+	for _, o := range objs {
+		unix.Close(o.fd)
+		if o.boot != nil {
+			o.boot.Close()
+		}
+	}
+	for _, im := range imgs {
+		im.fetcher.Close()
+	}
 }
 
 // String is for logs.
@@ -604,26 +611,7 @@ func (d *Daemon) Detach() (*os.File, error) {
 	err := errors.New("cachefiles: daemon already closed")
 	d.closed.Do(func() {
 		d.dev.Wake()
-		d.wg.Wait()
-		d.mu.Lock()
-		objs := d.objects
-		d.objects = map[uint32]*object{}
-		imgs := d.images
-		d.images = map[key]*image{}
-		d.mu.Unlock()
-		for _, o := range objs {
-			o.cancel()
-		}
-		d.bg.Wait()
-		for _, o := range objs {
-			unix.Close(o.fd)
-			if o.boot != nil {
-				o.boot.Close()
-			}
-		}
-		for _, im := range imgs {
-			im.fetcher.Close()
-		}
+		d.stopServing()
 		unix.Close(d.dev.wake[0])
 		unix.Close(d.dev.wake[1])
 		f, err = d.dev.f, nil

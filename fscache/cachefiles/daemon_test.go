@@ -53,29 +53,10 @@ func buildImage(t testing.TB, src, blobDir string, dicts ...*rafs.Image) *testIm
 
 func buildImageOpts(t testing.TB, src, blobDir string, opts builder.Options) *testImage {
 	t.Helper()
-	tmp, err := os.CreateTemp(blobDir, "blob")
-	if err != nil {
-		t.Fatal(err)
-	}
 	c := codec.Zstd
 	opts.Version, opts.ChunkSize, opts.Compressor = 6, 64<<10, &c
-	b, err := builder.New(opts, tmp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.AddDir(context.Background(), src); err != nil {
-		t.Fatal(err)
-	}
-	res, err := b.Finish()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmp.Close()
-	if err := os.Rename(tmp.Name(), filepath.Join(blobDir, res.Blob.ID)); err != nil {
-		t.Fatal(err)
-	}
 	boot := filepath.Join(t.TempDir(), "bootstrap")
-	if err := bootstrap.WriteFile(boot, res.Image); err != nil {
+	if _, err := builder.BuildDirFiles(context.Background(), opts, src, blobDir, boot); err != nil {
 		t.Fatal(err)
 	}
 	img, err := bootstrap.Open(boot)

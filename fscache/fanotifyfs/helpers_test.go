@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -32,28 +31,10 @@ type image struct {
 func buildImage(t testing.TB, src string, chunkSize uint32) *image {
 	t.Helper()
 	blobDir := t.TempDir()
-	tmp, err := os.CreateTemp(blobDir, "blob")
-	if err != nil {
-		t.Fatal(err)
-	}
 	c := codec.Zstd
-	b, err := builder.New(builder.Options{Version: 6, ChunkSize: chunkSize, Compressor: &c}, tmp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.AddDir(context.Background(), src); err != nil {
-		t.Fatal(err)
-	}
-	res, err := b.Finish()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmp.Close()
-	if err := os.Rename(tmp.Name(), filepath.Join(blobDir, res.Blob.ID)); err != nil {
-		t.Fatal(err)
-	}
+	opts := builder.Options{Version: 6, ChunkSize: chunkSize, Compressor: &c}
 	boot := filepath.Join(t.TempDir(), "bootstrap")
-	if err := bootstrap.WriteFile(boot, res.Image); err != nil {
+	if _, err := builder.BuildDirFiles(context.Background(), opts, src, blobDir, boot); err != nil {
 		t.Fatal(err)
 	}
 	img, err := bootstrap.Open(boot)

@@ -75,35 +75,16 @@ func TestBuilderImage(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			blobDir := t.TempDir()
-			tmp, err := os.CreateTemp(blobDir, "blob")
-			if err != nil {
-				t.Fatal(err)
-			}
 			c := tc.c
-			b, err := builder.New(builder.Options{Version: tc.version, ChunkSize: tc.cs, Compressor: &c}, tmp)
+			opts := builder.Options{Version: tc.version, ChunkSize: tc.cs, Compressor: &c}
+			// Through the on-disk encoding, as a daemon gets it.
+			p := filepath.Join(t.TempDir(), "bootstrap")
+			if _, err := builder.BuildDirFiles(context.Background(), opts, src, blobDir, p); err != nil {
+				t.Fatal(err)
+			}
+			img, err := bootstrap.Open(p)
 			if err != nil {
 				t.Fatal(err)
-			}
-			if err := b.AddDir(context.Background(), src); err != nil {
-				t.Fatal(err)
-			}
-			res, err := b.Finish()
-			if err != nil {
-				t.Fatal(err)
-			}
-			tmp.Close()
-			if err := os.Rename(tmp.Name(), filepath.Join(blobDir, res.Blob.ID)); err != nil {
-				t.Fatal(err)
-			}
-			img := res.Image
-			{ // through the on-disk encoding, as a daemon gets it
-				p := filepath.Join(t.TempDir(), "bootstrap")
-				if err := bootstrap.WriteFile(p, img); err != nil {
-					t.Fatal(err)
-				}
-				if img, err = bootstrap.Open(p); err != nil {
-					t.Fatal(err)
-				}
 			}
 			cr := fstest.DirReader(blobDir)
 			mnt := fstest.Mount(t, rfs.New(img, cr, rfs.Options{EntryTimeout: time.Second, AttrTimeout: time.Second}), nil)
