@@ -16,7 +16,7 @@ import (
 
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/convert"
-	"github.com/rafsd/rafsd/rafs/convert/converttest"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 	"github.com/rafsd/rafsd/rafs/storage"
 )
 
@@ -57,7 +57,7 @@ func writeLayout(t *testing.T, dir string, files map[string]string) {
 }
 
 func TestConvertCLI(t *testing.T) {
-	reg := converttest.StartRegistry(t)
+	reg := registrytest.Start(t, registrytest.Options{})
 	layout := t.TempDir()
 	writeLayout(t, layout, map[string]string{"hello.txt": "hello, nydus\n", "etc/os-release": "ID=test\n"})
 	target := reg.Addr + "/cli/hello:nydus"

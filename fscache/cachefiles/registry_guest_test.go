@@ -15,7 +15,7 @@ import (
 
 	"github.com/rafsd/rafsd/guest"
 	"github.com/rafsd/rafsd/guest/treehash"
-	"github.com/rafsd/rafsd/rafs/convert/converttest"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 	"github.com/rafsd/rafsd/testbed"
 	"github.com/rafsd/rafsd/testbed/initramfs"
 )
@@ -64,7 +64,7 @@ func TestGuestFscacheRegistry(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	reg := converttest.StartRegistry(t)
+	reg := registrytest.Start(t, registrytest.Options{})
 	_, port, _ := strings.Cut(reg.Addr, ":")
 
 	dir := t.TempDir()

@@ -25,7 +25,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 	"github.com/rafsd/rafsd/rafs/builder/unpack"
 	"github.com/rafsd/rafsd/rafs/config"
-	"github.com/rafsd/rafsd/rafs/convert/converttest"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 	"github.com/rafsd/rafsd/rafs/storage"
 )
 
@@ -458,7 +458,7 @@ func TestMultiPlatformSource(t *testing.T) {
 // image reads back through the registry backend with the credentials
 // DaemonConfig carries, and wrong credentials fail clearly.
 func TestAuthRegistry(t *testing.T) {
-	reg := converttest.StartAuthRegistry(t, "alice", "s3cret")
+	reg := registrytest.Start(t, registrytest.Options{User: "alice", Password: "s3cret"})
 	ro := RegistryOptions{PlainHTTP: true, Username: "alice", Password: "s3cret"}
 	im := newOCIImage(t, []entry{dir("d", 0o755), file("d/f", 0o644, pseudoRandom(9, 300_000))})
 	p, err := newPusher(context.Background(), reg.Addr+"/auth/oci:v1", ro)

@@ -25,10 +25,10 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/rafsd/rafsd/rafs/convert/converttest"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
-func startRegistry(t testing.TB) *converttest.Registry { return converttest.StartRegistry(t) }
+func startRegistry(t testing.TB) *registrytest.Registry { return registrytest.Start(t, registrytest.Options{}) }
 
 // entry is one tar entry of a test layer.
 type entry struct {

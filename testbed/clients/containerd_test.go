@@ -25,7 +25,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 
-	"github.com/rafsd/rafsd/rafs/convert/converttest"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
 // fixture is what every scenario shares: the registry, the OCI image and
@@ -43,7 +43,7 @@ func setup(t *testing.T) *fixture {
 	}
 	f := &fixture{img: newTestImage(t)}
 	f.rafsd, f.rafsImage = BuildRafs(t, t.TempDir())
-	reg := converttest.StartRegistry(t)
+	reg := registrytest.Start(t, registrytest.Options{})
 	f.ociRef = reg.Addr + "/rafsd/clients:oci"
 	f.nydusRef = reg.Addr + "/rafsd/clients:nydus"
 	f.img.push(t, f.ociRef)
