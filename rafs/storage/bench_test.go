@@ -13,7 +13,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/codec"
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/storage/blobcache"
-	"github.com/rafsd/rafsd/rafs/storage/internal/registrytest"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
 const benchSize = 256 << 20

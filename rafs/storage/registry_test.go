@@ -19,7 +19,7 @@ import (
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/codec"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
-	"github.com/rafsd/rafsd/rafs/storage/internal/registrytest"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
 const testRepo = "rafsd/test"
