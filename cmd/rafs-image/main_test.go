@@ -10,11 +10,13 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rafsd/rafsd/internal/testutil"
+
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 )
 
-const fixtures = "/work/shared/fixtures/nydus"
+var fixtures = testutil.NydusFixtures()
 
 // cli runs rafs-image in-process and returns its exit code and output.
 func cli(t *testing.T, stdin string, args ...string) (int, string, string) {

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rafsd/rafsd/internal/testutil"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
@@ -91,7 +93,7 @@ func TestTreeMatchesSource(t *testing.T) {
 		}
 	})
 	t.Run("nydus-image-fixture", func(t *testing.T) {
-		dir := "/work/shared/fixtures/nydus/v6-zstd-blake3"
+		dir := filepath.Join(testutil.NydusFixtures(), "v6-zstd-blake3")
 		if _, err := os.Stat(dir); err != nil {
 			dir = "../../rafs/v6/testdata/v6-zstd-blake3"
 		}

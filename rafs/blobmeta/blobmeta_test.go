@@ -8,6 +8,8 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/rafsd/rafsd/internal/testutil"
+
 	"github.com/rafsd/rafsd/rafs/codec"
 )
 
@@ -90,7 +92,7 @@ func TestWriteRead(t *testing.T) {
 // The nydus-image-built v6 fixture's blob carries a v1 table with a TOC
 // after it; its header must decode and describe chunks inside the blob.
 func TestNydusFixture(t *testing.T) {
-	blobs, _ := filepath.Glob("/work/shared/fixtures/nydus/v6-zstd-blake3/blobs/*")
+	blobs, _ := filepath.Glob(filepath.Join(testutil.NydusFixtures(), "v6-zstd-blake3/blobs/*"))
 	if len(blobs) != 1 {
 		t.Fatalf("fixture blob missing: %v", blobs)
 	}
@@ -173,7 +175,7 @@ func FuzzDecode(f *testing.F) {
 	_, _, _ = Write(&buf, 0, codec.None, FeatureChunkInfoV2, sampleInfos())
 	f.Add(buf.Bytes())
 	f.Add(make([]byte, HeaderSize))
-	if fx, _ := filepath.Glob("/work/shared/fixtures/nydus/v6-zstd-blake3/blobs/*"); len(fx) == 1 {
+	if fx, _ := filepath.Glob(filepath.Join(testutil.NydusFixtures(), "v6-zstd-blake3/blobs/*")); len(fx) == 1 {
 		if b, err := os.ReadFile(fx[0]); err == nil {
 			f.Add(b)
 		}

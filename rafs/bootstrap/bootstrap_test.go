@@ -6,9 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/rafsd/rafsd/internal/testutil"
 )
 
-const fixtures = "/work/shared/fixtures/nydus"
+var fixtures = testutil.NydusFixtures()
 
 func TestVersion(t *testing.T) {
 	v6 := make([]byte, 2048)

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rafsd/rafsd/internal/testutil"
+
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 
@@ -193,7 +195,7 @@ func TestDedupAndSparse(t *testing.T) {
 
 // TestAllEntryTypeFixture builds nydus's all-entry-type.tar.
 func TestAllEntryTypeFixture(t *testing.T) {
-	f, err := os.Open("/work/shared/fixtures/nydus/tar/all-entry-type.tar")
+	f, err := os.Open(filepath.Join(testutil.NydusFixtures(), "tar/all-entry-type.tar"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -403,7 +405,7 @@ func FuzzAddTar(f *testing.F) {
 	tw.WriteHeader(&tar.Header{Name: "s", Typeflag: tar.TypeSymlink, Linkname: "d/f"})
 	tw.Close()
 	f.Add(buf.Bytes())
-	if fx, err := os.ReadFile("/work/shared/fixtures/nydus/tar/all-entry-type.tar"); err == nil {
+	if fx, err := os.ReadFile(filepath.Join(testutil.NydusFixtures(), "tar/all-entry-type.tar")); err == nil {
 		f.Add(fx)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -9,11 +9,13 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/rafsd/rafsd/internal/testutil"
+
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 )
 
-const fixtures = "/work/shared/fixtures/nydus"
+var fixtures = testutil.NydusFixtures()
 
 // TestNydusFixtures serves images built by nydus-image (v6 zstd/blake3,
 // v5 uncompressed/sha256) through the fetcher in every cache mode and

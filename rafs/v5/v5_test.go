@@ -18,11 +18,13 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/rafsd/rafsd/internal/testutil"
+
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/codec"
 )
 
-const fixtureDir = "/work/shared/fixtures/nydus/v5-none-sha256"
+var fixtureDir = filepath.Join(testutil.NydusFixtures(), "v5-none-sha256")
 
 // fixture returns the bootstrap built by nydus-image. The fixtures are part
 // of the test environment (see /work/shared/fixtures/nydus/README.md).
