@@ -43,7 +43,7 @@ func runConvert(args []string, stdin io.Reader, stdout io.Writer) error {
 		merge      = fs.Bool("merge-platform", false, "push an index with the OCI manifest beside the Nydus one")
 		plainHTTP  = fs.Bool("plain-http", false, "talk HTTP to registries")
 		insecure   = fs.Bool("insecure", false, "skip TLS verification")
-		creds      = fs.String("creds", "", "USER:PASSWORD for the registries")
+		creds      = fs.String("creds", "", "USER:PASSWORD for the registries (default: docker's config.json, $DOCKER_CONFIG or ~/.docker)")
 		platform   = fs.String("platform", "", "platform to convert from a multi-platform source (default: this machine's)")
 		workDir    = fs.String("work-dir", "", "directory for blobs while converting (default: a temporary one)")
 		parallel   = fs.Int("parallel", 0, "layers converted at once (default: CPUs)")
@@ -66,6 +66,11 @@ func runConvert(args []string, stdin io.Reader, stdout io.Writer) error {
 			return fmt.Errorf("--creds: want USER:PASSWORD")
 		}
 		ro.Username, ro.Password = u, p
+	} else {
+		// As docker, nerdctl and nydusify: logins from docker's config.json.
+		if ro.Credentials, err = convert.DockerCredentials(""); err != nil {
+			return err
+		}
 	}
 	comp, err := codec.ParseCompressor(*compressor)
 	if err != nil {

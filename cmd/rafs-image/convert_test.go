@@ -16,8 +16,8 @@ import (
 
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/convert"
-	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 	"github.com/rafsd/rafsd/rafs/storage"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
 // writeLayout writes a one-layer OCI image layout holding files.

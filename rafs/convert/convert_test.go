@@ -25,8 +25,8 @@ import (
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 	"github.com/rafsd/rafsd/rafs/builder/unpack"
 	"github.com/rafsd/rafsd/rafs/config"
-	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 	"github.com/rafsd/rafsd/rafs/storage"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
 // testLayers is a three-layer image exercising what overlay semantics and

@@ -28,7 +28,9 @@ import (
 	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
-func startRegistry(t testing.TB) *registrytest.Registry { return registrytest.Start(t, registrytest.Options{}) }
+func startRegistry(t testing.TB) *registrytest.Registry {
+	return registrytest.Start(t, registrytest.Options{})
+}
 
 // entry is one tar entry of a test layer.
 type entry struct {
@@ -143,8 +145,14 @@ func newOCIImage(t testing.TB, layers ...[]entry) *ociImage {
 // push uploads the image with containerd's pusher (children first).
 func (im *ociImage) push(t testing.TB, ref string) {
 	t.Helper()
+	im.pushWith(t, ref, RegistryOptions{PlainHTTP: true})
+}
+
+// pushWith is push with registry options (credentials).
+func (im *ociImage) pushWith(t testing.TB, ref string, ro RegistryOptions) {
+	t.Helper()
 	ctx := context.Background()
-	p, err := newPusher(ctx, ref, RegistryOptions{PlainHTTP: true})
+	p, err := newPusher(ctx, ref, ro)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,6 +23,17 @@ type RegistryOptions struct {
 	Insecure bool
 	// Username and Password answer basic and token auth challenges.
 	Username, Password string
+	// Credentials answers for a registry host when Username is empty,
+	// e.g. DockerCredentials (docker's config.json). Nil: anonymous.
+	Credentials func(host string) (user, password string, err error)
+}
+
+// creds returns the credentials for host.
+func (o RegistryOptions) creds(host string) (string, string, error) {
+	if o.Username != "" || o.Credentials == nil {
+		return o.Username, o.Password, nil
+	}
+	return o.Credentials(host)
 }
 
 func (o RegistryOptions) client() *http.Client {
@@ -39,7 +50,7 @@ func (o RegistryOptions) resolver() remotes.Resolver {
 	client := o.client()
 	authz := docker.NewDockerAuthorizer(
 		docker.WithAuthClient(client),
-		docker.WithAuthCreds(func(string) (string, string, error) { return o.Username, o.Password, nil }),
+		docker.WithAuthCreds(o.creds),
 	)
 	plain := docker.MatchLocalhost
 	if o.PlainHTTP {
@@ -81,8 +92,12 @@ func (o RegistryOptions) backendConfig(ref string) (config.Registry, error) {
 		scheme = "http"
 	}
 	rc := config.Registry{Scheme: scheme, Host: host, Repo: repo, SkipVerify: o.Insecure, Timeout: 30, ConnectTimeout: 10, RetryLimit: 2}
-	if o.Username != "" {
-		rc.Auth = base64.StdEncoding.EncodeToString([]byte(o.Username + ":" + o.Password))
+	user, pass, err := o.creds(host)
+	if err != nil {
+		return config.Registry{}, err
+	}
+	if user != "" || pass != "" {
+		rc.Auth = base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
 	}
 	return rc, nil
 }
