@@ -56,6 +56,7 @@ type args struct {
 	writable                   bool
 
 	bootstrap, localfsDir, sharedDir, prefetchFiles, virtualMountpoint, dedupDB string
+	image                                                                       string // imageref.go
 
 	hybridMode bool
 	sock       string
@@ -93,6 +94,7 @@ func newFlagSet(a *args, stderr io.Writer) *flag.FlagSet {
 	}
 	fs.BoolVar(&a.writable, "writable", false, "mount the FUSE filesystem read-write")
 	str(&a.bootstrap, "", "RAFS bootstrap (metadata) to mount", "bootstrap", "B")
+	str(&a.image, "", "Nydus image reference to mount: bootstrap from the registry, blobs read lazily from it (FUSE mode, rafsd only)", "image")
 	str(&a.localfsDir, "", "blob directory; enables the localfs backend without a config", "localfs-dir", "D")
 	str(&a.sharedDir, "", "host directory to share through passthroughfs", "shared-dir", "s")
 	str(&a.prefetchFiles, "", "file listing paths to prefetch, one per line", "prefetch-files")
@@ -215,6 +217,9 @@ func run(argv []string, stdout, stderr io.Writer) int {
 func runFuse(a *args, log *slog.Logger, level *slog.LevelVar) error {
 	if a.mountpoint == "" {
 		return errors.New("--mountpoint is required in FUSE mode")
+	}
+	if err := useImage(a, log); err != nil {
+		return err
 	}
 	if a.bootstrap != "" && a.sharedDir != "" {
 		return errors.New("--bootstrap and --shared-dir are exclusive")

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"encoding/base64"
+	"encoding/json"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
+)
+
+// writeOCILayout writes src as a one-layer (tar+gzip) OCI image layout.
+func writeOCILayout(t *testing.T, src, dir string) {
+	t.Helper()
+	var raw bytes.Buffer
+	tw := tar.NewWriter(&raw)
+	err := filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == src {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		h, err := tar.FileInfoHeader(fi, "")
+		if err != nil {
+			return err
+		}
+		h.Name, _ = filepath.Rel(src, p)
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+		if fi.Mode().IsRegular() {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			_, err = tw.Write(b)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw.Close()
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(raw.Bytes())
+	zw.Close()
+	put := func(mt string, b []byte) ocispec.Descriptor {
+		d := digest.FromBytes(b)
+		os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755)
+		if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", d.Encoded()), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return ocispec.Descriptor{MediaType: mt, Digest: d, Size: int64(len(b))}
+	}
+	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}}
+	cfg.RootFS = ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.FromBytes(raw.Bytes())}}
+	cb, _ := json.Marshal(cfg)
+	man := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest, Config: put(ocispec.MediaTypeImageConfig, cb),
+		Layers: []ocispec.Descriptor{put(ocispec.MediaTypeImageLayerGzip, gz.Bytes())}}
+	man.SchemaVersion = 2
+	mb, _ := json.Marshal(man)
+	idx := ocispec.Index{MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{put(ocispec.MediaTypeImageManifest, mb)}}
+	idx.SchemaVersion = 2
+	ib, _ := json.Marshal(idx)
+	os.WriteFile(filepath.Join(dir, "index.json"), ib, 0o644)
+	os.WriteFile(filepath.Join(dir, ocispec.ImageLayoutFile), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644)
+}
+
+// pushNydus converts img's tree (as a one-layer OCI image) and pushes it
+// to reg as ref with `rafs-image convert` plus extra flags, logging in with
+// the docker config.json in $DOCKER_CONFIG.
+func pushNydus(t *testing.T, img *image, ref string, extra ...string) {
+	t.Helper()
+	layout := filepath.Join(t.TempDir(), "layout")
+	writeOCILayout(t, img.src, layout)
+	args := append([]string{"convert", "--source", "oci-layout:" + layout, "--target", ref, "--quiet", "--chunk-size", "0x40000"}, extra...)
+	if out, err := exec.Command(filepath.Join(binDir, "rafs-image"), args...).CombinedOutput(); err != nil {
+		t.Fatalf("rafs-image convert: %v\n%s", err, out)
+	}
+}
+
+// loginDockerConfig points $DOCKER_CONFIG (inherited by the binaries the
+// test starts) at a config.json with user:password for reg.
+func loginDockerConfig(t *testing.T, reg *registrytest.Registry, user, password string) {
+	dir := t.TempDir()
+	conf := `{"auths": {"` + reg.Addr + `": {"auth": "` + base64.StdEncoding.EncodeToString([]byte(user+":"+password)) + `"}}}`
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("DOCKER_CONFIG", dir)
+}
+
+func diffTree(t *testing.T, want, got string) {
+	t.Helper()
+	if out, err := exec.Command("diff", "-r", "--no-dereference", want, got).CombinedOutput(); err != nil {
+		t.Fatalf("diff -r %s %s: %v\n%s", want, got, err, out)
+	}
+}
+
+// TestMountImageRef starts rafsd from an image reference alone against a
+// registry with htpasswd auth: the bootstrap comes from the registry, the
+// generated config reads the blobs from it, both logging in with docker's
+// config.json.
+func TestMountImageRef(t *testing.T) {
+	requireRoot(t)
+	reg := registrytest.Start(t, registrytest.Options{User: "u", Password: "p"})
+	loginDockerConfig(t, reg, "u", "p")
+	t.Setenv(imageDirEnv, t.TempDir())
+	img := makeImage(t, "imageref")
+	ref := reg.Addr + "/rafsd/app:nydus"
+	pushNydus(t, img, ref)
+
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt, "--image", ref)
+	d.waitState("RUNNING")
+	diffTree(t, img.src, mnt)
+	if st, err := os.Stat(filepath.Join(os.Getenv(imageDirEnv))); err != nil || !st.IsDir() {
+		t.Fatalf("image dir: %v", err)
+	}
+}
+
+func TestMountImageRefErrors(t *testing.T) {
+	requireRoot(t)
+	reg := registrytest.Start(t, registrytest.Options{User: "u", Password: "p"})
+	t.Setenv(imageDirEnv, t.TempDir())
+	loginDockerConfig(t, reg, "u", "p")
+	img := makeImage(t, "errors")
+	ref := reg.Addr + "/rafsd/app:nydus"
+	pushNydus(t, img, ref)
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"with --bootstrap", []string{"--image", ref, "--bootstrap", img.bootstrap}, "exclusive"},
+		{"unknown tag", []string{"--image", reg.Addr + "/rafsd/app:nope"}, "not found"},
+		{"not a reference", []string{"--image", "no spaces/in refs"}, "reference"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out bytes.Buffer
+			cmd := exec.Command(filepath.Join(binDir, "rafsd"), append([]string{"--mountpoint", t.TempDir()}, tc.args...)...)
+			cmd.Stdout, cmd.Stderr = &out, &out
+			err := cmd.Run()
+			if err == nil || !bytes.Contains(out.Bytes(), []byte(tc.want)) {
+				t.Fatalf("rafsd %v: %v, output %q; want an error about %q", tc.args, err, out.String(), tc.want)
+			}
+		})
+	}
+	// Wrong login in config.json: refused, not mounted anonymously.
+	loginDockerConfig(t, reg, "u", "wrong")
+	var out bytes.Buffer
+	cmd := exec.Command(filepath.Join(binDir, "rafsd"), "--mountpoint", t.TempDir(), "--image", ref)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err == nil || !bytes.Contains(bytes.ToLower(out.Bytes()), []byte("authoriz")) {
+		t.Fatalf("wrong password: %v, output %q", err, out.String())
+	}
+}
