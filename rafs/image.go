@@ -69,6 +69,9 @@ type Blob struct {
 	// Meta locates the blob's chunk-information table (nydus "blob meta",
 	// ci_*), when the blob carries one.
 	Meta BlobMeta
+	// Zran, if set, makes the blob an original gzip layer whose chunks are
+	// inflated from checkpoints (see Zran).
+	Zran *Zran
 }
 
 // BlobMeta is the location of a blob's compression-information table.

@@ -152,11 +152,16 @@ func DecodeChunk(b *Blob, c *Chunk, read func(p []byte) error) ([]byte, error) {
 	return DecodeChunkBytes(b, c, raw)
 }
 
-// DecodeChunkBytes decompresses (if c.Compressed) and verifies the stored
-// bytes raw of chunk c.
+// DecodeChunkBytes decompresses (if c.Compressed, or inflates from its
+// checkpoint if b.Zran is set) and verifies the stored bytes raw of chunk c.
 func DecodeChunkBytes(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
 	data := raw
-	if c.Compressed {
+	if b.Zran != nil {
+		var err error
+		if data, err = decodeZran(b, c, raw); err != nil {
+			return nil, err
+		}
+	} else if c.Compressed {
 		data = make([]byte, c.UncompressedSize)
 		if err := codec.Decompress(b.Compressor, data, raw); err != nil {
 			return nil, fmt.Errorf("chunk %d of blob %s: %w", c.Index, b.ID, err)
