@@ -34,8 +34,11 @@ type ZranContext struct {
 	// InLen and OutLen are the extent of the stream the context serves
 	// (informational, as in nydus).
 	InLen, OutLen uint32
-	// CtxBits (0..7) high bits of CtxByte, the byte before InOffset, are
-	// the first bits of the stream after the checkpoint.
+	// CtxBits (0..7) high bits of CtxByte, the byte before InOffset, would
+	// be the first bits of the stream after the checkpoint (nydus's
+	// fields). Only byte-aligned checkpoints (CtxBits 0) are read:
+	// compress/flate starts at a byte, and shifting the input would move
+	// the byte alignment stored blocks rely on.
 	CtxByte, CtxBits uint8
 	// Dict is the output before the checkpoint (at most 32 KiB).
 	Dict []byte
@@ -65,12 +68,13 @@ func decodeZran(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
 		return nil, fmt.Errorf("chunk %d of blob %s: zran context %d of %d: %w", c.Index, b.ID, zc.Context, len(z.Contexts), ErrInvalid)
 	}
 	ctx := &z.Contexts[zc.Context]
-	if c.CompressedOffset < ctx.InOffset || c.CompressedOffset-ctx.InOffset > uint64(len(ctx.Head)) || ctx.CtxBits > 7 || len(ctx.Dict) > MaxZranDict {
+	if c.CompressedOffset < ctx.InOffset || c.CompressedOffset-ctx.InOffset > uint64(len(ctx.Head)) || ctx.CtxBits != 0 || len(ctx.Dict) > MaxZranDict {
 		return nil, fmt.Errorf("chunk %d of blob %s at %d: zran context at %d (%d head bytes, %d bits): %w",
 			c.Index, b.ID, c.CompressedOffset, ctx.InOffset, len(ctx.Head), ctx.CtxBits, ErrInvalid)
 	}
 	head := ctx.Head[:c.CompressedOffset-ctx.InOffset]
-	in := shiftBits(ctx.CtxByte, ctx.CtxBits, head, raw)
+	in := make([]byte, 0, len(head)+len(raw))
+	in = append(append(in, head...), raw...)
 	fr := flate.NewReaderDict(bytes.NewReader(in), ctx.Dict)
 	defer fr.Close()
 	if _, err := io.CopyN(io.Discard, fr, int64(zc.Offset)); err != nil {
@@ -90,24 +94,4 @@ func zranErr(err error) error {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return err
-}
-
-// shiftBits returns the bit stream "high bits of b, then head, then raw"
-// realigned to a byte boundary: deflate blocks start at any bit, and
-// compress/flate starts at a byte.
-func shiftBits(b, bits uint8, head, raw []byte) []byte {
-	out := make([]byte, 0, len(head)+len(raw)+1)
-	if bits == 0 {
-		return append(append(out, head...), raw...)
-	}
-	acc := uint32(b >> (8 - bits))
-	n := uint(bits)
-	for _, p := range [][]byte{head, raw} {
-		for _, x := range p {
-			acc |= uint32(x) << n
-			out = append(out, byte(acc))
-			acc >>= 8
-		}
-	}
-	return append(out, byte(acc))
 }

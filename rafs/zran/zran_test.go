@@ -1,0 +1,268 @@
+package zran
+
+import (
+	"bytes"
+	"compress/gzip"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os/exec"
+	"testing"
+
+	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/codec"
+)
+
+// testData mixes what layers hold: text, random bytes, zeros, repeats.
+func testData(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, 7))
+	var b bytes.Buffer
+	words := []string{"usr", "lib", "bin", "x86_64", "linux", "gnu", ".so", "\n", " ", "=", "/", "config"}
+	for b.Len() < n {
+		switch r.IntN(4) {
+		case 0:
+			for range r.IntN(4000) {
+				b.WriteString(words[r.IntN(len(words))])
+			}
+		case 1:
+			p := make([]byte, r.IntN(70000))
+			for i := range p {
+				p[i] = byte(r.Uint32())
+			}
+			b.Write(p)
+		case 2:
+			b.Write(make([]byte, r.IntN(50000)))
+		default:
+			if b.Len() > 1000 {
+				s := r.IntN(b.Len() - 500)
+				b.Write(append([]byte(nil), b.Bytes()[s:s+r.IntN(500)]...))
+			}
+		}
+	}
+	return b.Bytes()[:n]
+}
+
+func goGzip(t testing.TB, data []byte, level int) []byte {
+	var b bytes.Buffer
+	zw, err := gzip.NewWriterLevel(&b, level)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zw.Name = "layer.tar" // an FNAME header, as some tools write
+	zw.Write(data)
+	zw.Close()
+	return b.Bytes()
+}
+
+// zlibGzip compresses with the gzip(1) command (zlib's deflate), which
+// ends blocks at other bit offsets than compress/flate.
+func zlibGzip(t testing.TB, data []byte, level string) []byte {
+	cmd := exec.Command("gzip", "-c", level)
+	cmd.Stdin = bytes.NewReader(data)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("gzip %s: %v", level, err)
+	}
+	return out
+}
+
+// checkAll places spans over data's stream gz, round-trips the table and
+// reads every span back through rafs.DecodeChunkBytes.
+func checkAll(t *testing.T, data, gz []byte, span int64, spans []Span) {
+	t.Helper()
+	ix, err := Scan(bytes.NewReader(gz), span)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ix.Size != int64(len(data)) {
+		t.Fatalf("size %d, want %d", ix.Size, len(data))
+	}
+	z, ext, err := ix.Place(bytes.NewReader(gz), int64(len(gz)), spans)
+	if err != nil {
+		t.Fatal(err)
+	}
+	z2, err := UnmarshalTable(MarshalTable(z), uint32(len(spans)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := &rafs.Blob{ID: "test", Digester: codec.SHA256, Compressor: codec.Gzip, Zran: z2, ChunkCount: uint32(len(spans))}
+	seen := map[uint64]bool{}
+	for i, s := range spans {
+		want := data[s.Off : s.Off+int64(s.Size)]
+		c := &rafs.Chunk{Digest: codec.SHA256.Sum(want), Index: uint32(i), CompressedOffset: ext[i].Offset, CompressedSize: ext[i].Size,
+			UncompressedSize: s.Size, Compressed: true}
+		if seen[c.CompressedOffset] {
+			t.Fatalf("chunk %d: compressed offset %d used twice", i, c.CompressedOffset)
+		}
+		seen[c.CompressedOffset] = true
+		got, err := rafs.DecodeChunkBytes(blob, c, gz[c.CompressedOffset:c.CompressedOffset+uint64(c.CompressedSize)])
+		if err != nil {
+			t.Fatalf("chunk %d [%d,+%d): %v", i, s.Off, s.Size, err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("chunk %d: wrong bytes", i)
+		}
+	}
+}
+
+func tile(n int64, size uint32) []Span {
+	var out []Span
+	for off := int64(0); off < n; off += int64(size) {
+		out = append(out, Span{Off: off, Size: uint32(min(int64(size), n-off))})
+	}
+	return out
+}
+
+func TestScanPlaceDecode(t *testing.T) {
+	data := testData(1, 6<<20)
+	r := rand.New(rand.NewPCG(2, 3))
+	var small []Span // many small chunks, several per block (tar headers, tiny files)
+	for off := int64(0); off < int64(len(data))-3000; off += int64(600 + r.IntN(50000)) {
+		small = append(small, Span{Off: off, Size: uint32(1 + r.IntN(2000))})
+	}
+	for _, tc := range []struct {
+		name string
+		gz   []byte
+	}{
+		{"go-default", goGzip(t, data, gzip.DefaultCompression)},
+		{"go-best-speed", goGzip(t, data, gzip.BestSpeed)},
+		{"go-best", goGzip(t, data, gzip.BestCompression)},
+		{"go-huffman-only", goGzip(t, data, gzip.HuffmanOnly)},
+		{"go-stored", goGzip(t, data, gzip.NoCompression)},
+		{"zlib-6", zlibGzip(t, data, "-6")},
+		{"zlib-1", zlibGzip(t, data, "-1")},
+		{"zlib-9", zlibGzip(t, data, "-9")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkAll(t, data, tc.gz, 256<<10, tile(int64(len(data)), 64<<10))
+			checkAll(t, data, tc.gz, 128<<10, small)
+		})
+	}
+}
+
+func TestSmallAndEmpty(t *testing.T) {
+	for _, n := range []int{1, 100, 40 << 10} {
+		data := testData(uint64(n), n)
+		checkAll(t, data, goGzip(t, data, 6), 0, tile(int64(n), 4096))
+	}
+	// Many chunks restarting at the first checkpoint: their offsets run
+	// into the gzip stream past the header, held as head bytes.
+	data := testData(9, 30000)
+	var spans []Span
+	for off := int64(0); off < 29000; off += 100 {
+		spans = append(spans, Span{Off: off, Size: 50})
+	}
+	checkAll(t, data, goGzip(t, data, 6), 0, spans)
+	ix, err := Scan(bytes.NewReader(goGzip(t, nil, 6)), 0)
+	if err != nil || ix.Size != 0 {
+		t.Fatalf("empty stream: %v, %d bytes", err, ix.Size)
+	}
+}
+
+func TestCorrupt(t *testing.T) {
+	// Text only: every byte up to the chunk's end is Huffman-coded and
+	// matters (bytes of a stored block before the chunk would not).
+	var tb bytes.Buffer
+	for i := 0; tb.Len() < 1<<20; i++ {
+		fmt.Fprintf(&tb, "line %d of a config file, value=%x\n", i, i*i*7919)
+	}
+	data := tb.Bytes()
+	gz := goGzip(t, data, 6)
+	ix, err := Scan(bytes.NewReader(gz), 128<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spans := tile(int64(len(data)), 64<<10)
+	z, ext, err := ix.Place(bytes.NewReader(gz), int64(len(gz)), spans)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := &rafs.Blob{ID: "test", Digester: codec.SHA256, Zran: z}
+	i := 5
+	want := data[spans[i].Off : spans[i].Off+int64(spans[i].Size)]
+	c := &rafs.Chunk{Digest: codec.SHA256.Sum(want), Index: uint32(i), CompressedOffset: ext[i].Offset, CompressedSize: ext[i].Size, UncompressedSize: spans[i].Size, Compressed: true}
+	raw := append([]byte(nil), gz[c.CompressedOffset:c.CompressedOffset+uint64(c.CompressedSize)]...)
+	for _, at := range []int{0, len(raw) / 2} {
+		bad := append([]byte(nil), raw...)
+		bad[at] ^= 0x10
+		if _, err := rafs.DecodeChunkBytes(blob, c, bad); err == nil {
+			t.Errorf("flipped byte %d of %d: no error", at, len(raw))
+		} else if rafs.Errno(err) != 5 { // EIO
+			t.Errorf("flipped byte %d: errno %v (%v)", at, rafs.Errno(err), err)
+		}
+	}
+	if _, err := rafs.DecodeChunkBytes(blob, c, raw[:len(raw)/2]); err == nil {
+		t.Error("truncated extent: no error")
+	}
+	// A whole-stream corruption is caught by Scan's CRC check or inflate.
+	bad := append([]byte(nil), gz...)
+	bad[len(bad)/2] ^= 1
+	if _, err := Scan(bytes.NewReader(bad), 0); !errors.Is(err, ErrFormat) {
+		t.Errorf("corrupt stream: %v", err)
+	}
+	for _, in := range [][]byte{nil, []byte("not gzip at all"), gz[:20], append(append([]byte(nil), gz...), gz...)} {
+		if _, err := Scan(bytes.NewReader(in), 0); !errors.Is(err, ErrFormat) {
+			t.Errorf("Scan(%d bytes): %v, want ErrFormat", len(in), err)
+		}
+	}
+}
+
+func FuzzUnmarshalTable(f *testing.F) {
+	data := testData(3, 200<<10)
+	gz := goGzip(f, data, 6)
+	ix, err := Scan(bytes.NewReader(gz), 64<<10)
+	if err != nil {
+		f.Fatal(err)
+	}
+	spans := []Span{{0, 100}, {50, 100}, {70000, 5000}, {150000, 40000}}
+	z, _, err := ix.Place(bytes.NewReader(gz), int64(len(gz)), spans)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(MarshalTable(z), uint32(len(spans)))
+	f.Add(MarshalTable(&rafs.Zran{}), uint32(0))
+	f.Fuzz(func(t *testing.T, b []byte, n uint32) {
+		z, err := UnmarshalTable(b, n)
+		if err != nil {
+			return
+		}
+		if len(z.Chunks) != int(n) {
+			t.Fatalf("%d chunks, want %d", len(z.Chunks), n)
+		}
+		// A decoded table re-encodes to something that decodes the same.
+		z2, err := UnmarshalTable(MarshalTable(z), n)
+		if err != nil || len(z2.Contexts) != len(z.Contexts) {
+			t.Fatalf("re-encoded table: %v", err)
+		}
+		// Decoding a chunk through it never panics.
+		blob := &rafs.Blob{ID: "f", Digester: codec.SHA256, Zran: z}
+		for i := range min(int(n), 4) {
+			c := &rafs.Chunk{Index: uint32(i), CompressedOffset: z.Contexts[z.Chunks[i].Context].InOffset, UncompressedSize: 10, Compressed: true}
+			rafs.DecodeChunkBytes(blob, c, b[:min(len(b), 64)])
+		}
+	})
+}
+
+func FuzzScan(f *testing.F) {
+	f.Add(goGzip(f, testData(4, 5000), 6))
+	f.Add(goGzip(f, testData(4, 5000), gzip.HuffmanOnly))
+	f.Add(goGzip(f, testData(4, 100), gzip.NoCompression))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ix, err := Scan(bytes.NewReader(b), 1000)
+		if err != nil {
+			return
+		}
+		// What Scan accepts, gzip accepts with the same size.
+		zr, err := gzip.NewReader(bytes.NewReader(b))
+		if err != nil {
+			t.Fatalf("Scan accepted what gzip refuses: %v", err)
+		}
+		var out bytes.Buffer
+		if _, err := out.ReadFrom(zr); err != nil {
+			t.Fatalf("Scan accepted what gzip refuses: %v", err)
+		}
+		if int64(out.Len()) < ix.Size {
+			t.Fatalf("Scan size %d, gzip %d", ix.Size, out.Len())
+		}
+	})
+}
