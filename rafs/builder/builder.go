@@ -48,6 +48,10 @@ type Options struct {
 	// Prefetch lists paths (files or directories) to put in the image's
 	// prefetch table (nydus-image --prefetch-policy fs).
 	Prefetch []string
+	// Zran, if set, makes AddTar's chunks ranges of this gzip layer
+	// instead of a new blob (RAFS v6 only); nothing is written to the blob
+	// writer.
+	Zran *ZranLayer
 }
 
 func (o *Options) norm() (Options, error) {
@@ -71,6 +75,9 @@ func (o *Options) norm() (Options, error) {
 	if out.Digester == nil {
 		d := codec.Blake3
 		out.Digester = &d
+	}
+	if out.Zran != nil && out.Version != 6 {
+		return out, errors.New("builder: zran (--oci-ref) images need RAFS v6")
 	}
 	if !out.Compressor.Valid() || !out.Digester.Valid() {
 		return out, fmt.Errorf("builder: bad compressor %s or digester %s", out.Compressor, out.Digester)
@@ -103,6 +110,7 @@ type Builder struct {
 	dict   map[dedupKey]dictChunk
 	stats  Stats
 	closed bool
+	z      *zranState // with Options.Zran
 }
 
 // Stats count what a build stored and what it deduplicated.
@@ -128,6 +136,9 @@ func New(opts Options, blob io.Writer) (*Builder, error) {
 		bw:    newBlobWriter(blob, *o.Compressor, *o.Digester),
 		dedup: map[dedupKey]*rafs.Chunk{},
 		dict:  map[dedupKey]dictChunk{},
+	}
+	if o.Zran != nil {
+		b.z = &zranState{layer: o.Zran}
 	}
 	if o.Parent != nil {
 		if o.Parent.ChunkSize != o.ChunkSize {
@@ -222,7 +233,11 @@ func (b *Builder) chunk(data []byte) (*rafs.Chunk, error) {
 		b.stats.DedupChunks++
 		return &cc, nil
 	}
-	c, err := b.bw.add(data, dg)
+	add := b.bw.add
+	if b.z != nil {
+		add = b.z.add
+	}
+	c, err := add(data, dg)
 	if err != nil {
 		return nil, err
 	}
@@ -302,7 +317,11 @@ func (b *Builder) Finish() (*Result, error) {
 	b.closed = true
 	var newBlob *rafs.Blob
 	if b.stats.StoredChunks > 0 {
-		bl, err := b.bw.finish(b.opts.Version, b.opts.ChunkSize)
+		finish := b.bw.finish
+		if b.z != nil {
+			finish = func(int, uint32) (*rafs.Blob, error) { return b.z.finish(*b.opts.Digester, b.opts.ChunkSize) }
+		}
+		bl, err := finish(b.opts.Version, b.opts.ChunkSize)
 		if err != nil {
 			return nil, err
 		}

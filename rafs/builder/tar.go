@@ -69,7 +69,12 @@ func (b *Builder) addTar(ctx context.Context, r io.Reader) error {
 	}
 	defer dr.Close()
 	root := newDir(0o755)
-	tr := tar.NewReader(dr)
+	var src io.Reader = dr
+	if b.z != nil {
+		b.z.pos = &countingReader{r: dr}
+		src = b.z.pos
+	}
+	tr := tar.NewReader(src)
 	buf := make([]byte, b.opts.ChunkSize)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -122,6 +127,9 @@ func (b *Builder) addTar(ctx context.Context, r io.Reader) error {
 			return err
 		}
 		if n.mode&syscall.S_IFMT == syscall.S_IFREG {
+			if b.z != nil && sparse(hdr) {
+				return fmt.Errorf("%w: %s: sparse files cannot reference the layer (zran)", ErrTar, hdr.Name)
+			}
 			n.size = uint64(hdr.Size)
 			n.chunks, err = b.readChunks(ctx, tr, hdr.Size, buf)
 			if err != nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/rafsd/rafsd/erofs"
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/codec"
+	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 // ErrUnsupported is wrapped by errors about valid nydus features this
@@ -164,6 +165,10 @@ func (d *decoder) table(what string, off, size, unit uint64) error {
 	return nil
 }
 
+// maxZranTable bounds a blob's zran table (32 KiB per checkpoint, one
+// checkpoint per MiB or so of layer): a hostile size must not allocate.
+const maxZranTable = 1 << 30
+
 func (d *decoder) readBlobs(ext *extSuperBlock) error {
 	off, size := ext.BlobTableOffset, uint64(ext.BlobTableSize)
 	if size == 0 {
@@ -206,10 +211,24 @@ func (d *decoder) readBlobs(ext *extSuperBlock) error {
 			return invalid("blob %s: compressor %d, digester %d", e.ID, e.Compressor, e.Digester)
 		case e.CipherAlgo != 0 || e.Features&BlobFeatureEncrypted != 0:
 			return fmt.Errorf("%w: blob %s is encrypted", ErrUnsupported, e.ID)
-		case e.Features&(BlobFeatureBatch|BlobFeatureZran) != 0:
-			return fmt.Errorf("%w: blob %s has features %#x (batch/zran)", ErrUnsupported, e.ID, e.Features)
+		case e.Features&BlobFeatureBatch != 0 || (e.Features&BlobFeatureZran != 0 && e.ZranSize == 0):
+			return fmt.Errorf("%w: blob %s has features %#x (batch, or zran with its table in a separate blob meta)", ErrUnsupported, e.ID, e.Features)
 		case e.UncompressedSize > 1<<44 || e.CompressedSize > 1<<40:
 			return invalid("blob %s: sizes %d/%d", e.ID, e.CompressedSize, e.UncompressedSize)
+		}
+		if e.Features&BlobFeatureZran != 0 {
+			if e.ZranSize > maxZranTable || d.table("zran table", e.ZranOffset, e.ZranSize, 1) != nil {
+				return invalid("blob %s: zran table at %#x size %#x", e.ID, e.ZranOffset, e.ZranSize)
+			}
+			t := make([]byte, e.ZranSize)
+			if err := d.rd.ReadRaw(t, int64(e.ZranOffset)); err != nil {
+				return err
+			}
+			z, err := zran.UnmarshalTable(t, e.ChunkCount)
+			if err != nil {
+				return fmt.Errorf("rafs v6: blob %s: %w", e.ID, err)
+			}
+			b.Zran = z
 		}
 		if len(devs) > 0 && devs[i].Tag != e.ID {
 			return invalid("device %d is %q but blob %d is %q", i, devs[i].Tag, i, e.ID)
