@@ -39,14 +39,20 @@ type Event struct {
 	// events without one cover the whole file.
 	HasRange      bool
 	Offset, Count uint64
+	// Dev and Ino identify the marked file (st_dev, st_ino of Fd); Serve
+	// sets them with one fstat before handing the event on, 0 if unknown.
+	Dev, Ino uint64
 }
 
 // ParseEvents decodes a buffer returned by read(2) on a fanotify fd. It
 // checks every length against the buffer, so it is safe on arbitrary
 // bytes; on error it still returns the events decoded before the bad one,
 // whose fds the caller must close.
-func ParseEvents(buf []byte) ([]Event, error) {
-	var evs []Event
+func ParseEvents(buf []byte) ([]Event, error) { return AppendEvents(nil, buf) }
+
+// AppendEvents is ParseEvents appending to evs, so that a reading loop
+// reuses one slice.
+func AppendEvents(evs []Event, buf []byte) ([]Event, error) {
 	le := binary.LittleEndian
 	for len(buf) > 0 {
 		if len(buf) < metadataLen {
@@ -88,9 +94,13 @@ func ParseEvents(buf []byte) ([]Event, error) {
 // encodeResponse is struct fanotify_response.
 func encodeResponse(fd int, resp uint32) []byte {
 	var b [8]byte
+	putResponse(&b, fd, resp)
+	return b[:]
+}
+
+func putResponse(b *[8]byte, fd int, resp uint32) {
 	binary.LittleEndian.PutUint32(b[0:], uint32(int32(fd)))
 	binary.LittleEndian.PutUint32(b[4:], resp)
-	return b[:]
 }
 
 // deny is FAN_DENY carrying errno, which pre-content groups may return

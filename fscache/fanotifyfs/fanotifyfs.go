@@ -27,6 +27,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,7 +76,21 @@ type Stats struct {
 	Fills       uint64 // events that needed chunks fetched
 	Failures    uint64 // events denied
 	UnknownFile uint64 // events for files no mount uses (denied)
+	// AheadBytes are uncompressed bytes filled ahead of sequential
+	// readers, before any event asked for them.
+	AheadBytes uint64
+	// Unmarked counts cache files whose mark was removed because every
+	// chunk was present: the kernel raises no more events for them.
+	Unmarked uint64
+	// Recovered and Orphans count, after a takeover (Daemon with
+	// Upgrade), the events the dead daemon held that were filled and
+	// allowed from its journal, and those only denied with EIO (not
+	// journaled: read in the instant before it journaled them).
+	Recovered, Orphans uint64
 }
+
+// MaxAhead bounds the bytes filled ahead of a sequential reader.
+const MaxAhead = 8 << 20
 
 // Server answers the pre-content events of one fanotify group for every
 // mount registered with it.
@@ -83,11 +98,18 @@ type Server struct {
 	g   *fanotify.Group
 	log *slog.Logger
 
-	mu     sync.RWMutex
-	files  map[fileKey]*blobFile
+	mu sync.Mutex
+	// files is copied on write under mu, so the reading loop's fast path
+	// (Present) looks files up without a lock.
+	files  atomic.Pointer[map[fileKey]*blobFile]
 	mounts map[string]*Mount
 
-	events, fast, fills, failures, unknown atomic.Uint64
+	events, fast, fills, failures, unknown, ahead, unmarked atomic.Uint64
+	recovered, orphans                                      atomic.Uint64
+	timeout                                                 atomic.Int64
+	// keepMarks leaves complete files marked (benchmarks measure the
+	// event path with it).
+	keepMarks bool
 	// trustSelf: a mount was adopted, so the fetcher's cache files were
 	// opened while marked and its own I/O raises events.
 	trustSelf atomic.Bool
@@ -106,6 +128,76 @@ type blobFile struct {
 	// once: a reader's readahead is many events, and each waiting out the
 	// deadline in turn would stretch one EIO to minutes.
 	stalled atomic.Int32
+	// present caches, by layout position, chunks known to be in the file
+	// (they never leave it while it is served), and missing counts those
+	// not known yet.
+	present []atomic.Bool
+	missing atomic.Int64
+	// marked is whether the file's mark is in place.
+	marked atomic.Bool
+	// next is where the last event ended (a sequential reader's next
+	// event starts there); aheadEnd is how far fills ahead reached, and
+	// aheadBusy allows one such fill at a time.
+	next, aheadEnd atomic.Uint64
+	aheadBusy      atomic.Bool
+}
+
+func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout) *blobFile {
+	bf := &blobFile{path: path, f: f, layout: l, present: make([]atomic.Bool, len(l.Chunks))}
+	bf.missing.Store(int64(len(l.Chunks)))
+	for i := range l.Chunks {
+		bf.has(i)
+	}
+	return bf
+}
+
+// has reports whether the chunk at layout position i is present.
+func (bf *blobFile) has(i int) bool {
+	if bf.present[i].Load() {
+		return true
+	}
+	if !bf.f.Cached(bf.layout.Blob, bf.layout.Chunks[i]) {
+		return false
+	}
+	if bf.present[i].CompareAndSwap(false, true) {
+		bf.missing.Add(-1)
+	}
+	return true
+}
+
+// span is the blob range an event asks for, and the layout positions of
+// the chunks covering it.
+func (bf *blobFile) span(ev fanotify.Event) (off, n uint64, lo, hi int) {
+	off, n = ev.Offset, ev.Count
+	if !ev.HasRange {
+		off, n = 0, bf.layout.Blob.UncompressedSize
+	}
+	lo, hi = bf.positions(off, n)
+	return off, n, lo, hi
+}
+
+// positions is BlobLayout.Range as indices into layout.Chunks.
+func (bf *blobFile) positions(off, n uint64) (lo, hi int) {
+	cs := bf.layout.Chunks
+	end := off + n
+	if end < off {
+		end = ^uint64(0)
+	}
+	lo = sort.Search(len(cs), func(k int) bool { return cs[k].UncompressedOffset+uint64(cs[k].UncompressedSize) > off })
+	hi = lo
+	for hi < len(cs) && cs[hi].UncompressedOffset < end {
+		hi++
+	}
+	return lo, hi
+}
+
+func (bf *blobFile) allPresent(lo, hi int) bool {
+	for i := lo; i < hi; i++ {
+		if !bf.has(i) {
+			return false
+		}
+	}
+	return true
 }
 
 // Mount is one on-demand EROFS mount.
@@ -115,6 +207,7 @@ type Mount struct {
 	keys       []fileKey
 	paths      []string
 	once       sync.Once
+	lazy       atomic.Bool
 }
 
 // NewServer returns a server for g. Register mounts with Mount (or Adopt
@@ -123,7 +216,29 @@ func NewServer(g *fanotify.Group, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{g: g, log: log, files: map[fileKey]*blobFile{}, mounts: map[string]*Mount{}}
+	s := &Server{g: g, log: log, mounts: map[string]*Mount{}}
+	s.files.Store(&map[fileKey]*blobFile{})
+	s.timeout.Store(int64(30 * time.Second))
+	return s
+}
+
+// setFile publishes files[k] = bf (nil deletes); s.mu is held.
+func (s *Server) setFile(k fileKey, bf *blobFile) {
+	old := *s.files.Load()
+	m := make(map[fileKey]*blobFile, len(old)+1)
+	for kk, v := range old {
+		m[kk] = v
+	}
+	if bf == nil {
+		delete(m, k)
+	} else {
+		m[k] = bf
+	}
+	s.files.Store(&m)
+}
+
+func (s *Server) file(dev, ino uint64) *blobFile {
+	return (*s.files.Load())[fileKey{dev, ino}]
 }
 
 // Group returns the server's fanotify group.
@@ -131,7 +246,7 @@ func (s *Server) Group() *fanotify.Group { return s.g }
 
 // Stats returns the event counters.
 func (s *Server) Stats() Stats {
-	return Stats{Events: s.events.Load(), FastAllows: s.fast.Load(), Fills: s.fills.Load(), Failures: s.failures.Load(), UnknownFile: s.unknown.Load()}
+	return Stats{Events: s.events.Load(), FastAllows: s.fast.Load(), Fills: s.fills.Load(), Failures: s.failures.Load(), UnknownFile: s.unknown.Load(), AheadBytes: s.ahead.Load(), Unmarked: s.unmarked.Load(), Recovered: s.recovered.Load(), Orphans: s.orphans.Load()}
 }
 
 // Serve answers events until ctx ends. It sets opts.Trusted (see the
@@ -151,43 +266,130 @@ func (s *Server) Serve(ctx context.Context, opts fanotify.Options) error {
 	if opts.Logger == nil {
 		opts.Logger = s.log
 	}
+	if opts.Timeout > 0 {
+		s.timeout.Store(int64(opts.Timeout))
+	}
 	return s.g.Serve(ctx, s, opts)
 }
 
-// Fill implements fanotify.Filler.
-func (s *Server) Fill(ctx context.Context, f *os.File, ev fanotify.Event) error {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return fmt.Errorf("fanotifyfs: fstat event file: %w", err)
+// Present implements fanotify.Prober: the reading loop's fast path, a few
+// atomic loads per chunk (the fetcher's chunk map under a read lock for a
+// chunk not seen present yet).
+func (s *Server) Present(ev fanotify.Event) bool {
+	bf := s.file(ev.Dev, ev.Ino)
+	if bf == nil {
+		return false
 	}
-	s.mu.RLock()
-	bf := s.files[fileKey{st.Dev, st.Ino}]
-	s.mu.RUnlock()
+	off, n, lo, hi := bf.span(ev)
+	if !bf.allPresent(lo, hi) {
+		return false
+	}
+	s.fast.Add(1)
+	s.readAhead(bf, off, n)
+	return true
+}
+
+// readAhead fills ahead of a sequential reader: the kernel asks for one
+// readahead window at a time and the reader waits on each, so without it
+// fetching and reading take turns. When [off,+n) starts where the last
+// event ended, the next min(2n, MaxAhead) bytes are filled in the
+// background (one such fill per file at a time, counted in AheadBytes).
+func (s *Server) readAhead(bf *blobFile, off, n uint64) {
+	end := off + n
+	if bf.next.Swap(end) != off || n == 0 {
+		return
+	}
+	size := bf.layout.Blob.UncompressedSize
+	target := min(end+min(max(2*n, 1<<20), MaxAhead), size)
+	from := max(bf.aheadEnd.Load(), end)
+	if from >= target {
+		return
+	}
+	lo, hi := bf.positions(from, target-from)
+	if bf.allPresent(lo, hi) {
+		bf.aheadEnd.Store(target)
+		return
+	}
+	if !bf.aheadBusy.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer bf.aheadBusy.Store(false)
+		var need []*rafs.Chunk
+		var bytes uint64
+		for i := lo; i < hi; i++ {
+			if !bf.has(i) {
+				c := bf.layout.Chunks[i]
+				need = append(need, c)
+				bytes += uint64(c.UncompressedSize)
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.timeout.Load()))
+		defer cancel()
+		if err := bf.f.EnsureChunks(ctx, bf.layout.Blob, need); err != nil {
+			// The event that needs these chunks fetches them again and
+			// reports the failure to its reader.
+			s.log.Debug("fanotifyfs: fill ahead failed", "blob", bf.layout.Blob.ID, "err", err)
+			return
+		}
+		s.ahead.Add(bytes)
+		bf.aheadEnd.Store(target)
+		bf.allPresent(lo, hi)
+		s.maybeUnmark(bf)
+	}()
+}
+
+// maybeUnmark removes the mark of a file every chunk of which is present:
+// the kernel then raises no more events for it (the mark is checked on
+// every read; the file stays open in EROFS). The chunks stay: the fetcher
+// never punches a served file's chunks out.
+func (s *Server) maybeUnmark(bf *blobFile) {
+	if s.keepMarks || bf.missing.Load() > 0 || !bf.marked.Load() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if bf.refs == 0 || !bf.marked.Load() {
+		return
+	}
+	if err := s.g.Unmark(bf.path); err != nil {
+		s.log.Warn("fanotifyfs: unmark complete cache file", "path", bf.path, "err", err)
+		return
+	}
+	bf.marked.Store(false)
+	s.unmarked.Add(1)
+	s.log.Debug("fanotifyfs: cache file complete, unmarked", "path", bf.path)
+}
+
+// Fill implements fanotify.Filler: it fetches the chunks covering the
+// event's range that are not present (and, for a sequential reader,
+// starts filling ahead first, so both overlap).
+func (s *Server) Fill(ctx context.Context, f *os.File, ev fanotify.Event) error {
+	if ev.Ino == 0 && f != nil {
+		var st unix.Stat_t
+		if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+			return fmt.Errorf("fanotifyfs: fstat event file: %w", err)
+		}
+		ev.Dev, ev.Ino = st.Dev, st.Ino
+	}
+	bf := s.file(ev.Dev, ev.Ino)
 	if bf == nil {
 		s.unknown.Add(1)
-		return fmt.Errorf("fanotifyfs: event for a file no mount uses (dev %d ino %d): %w", st.Dev, st.Ino, unix.EIO)
+		return fmt.Errorf("fanotifyfs: event for a file no mount uses (dev %d ino %d): %w", ev.Dev, ev.Ino, unix.EIO)
 	}
-	off, n := ev.Offset, ev.Count
-	if !ev.HasRange {
-		off, n = 0, bf.layout.Blob.UncompressedSize
-	}
-	chunks := bf.layout.Range(off, n)
+	off, n, lo, hi := bf.span(ev)
 	b := bf.layout.Blob
-	missing := false
-	for _, c := range chunks {
-		if !bf.f.Cached(b, c) {
-			missing = true
-			break
-		}
-	}
-	if !missing {
+	if bf.allPresent(lo, hi) {
 		s.fast.Add(1)
+		s.readAhead(bf, off, n)
 		return nil
 	}
 	s.fills.Add(1)
 	if k := bf.stalled.Load(); k > 0 {
 		return fmt.Errorf("fanotifyfs: blob %s [%d,+%d): %d earlier fills still wait on the backend past their deadline: %w", b.ID, off, n, k, unix.EIO)
 	}
+	s.readAhead(bf, off, n)
+	chunks := bf.layout.Chunks[lo:hi]
 	done := make(chan error, 1)
 	go func() { done <- bf.f.EnsureChunks(ctx, b, chunks) }()
 	select {
@@ -195,6 +397,8 @@ func (s *Server) Fill(ctx context.Context, f *os.File, ev fanotify.Event) error 
 		if err != nil {
 			return fmt.Errorf("fanotifyfs: blob %s [%d,+%d): %w", b.ID, off, n, err)
 		}
+		bf.allPresent(lo, hi)
+		s.maybeUnmark(bf)
 		return nil
 	case <-ctx.Done():
 		bf.stalled.Add(1)
@@ -270,10 +474,10 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 		}
 		k := fileKey{st.Dev, st.Ino}
 		s.mu.Lock()
-		bf := s.files[k]
+		bf := s.file(k.dev, k.ino)
 		if bf == nil {
-			bf = &blobFile{path: path, f: opts.Fetcher, layout: l}
-			s.files[k] = bf
+			bf = newBlobFile(path, opts.Fetcher, l)
+			s.setFile(k, bf)
 		} else if bf.f != opts.Fetcher {
 			// Two fetchers over one cache file would each trust only
 			// their own chunk map.
@@ -285,10 +489,16 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 		s.mu.Unlock()
 		m.keys = append(m.keys, k)
 		m.paths = append(m.paths, path)
-		if first && !adopt {
+		switch {
+		case first && adopt:
+			// The mark may be gone (removed once the file was complete):
+			// removing it again is harmless, so assume it is there.
+			bf.marked.Store(bf.missing.Load() > 0 || s.keepMarks)
+		case first && (bf.missing.Load() > 0 || s.keepMarks):
 			if err := s.g.Mark(path); err != nil {
 				return nil, fmt.Errorf("fanotifyfs: %w", err)
 			}
+			bf.marked.Store(true)
 		}
 	}
 	if adopt {
@@ -393,6 +603,7 @@ func (m *Mount) Unmount() error {
 			if derr := unix.Unmount(m.mountpoint, unix.MNT_DETACH); derr != nil {
 				err = fmt.Errorf("fanotifyfs: umount -l %s: %w", m.mountpoint, derr)
 			}
+			m.lazy.Store(true)
 			m.s.log.Warn("fanotifyfs: mount busy, detached lazily; its cache files stay served", "mountpoint", m.mountpoint)
 		default:
 			err = fmt.Errorf("fanotifyfs: umount %s: %w", m.mountpoint, uerr)
@@ -400,6 +611,10 @@ func (m *Mount) Unmount() error {
 	})
 	return err
 }
+
+// Lazy reports whether Unmount found the mount busy and detached it
+// lazily: its files are still served, so its fetcher must stay open.
+func (m *Mount) Lazy() bool { return m.lazy.Load() }
 
 // release unregisters m; unmark removes the marks of files no mount uses
 // any more (only once no kernel mount reads them).
@@ -411,15 +626,16 @@ func (m *Mount) release(unmark bool) {
 		delete(s.mounts, m.mountpoint)
 	}
 	for i, k := range m.keys {
-		bf := s.files[k]
+		bf := s.file(k.dev, k.ino)
 		if bf == nil {
 			continue
 		}
 		bf.refs--
 		if bf.refs == 0 {
-			delete(s.files, k)
-			if unmark {
+			s.setFile(k, nil)
+			if unmark && bf.marked.Load() {
 				_ = s.g.Unmark(m.paths[i])
+				bf.marked.Store(false)
 			}
 		}
 	}

@@ -1,6 +1,7 @@
 package fanotifyfs
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -25,6 +28,7 @@ const (
 	guardEnv    = "RAFSD_FANOTIFY_GUARD"     // the daemon's pid
 	guardMntEnv = "RAFSD_FANOTIFY_GUARD_MNT" // mountpoints, a JSON list
 	guardFD     = 3                          // the group, as ExtraFiles[0]
+	guardMntFD  = 4                          // mountpoint updates, ExtraFiles[1]
 )
 
 // MaybeRunGuard turns the process into a guard if it was started as one
@@ -50,6 +54,23 @@ func MaybeRunGuard() {
 
 func runGuard(daemon int, mnts []string) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("guard", os.Getpid(), "daemon", daemon)
+	// The daemon sends the whole list of its mountpoints, a JSON line,
+	// whenever it changes; EOF comes when it dies.
+	var mu sync.Mutex
+	eof := make(chan struct{})
+	go func() {
+		defer close(eof)
+		sc := bufio.NewScanner(os.NewFile(guardMntFD, "mounts"))
+		sc.Buffer(nil, 16<<20)
+		for sc.Scan() {
+			var l []string
+			if json.Unmarshal(sc.Bytes(), &l) == nil {
+				mu.Lock()
+				mnts = l
+				mu.Unlock()
+			}
+		}
+	}()
 	pfd, err := unix.PidfdOpen(daemon, 0)
 	if err == nil {
 		fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
@@ -61,13 +82,21 @@ func runGuard(daemon int, mnts []string) {
 	} else if !errors.Is(err, unix.ESRCH) {
 		log.Error("fanotifyfs guard: cannot watch the daemon", "err", err)
 	}
-	// The daemon is gone (a clean exit kills the guard first).
-	for _, m := range mnts {
+	// The daemon is gone (a clean exit kills the guard first); its last
+	// update is in the pipe already.
+	select {
+	case <-eof:
+	case <-time.After(time.Second):
+	}
+	mu.Lock()
+	cur := append([]string(nil), mnts...)
+	mu.Unlock()
+	for _, m := range cur {
 		if err := unix.Unmount(m, unix.MNT_DETACH); err != nil {
 			log.Error("fanotifyfs guard: detach", "mountpoint", m, "err", err)
 		}
 	}
-	log.Error("fanotifyfs guard: daemon died without a supervisor; mounts detached, failing their reads with EIO", "mounts", mnts)
+	log.Error("fanotifyfs guard: daemon died without a supervisor; mounts detached, failing their reads with EIO", "mounts", cur)
 	g := fanotify.FromFD(guardFD)
 	buf := make([]byte, 64<<10)
 	for {
@@ -90,7 +119,23 @@ func runGuard(daemon int, mnts []string) {
 }
 
 // Guard is a running guard process.
-type Guard struct{ cmd *exec.Cmd }
+type Guard struct {
+	cmd *exec.Cmd
+	mu  sync.Mutex
+	w   *os.File // mountpoint updates
+}
+
+// SetMounts tells the guard the daemon's mountpoints now (the ones to
+// detach if the daemon dies).
+func (gd *Guard) SetMounts(mnts []string) error {
+	line, _ := json.Marshal(mnts)
+	gd.mu.Lock()
+	defer gd.mu.Unlock()
+	if _, err := gd.w.Write(append(line, '\n')); err != nil {
+		return fmt.Errorf("fanotifyfs: guard: %w", err)
+	}
+	return nil
+}
 
 // StartGuard starts a guard for this process holding a copy of g, which
 // will detach mnts and fail reads with EIO if this process dies. The
@@ -108,16 +153,22 @@ func StartGuard(g *fanotify.Group, mnts []string) (*Guard, error) {
 	gf := os.NewFile(uintptr(dfd), "fanotify-group")
 	defer gf.Close()
 	list, _ := json.Marshal(mnts)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("fanotifyfs: guard: %w", err)
+	}
+	defer pr.Close()
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), guardEnv+"="+strconv.Itoa(os.Getpid()), guardMntEnv+"="+string(list))
-	cmd.ExtraFiles = []*os.File{gf}
+	cmd.ExtraFiles = []*os.File{gf, pr}
 	cmd.Stderr = os.Stderr
 	// Its own session: a ^C to the daemon's terminal must not take it too.
 	cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
+		pw.Close()
 		return nil, fmt.Errorf("fanotifyfs: start guard: %w", err)
 	}
-	return &Guard{cmd: cmd}, nil
+	return &Guard{cmd: cmd, w: pw}, nil
 }
 
 // Pid is the guard's process id.
@@ -127,4 +178,5 @@ func (gd *Guard) Pid() int { return gd.cmd.Process.Pid }
 func (gd *Guard) Stop() {
 	_ = gd.cmd.Process.Kill()
 	_ = gd.cmd.Wait()
+	gd.w.Close()
 }
