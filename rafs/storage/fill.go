@@ -49,45 +49,147 @@ func (f *Fetcher) Cached(b *rafs.Blob, c *rafs.Chunk) bool {
 }
 
 // EnsureChunks makes every chunk of chunks (all of blob b) present in the
-// cache data file: missing ones are fetched, verified and written, merged
-// into as few backend requests as the batch size allows. It returns nil
-// only once each chunk's verified bytes are durable in the file and marked
-// in the chunk map, so a caller may then let the kernel read the file.
-// Failures wrap syscall.EIO.
+// cache data file: missing ones are fetched, verified and written, each
+// contiguous run of them with one streamed backend request (extended by
+// read-ahead when the run follows cached data). It returns nil only once
+// each chunk's verified bytes are in the file and marked in the chunk
+// map, so a caller may then let the kernel read the file. Failures wrap
+// syscall.EIO.
 func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chunk) error {
 	if _, err := f.cacheOf(b); err != nil {
 		return fmt.Errorf("%w: %w", syscall.EIO, err)
 	}
 	bs, _ := f.state(b)
-	// The batch covers the whole range asked for, so a kernel request of
-	// N chunks costs one backend request rather than N/batch.
-	batch := f.readBatch
-	var need uint64
-	for _, c := range chunks {
-		need += uint64(c.CompressedSize)
-	}
-	if need > uint64(batch) {
-		batch = int(min(need, 1<<30))
-	}
-	f.demand.Add(1)
-	defer f.demand.Add(-1)
+	cs := make([]*rafs.Chunk, 0, len(chunks))
 	for _, c := range chunks {
 		if !bs.cacheable(c, f.compressed) {
 			return fmt.Errorf("storage: chunk %d of blob %s lies outside the blob's cache geometry: %w", c.Index, b.ID, syscall.EIO)
 		}
-		if bs.cache.Has(c.Index) {
+		if !bs.cache.Has(c.Index) {
+			cs = append(cs, c)
+		}
+	}
+	if len(cs) == 0 {
+		f.touchAll(bs, chunks)
+		return nil
+	}
+	f.demand.Add(1)
+	defer f.demand.Add(-1)
+	sortByCompressed(cs)
+	type waiter struct {
+		st *stream
+		cl *call
+	}
+	var waits []waiter
+	var launch []*stream
+	bs.mu.Lock()
+	for i := 0; i < len(cs); {
+		c := cs[i]
+		if i > 0 && c.CompressedOffset == cs[i-1].CompressedOffset {
+			i++ // the same stored chunk twice
 			continue
 		}
 		f.stats.total.Add(1)
 		f.m.cacheMisses.Inc()
-		if _, err := f.fetch(ctx, bs, c, batch, false); err != nil {
-			return err
+		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+			st, split := f.join(cl)
+			if split != nil {
+				launch = append(launch, split)
+			}
+			waits = append(waits, waiter{st, cl})
+			i++
+			continue
 		}
-		// fetch hands out verified bytes even when caching them failed;
+		if bs.cached(c, f.compressed) {
+			i++
+			continue
+		}
+		// The run of asked-for chunks stored contiguously from c.
+		run := []*rafs.Chunk{c}
+		end := c.CompressedOffset + uint64(c.CompressedSize)
+		for i++; i < len(cs); i++ {
+			n := cs[i]
+			if n.CompressedOffset == end-uint64(run[len(run)-1].CompressedSize) {
+				continue // duplicate of the last one
+			}
+			if n.CompressedOffset != end || bs.cached(n, f.compressed) {
+				break
+			}
+			if _, busy := bs.inflight[n.CompressedOffset]; busy {
+				break
+			}
+			f.stats.total.Add(1)
+			f.m.cacheMisses.Inc()
+			run = append(run, n)
+			end += uint64(n.CompressedSize)
+		}
+		group, seq := f.extend(bs, run)
+		st := f.newStream(bs, group, false, seq)
+		for _, cl := range st.items[:len(run)] {
+			st.waiters.Add(1)
+			waits = append(waits, waiter{st, cl})
+		}
+		launch = append(launch, st)
+	}
+	bs.mu.Unlock()
+	for _, st := range launch {
+		f.launch(st)
+	}
+	var first error
+	for _, w := range waits {
+		if _, err := wait(ctx, bs, w.st, w.cl); err != nil && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		return first
+	}
+	for _, c := range cs {
+		// A fetch hands out verified bytes even when caching them failed;
 		// the kernel reads the file, so only a set bit will do.
 		if !bs.cache.Has(c.Index) {
 			return fmt.Errorf("storage: chunk %d of blob %s was fetched but could not be cached: %w", c.Index, b.ID, syscall.EIO)
 		}
 	}
+	f.touchAll(bs, chunks)
 	return nil
+}
+
+// extend appends to run (missing chunks stored contiguously) the chunks
+// stored after it, as far as the read-ahead window of a sequential run
+// reaches; seq reports whether it is one. bs.mu is held.
+func (f *Fetcher) extend(bs *blobState, run []*rafs.Chunk) ([]*rafs.Chunk, bool) {
+	k := bs.chunkIndex(run[0])
+	if k < 0 {
+		return run, false
+	}
+	var have int
+	for _, c := range run {
+		have += int(c.CompressedSize)
+	}
+	n, seq := f.window(bs, k, f.readBatch)
+	if !seq || n <= have {
+		return run, seq
+	}
+	last := run[len(run)-1]
+	kl := bs.chunkIndex(last)
+	if kl < 0 || kl+1 >= len(bs.chunks) {
+		return run, seq
+	}
+	more := f.plan(bs, bs.chunks[kl+1], n-have)
+	if more[0].CompressedOffset != last.CompressedOffset+uint64(last.CompressedSize) ||
+		bs.cached(more[0], f.compressed) || bs.inflight[more[0].CompressedOffset] != nil {
+		return run, seq
+	}
+	return append(run, more...), seq
+}
+
+// touchAll lets the kernel modes' reads reach read-ahead markers.
+func (f *Fetcher) touchAll(bs *blobState, chunks []*rafs.Chunk) {
+	if bs.nmarks.Load() == 0 {
+		return
+	}
+	for _, c := range chunks {
+		f.touch(bs, c)
+	}
 }

@@ -184,3 +184,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
 }
+
+// settle waits for the fetcher's background streams (read-ahead, the rest
+// of a window whose first chunk was handed out) to end.
+func settle(f *Fetcher) { f.streams.Wait() }

@@ -23,6 +23,8 @@ type metrics struct {
 	prefetchQueued  prometheus.Counter
 	prefetchDone    prometheus.Counter
 	prefetchBytes   prometheus.Counter
+	readaheads      prometheus.Counter
+	splits          prometheus.Counter
 }
 
 func register[T prometheus.Collector](reg prometheus.Registerer, c T) T {
@@ -88,6 +90,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		prefetchBytes: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: "prefetch", Name: "bytes_total", Help: "Compressed bytes fetched by prefetch.",
 		})),
+		readaheads: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: "fetch", Name: "readahead_windows_total", Help: "Read-ahead windows started by sequential readers reaching a marker.",
+		})),
+		splits: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: "fetch", Name: "stream_splits_total", Help: "Streams split because a reader wanted a chunk far beyond their position.",
+		})),
 	}
 }
 
@@ -100,6 +108,7 @@ type stats struct {
 	prefetchWorkers                                     atomic.Int64
 	prefetchBegin, prefetchEnd                          atomic.Int64 // unix millis
 	digestFailures                                      atomic.Uint64
+	readaheads                                          atomic.Uint64
 }
 
 // BackendMetrics is nydusd's /api/v1/metrics/backend answer

@@ -12,6 +12,9 @@ import (
 type prefetchItem struct {
 	bs *blobState
 	c  *rafs.Chunk
+	// all: from prefetch_all, which goes through blobs in order, so its
+	// streams may reach as far as the read-ahead window.
+	all bool
 }
 
 // Prefetch starts fetching img's prefetch list (and with prefetch_all
@@ -28,7 +31,7 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 	}
 	var items []prefetchItem
 	seen := map[*blobState]map[uint64]bool{}
-	add := func(c *rafs.Chunk) {
+	add := func(c *rafs.Chunk, all bool) {
 		b, err := img.Blob(c)
 		if err != nil {
 			return
@@ -44,7 +47,7 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 			return
 		}
 		seen[bs][c.CompressedOffset] = true
-		items = append(items, prefetchItem{bs, c})
+		items = append(items, prefetchItem{bs, c, all})
 	}
 	var addInode func(ino uint64, depth int)
 	addInode = func(ino uint64, depth int) {
@@ -53,7 +56,7 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 			return
 		}
 		for _, fc := range in.Chunks {
-			add(fc.Chunk)
+			add(fc.Chunk, false)
 		}
 		for _, e := range in.Entries {
 			addInode(e.Ino, depth+1)
@@ -67,7 +70,7 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 			cs := append([]*rafs.Chunk(nil), l.Chunks...)
 			sortByCompressed(cs)
 			for _, c := range cs {
-				add(c)
+				add(c, true)
 			}
 		}
 	}
@@ -99,16 +102,34 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 		wg.Wait()
 		f.stats.prefetchEnd.Store(time.Now().UnixMilli())
 	}()
+	// At most threads streams run at once; a worker that finds its chunk
+	// in flight moves on and collects the result at the end.
+	slots := make(chan struct{}, threads)
 	for range threads {
 		f.stats.prefetchWorkers.Add(1)
 		go func() {
 			defer wg.Done()
 			defer f.stats.prefetchWorkers.Add(-1)
+			var pending []*call
 			for it := range queue {
 				if ctx.Err() != nil {
+					break
+				}
+				if cl := f.prefetchOne(ctx, it, batch, lim, slots); cl != nil {
+					pending = append(pending, cl)
+				}
+			}
+			for _, cl := range pending {
+				select {
+				case <-cl.done:
+				case <-ctx.Done():
 					return
 				}
-				f.prefetchOne(ctx, it, batch, lim)
+				if cl.err != nil {
+					f.log.Warn("storage: prefetch failed", "chunk", cl.c.Index, "err", cl.err)
+					continue
+				}
+				f.m.prefetchDone.Inc()
 			}
 		}()
 	}
@@ -120,32 +141,61 @@ func (f *Fetcher) WaitPrefetch() {
 	f.wg.Wait()
 }
 
-func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, lim *limiter) {
-	if it.bs.cached(it.c, f.compressed) {
+// prefetchOne starts fetching it.c unless it is cached, and returns its
+// in-flight call (nil if it is cached or prefetch was stopped).
+func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, lim *limiter, slots chan struct{}) *call {
+	bs, c := it.bs, it.c
+	if bs.cached(c, f.compressed) {
 		f.m.prefetchDone.Inc()
-		return
+		return nil
 	}
 	// Never ahead of on-demand reads: wait while any is in progress.
 	for f.demand.Load() > 0 {
 		select {
 		case <-ctx.Done():
-			return
+			return nil
 		case <-time.After(time.Millisecond):
 		}
 	}
-	if err := lim.wait(ctx, uint64(it.c.CompressedSize)); err != nil {
-		return
-	}
-	start := time.Now()
-	f.stats.prefetchRequests.Add(1)
-	if _, err := f.fetch(ctx, it.bs, it.c, batch, true); err != nil {
-		if ctx.Err() == nil {
-			f.log.Warn("storage: prefetch failed", "blob", it.bs.blob.ID, "chunk", it.c.Index, "err", err)
+	held := false
+	for {
+		bs.mu.Lock()
+		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+			bs.mu.Unlock()
+			if held {
+				<-slots
+			}
+			return cl
 		}
-		return
+		if bs.cached(c, f.compressed) {
+			bs.mu.Unlock()
+			if held {
+				<-slots
+			}
+			f.m.prefetchDone.Inc()
+			return nil
+		}
+		if held {
+			break
+		}
+		bs.mu.Unlock()
+		select {
+		case slots <- struct{}{}:
+			held = true
+		case <-ctx.Done():
+			return nil
+		}
 	}
-	f.stats.prefetchMillis.Add(uint64(time.Since(start).Milliseconds()))
-	f.m.prefetchDone.Inc()
+	n := batch
+	if it.all {
+		n = max(batch, f.readahead)
+	}
+	st := f.newStream(bs, f.plan(bs, c, n), true, false)
+	st.lim = lim
+	st.release = func() { <-slots }
+	bs.mu.Unlock()
+	f.launch(st)
+	return st.items[0]
 }
 
 func sortByCompressed(cs []*rafs.Chunk) {

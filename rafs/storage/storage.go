@@ -62,6 +62,7 @@ type options struct {
 	log        *slog.Logger
 	be         backend.Backend
 	cacheLimit int64
+	readahead  int
 }
 
 // WithRegisterer registers the fetcher's Prometheus metrics with reg.
@@ -78,6 +79,11 @@ func WithBackend(be backend.Backend) Option { return func(o *options) { o.be = b
 // no mount uses are evicted beyond it. nydusd has no such setting.
 func WithCacheLimit(n int64) Option { return func(o *options) { o.cacheLimit = n } }
 
+// WithReadahead sets the largest read-ahead window in bytes (default
+// DefaultReadahead): sequential reads grow their backend requests up to
+// it. It is never below the batch size; 0 keeps the default.
+func WithReadahead(n int) Option { return func(o *options) { o.readahead = n } }
+
 // Fetcher is a rafs.ChunkReader backed by a backend and a blob cache.
 // It is safe for concurrent use.
 type Fetcher struct {
@@ -88,6 +94,7 @@ type Fetcher struct {
 	compressed bool
 	validate   bool
 	readBatch  int
+	readahead  int // largest read-ahead window
 	prefetch   config.Prefetch
 
 	m     *metrics
@@ -97,10 +104,11 @@ type Fetcher struct {
 	blobs  map[string]*blobState
 	closed bool
 
-	demand atomic.Int64 // on-demand reads in progress
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	demand  atomic.Int64 // on-demand reads in progress
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // prefetch
+	streams sync.WaitGroup // running backend streams
 }
 
 var _ rafs.ChunkReader = (*Fetcher)(nil)
@@ -115,13 +123,10 @@ type blobState struct {
 	// chunks holds the blob's known chunks sorted by compressed offset,
 	// one per offset, from the images added with AddImage.
 	chunks []*rafs.Chunk
-}
-
-// call is one chunk's in-flight fetch.
-type call struct {
-	done chan struct{}
-	data []byte // verified uncompressed bytes
-	err  error
+	// marks are read-ahead markers: compressed offset of the marked chunk
+	// -> where the window it sits in ends (see touch).
+	marks  map[uint64]uint64
+	nmarks atomic.Int32
 }
 
 // New returns a fetcher for cfg's backend and cache.
@@ -136,6 +141,10 @@ func New(cfg *config.Config, opts ...Option) (*Fetcher, error) {
 		validate:  cfg.Rafs.Validate || cfg.Cache.Validate,
 		readBatch: cfg.Rafs.BatchSize,
 		m:         newMetrics(o.reg),
+	}
+	f.readahead = max(o.readahead, f.readBatch)
+	if o.readahead == 0 {
+		f.readahead = max(DefaultReadahead, f.readBatch)
 	}
 	f.prefetch = cfg.Cache.Prefetch
 	if !f.prefetch.Enable && cfg.Rafs.Prefetch.Enable {
@@ -192,6 +201,7 @@ func (f *Fetcher) Close() error {
 	f.mu.Unlock()
 	f.cancel()
 	f.wg.Wait()
+	f.streams.Wait()
 	f.mu.Lock()
 	for id, bs := range f.blobs {
 		if bs.cache != nil {
@@ -328,15 +338,17 @@ func (f *Fetcher) ReadChunkAt(ctx context.Context, b *rafs.Blob, c *rafs.Chunk, 
 		if ok {
 			f.m.cacheHits.Inc()
 			f.stats.hits.Add(1)
+			f.touch(bs, c)
 			return nil
 		}
 	}
 	f.m.cacheMisses.Inc()
-	data, err := f.fetch(ctx, bs, c, f.readBatch, false)
+	data, err := f.fetch(ctx, bs, c, f.readBatch)
 	if err != nil {
 		return err
 	}
 	copy(p, data[off:])
+	f.touch(bs, c)
 	return nil
 }
 
@@ -393,18 +405,18 @@ func (f *Fetcher) loadCached(bs *blobState, c *rafs.Chunk) ([]byte, error) {
 }
 
 // fetch returns chunk c's verified bytes, joining an in-flight fetch of
-// it or starting one that takes following missing chunks up to batch bytes.
-func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch int, prefetch bool) ([]byte, error) {
+// it or starting a stream that also takes the following missing chunks,
+// up to batch bytes or, for sequential reads, the read-ahead window.
+func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch int) ([]byte, error) {
 	bs.mu.Lock()
 	for {
 		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+			st, split := f.join(cl)
 			bs.mu.Unlock()
-			select {
-			case <-cl.done:
-				return cl.data, cl.err
-			case <-ctx.Done():
-				return nil, fmt.Errorf("storage: chunk %d of blob %s: %w", c.Index, bs.blob.ID, ctx.Err())
+			if split != nil {
+				f.launch(split)
 			}
+			return wait(ctx, bs, st, cl)
 		}
 		// It may have been cached since the caller looked.
 		if !bs.cached(c, f.compressed) {
@@ -419,27 +431,17 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 		// someone started to meanwhile).
 		bs.mu.Lock()
 	}
-	group := f.plan(bs, c, batch)
-	calls := make([]*call, len(group))
-	for i, gc := range group {
-		calls[i] = &call{done: make(chan struct{})}
-		bs.inflight[gc.CompressedOffset] = calls[i]
+	n, seq := batch, false
+	if k := bs.chunkIndex(c); k >= 0 {
+		n, seq = f.window(bs, k, batch)
 	}
+	group := f.plan(bs, c, n)
+	st := f.newStream(bs, group, false, bs.cache != nil && (seq || len(group) > 1))
+	cl := st.items[0]
+	st.waiters.Add(1)
 	bs.mu.Unlock()
-
-	// The fetch serves every waiter, so it must not die with this caller.
-	fctx := context.WithoutCancel(ctx)
-	f.fetchGroup(fctx, bs, group, calls, prefetch)
-
-	bs.mu.Lock()
-	for _, gc := range group {
-		delete(bs.inflight, gc.CompressedOffset)
-	}
-	bs.mu.Unlock()
-	for _, cl := range calls {
-		close(cl.done)
-	}
-	return calls[0].data, calls[0].err
+	f.launch(st)
+	return wait(ctx, bs, st, cl)
 }
 
 // loadWhole returns a cached chunk's whole verified bytes (nil if it
@@ -483,56 +485,6 @@ func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int) []*rafs.Chunk {
 		total += uint64(n.CompressedSize)
 	}
 	return group
-}
-
-// fetchGroup reads the contiguous chunks of group in one request, and
-// fills each call with its verified data or an EIO error.
-func (f *Fetcher) fetchGroup(ctx context.Context, bs *blobState, group []*rafs.Chunk, calls []*call, prefetch bool) {
-	b := bs.blob
-	start := group[0].CompressedOffset
-	last := group[len(group)-1]
-	raw := make([]byte, last.CompressedOffset+uint64(last.CompressedSize)-start)
-	err := f.be.ReadAt(ctx, b.ID, raw, int64(start))
-	if prefetch && err == nil {
-		f.m.prefetchBytes.Add(float64(len(raw)))
-		f.stats.prefetchBytes.Add(uint64(len(raw)))
-	}
-	var writes []blobcache.Write
-	for i, c := range group {
-		var data, stored []byte
-		var derr error
-		if err != nil {
-			derr = err
-		} else {
-			stored = raw[c.CompressedOffset-start : c.CompressedOffset-start+uint64(c.CompressedSize)]
-			data, derr = rafs.DecodeChunkBytes(b, c, stored)
-			if derr != nil {
-				f.m.digestFailures.WithLabelValues("backend").Inc()
-				f.stats.digestFailures.Add(1)
-				f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", derr)
-				data, stored, derr = f.refetch(ctx, b, c)
-			}
-		}
-		if derr != nil {
-			f.m.readErrors.Inc()
-			f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", derr)
-			calls[i].err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, derr)
-			continue
-		}
-		calls[i].data = data
-		if bs.cacheable(c, f.compressed) {
-			w := blobcache.Write{Index: c.Index, Off: int64(c.UncompressedOffset), Data: data}
-			if f.compressed {
-				w.Off, w.Data = int64(c.CompressedOffset), stored
-			}
-			writes = append(writes, w)
-		}
-	}
-	if len(writes) > 0 {
-		if werr := bs.cache.WriteChunks(writes); werr != nil {
-			f.log.Warn("storage: caching chunks failed", "blob", b.ID, "err", werr)
-		}
-	}
 }
 
 // refetch reads one chunk again on its own, for a chunk that failed its

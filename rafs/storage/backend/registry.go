@@ -275,6 +275,50 @@ func (r *Registry) readAt(ctx context.Context, id string, p []byte, off int64) e
 	if off < 0 {
 		return errors.New("negative offset")
 	}
+	return r.each(ctx, id, func(ctx context.Context, e *endpoint, u string) error {
+		return r.do(ctx, e, u, p, off)
+	})
+}
+
+// OpenRange implements Streamer: one ranged GET whose body is handed out
+// as it arrives. Mirrors, the proxy and retries apply to opening it; the
+// config's timeout bounds the wait for the answer and then every wait
+// for more body bytes.
+func (r *Registry) OpenRange(ctx context.Context, id string, off, n int64) (io.ReadCloser, error) {
+	if n <= 0 || off < 0 {
+		return nil, &ReadError{Backend: "registry", BlobID: id, Off: off, Len: int(n), Err: errors.New("empty or negative range")}
+	}
+	var rc io.ReadCloser
+	err := r.each(ctx, id, func(ctx context.Context, e *endpoint, u string) error {
+		sctx, cancel := context.WithCancel(ctx)
+		var timer *time.Timer
+		idle := time.Duration(r.cfg.Timeout) * time.Second
+		if idle > 0 {
+			timer = time.AfterFunc(idle, cancel)
+		}
+		start := time.Now()
+		resp, name, err := r.open(sctx, e, u, off, n)
+		if timer != nil {
+			timer.Stop()
+		}
+		if err != nil {
+			r.hooks.request(name, 0, time.Since(start), err)
+			cancel()
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		rc = newRangeReader(resp.Body, "registry", name, id, off, n, &r.hooks, start, cancel, idle)
+		return nil
+	})
+	if err != nil {
+		return nil, &ReadError{Backend: "registry", BlobID: id, Off: off, Len: int(n), Err: err}
+	}
+	return rc, nil
+}
+
+// each runs try against the mirrors, the proxy and the origin in turn
+// until one succeeds, with failover, health tracking and the origin's
+// retries.
+func (r *Registry) each(ctx context.Context, id string, try func(ctx context.Context, e *endpoint, u string) error) error {
 	if id == "" || strings.ContainsAny(id, "/?#%\x00") {
 		return fmt.Errorf("bad blob id %q", id)
 	}
@@ -284,7 +328,7 @@ func (r *Registry) readAt(ctx context.Context, id string, p []byte, off int64) e
 		if m.down.Load() {
 			continue
 		}
-		err := r.do(ctx, m, m.base+path, p, off)
+		err := try(ctx, m, m.base+path)
 		if err == nil {
 			m.failures.Store(0)
 			return nil
@@ -308,7 +352,7 @@ func (r *Registry) readAt(ctx context.Context, id string, p []byte, off int64) e
 				return errors.New("proxy is not healthy and fallback is disabled")
 			}
 		} else {
-			err := r.do(ctx, px, r.originURL(path, true), p, off)
+			err := try(ctx, px, r.originURL(path, true))
 			if err == nil {
 				return nil
 			}
@@ -324,7 +368,7 @@ func (r *Registry) readAt(ctx context.Context, id string, p []byte, off int64) e
 			r.hooks.failover(px.name, "origin")
 		}
 	}
-	return r.originRead(ctx, r.originURL(path, false), p, off)
+	return r.originRead(ctx, r.originURL(path, false), try)
 }
 
 func (r *Registry) originURL(path string, viaProxy bool) string {
@@ -336,10 +380,10 @@ func (r *Registry) originURL(path string, viaProxy bool) string {
 
 // originRead reads from the origin, retrying retry_limit times with
 // exponential backoff on network errors and 5xx/429 answers.
-func (r *Registry) originRead(ctx context.Context, u string, p []byte, off int64) error {
+func (r *Registry) originRead(ctx context.Context, u string, try func(ctx context.Context, e *endpoint, u string) error) error {
 	backoff := 100 * time.Millisecond
 	for attempt := 0; ; attempt++ {
-		err := r.do(ctx, nil, u, p, off)
+		err := try(ctx, nil, u)
 		if err == nil || !retryable(err) || attempt >= int(r.cfg.RetryLimit) || ctx.Err() != nil {
 			return err
 		}
@@ -451,23 +495,47 @@ func retryable(err error) bool {
 // do performs one ranged GET of u (answering auth challenges) into p.
 // e is the mirror or proxy it goes to, nil for the origin.
 func (r *Registry) do(ctx context.Context, e *endpoint, u string, p []byte, off int64) error {
-	name, client := "origin", r.client
-	if e != nil {
-		name, client = e.name, e.client
-	}
 	if t := r.cfg.Timeout; t > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(t)*time.Second)
 		defer cancel()
+	}
+	start := time.Now()
+	resp, name, err := r.open(ctx, e, u, off, int64(len(p)))
+	if err == nil {
+		defer resp.Body.Close()
+		if _, err = io.ReadFull(resp.Body, p); err != nil {
+			err = fmt.Errorf("reading body: %w", unexpected(err))
+		}
+	}
+	n := len(p)
+	if err != nil {
+		n = 0
+	}
+	r.hooks.request(name, n, time.Since(start), err)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
+// open sends one GET of n bytes at off of u, answering auth challenges,
+// and returns the answer with its body positioned at off. name is the
+// endpoint's name for errors and metrics. Failed auth rounds are reported
+// to the hooks here; the caller reports the request itself.
+func (r *Registry) open(ctx context.Context, e *endpoint, u string, off, n int64) (resp *http.Response, name string, err error) {
+	name, client := "origin", r.client
+	if e != nil {
+		name, client = e.name, e.client
 	}
 	var responses []*http.Response
 	for {
 		start := time.Now()
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 		if err != nil {
-			return err
+			return nil, name, err
 		}
-		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+int64(len(p))-1))
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 		if e != nil {
 			for k, v := range e.headers {
 				req.Header.Set(k, v)
@@ -478,14 +546,14 @@ func (r *Registry) do(ctx context.Context, e *endpoint, u string, p []byte, off 
 			req.Header.Set("Authorization", "Bearer "+r.token)
 		case e == nil || e == r.proxy:
 			if err := r.auth.Authorize(ctx, req); err != nil {
-				return fmt.Errorf("%s: authorize: %w: %w", name, ErrUnauthorized, err)
+				return nil, name, fmt.Errorf("authorize: %w: %w", ErrUnauthorized, err)
 			}
 		case e.authThrough:
 			// The mirror gets the origin's credentials: authorize a request
 			// to the origin and pass its header on.
 			oreq, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.base+"/v2/", nil)
 			if err := r.auth.Authorize(ctx, oreq); err != nil {
-				return fmt.Errorf("%s: authorize: %w: %w", name, ErrUnauthorized, err)
+				return nil, name, fmt.Errorf("authorize: %w: %w", ErrUnauthorized, err)
 			}
 			if h := oreq.Header.Get("Authorization"); h != "" {
 				req.Header.Set("Authorization", h)
@@ -493,13 +561,12 @@ func (r *Registry) do(ctx context.Context, e *endpoint, u string, p []byte, off 
 		default:
 			// A mirror without auth_through answers its own challenges.
 			if err := r.auth.Authorize(ctx, req); err != nil {
-				return fmt.Errorf("%s: authorize: %w: %w", name, ErrUnauthorized, err)
+				return nil, name, fmt.Errorf("authorize: %w: %w", ErrUnauthorized, err)
 			}
 		}
 		resp, err := client.Do(req)
 		if err != nil {
-			r.hooks.request(name, 0, time.Since(start), err)
-			return fmt.Errorf("%s: %w", name, err)
+			return nil, name, err
 		}
 		if resp.StatusCode == http.StatusUnauthorized && r.token == "" && len(responses) < 2 {
 			io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
@@ -507,25 +574,32 @@ func (r *Registry) do(ctx context.Context, e *endpoint, u string, p []byte, off 
 			responses = append(responses, resp)
 			r.hooks.request(name, 0, time.Since(start), errors.New("401"))
 			if err := r.auth.AddResponses(ctx, responses); err != nil {
-				return fmt.Errorf("%s: %w: %w", name, ErrUnauthorized, err)
+				return nil, name, fmt.Errorf("%w: %w", ErrUnauthorized, err)
 			}
 			continue
 		}
-		err = readBody(resp, p, off)
-		n := len(p)
-		if err != nil {
-			n = 0
+		if err := checkAnswer(resp, off); err != nil {
+			resp.Body.Close()
+			return nil, name, err
 		}
-		r.hooks.request(name, n, time.Since(start), err)
-		if err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
-		return nil
+		return resp, name, nil
 	}
 }
 
+// readBody reads a ranged GET's answer for off into p.
 func readBody(resp *http.Response, p []byte, off int64) error {
 	defer resp.Body.Close()
+	if err := checkAnswer(resp, off); err != nil {
+		return err
+	}
+	if _, err := io.ReadFull(resp.Body, p); err != nil {
+		return fmt.Errorf("reading body: %w", unexpected(err))
+	}
+	return nil
+}
+
+// checkAnswer checks a ranged GET's answer and positions its body at off.
+func checkAnswer(resp *http.Response, off int64) error {
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 		if cr := resp.Header.Get("Content-Range"); cr != "" {
@@ -557,9 +631,6 @@ func readBody(resp *http.Response, p []byte, off int64) error {
 			return fmt.Errorf("%w: %w", errRange, se)
 		}
 		return se
-	}
-	if _, err := io.ReadFull(resp.Body, p); err != nil {
-		return fmt.Errorf("reading body: %w", unexpected(err))
 	}
 	return nil
 }

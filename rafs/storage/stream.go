@@ -1,0 +1,398 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/storage/backend"
+	"github.com/rafsd/rafsd/rafs/storage/blobcache"
+)
+
+// Streams. A fetch covers a window of contiguous missing chunks with ONE
+// backend range request whose body is consumed as it arrives: each chunk
+// is decoded, verified, written to the cache and handed to its waiters as
+// soon as its bytes are in, so a reader of the window's first chunk does
+// not wait for its last. Every chunk of the window is registered in
+// blobState.inflight when the stream starts (single-flight for the whole
+// window); a reader that wants a chunk far beyond the stream's position
+// splits the stream there and fetches the tail itself rather than wait.
+//
+// Window size is kernel-style read-ahead without per-reader state (like
+// Linux's context read-ahead): a miss right behind chunks that are cached
+// or in flight is sequential, and its window is twice that history, from
+// the batch size up to the read-ahead limit. Half way through a window
+// sits a marker; the reader that reaches it starts the next window, so the
+// next request is under way before the current one runs dry.
+
+// splitDistance is how far (compressed bytes) a wanted chunk must lie
+// beyond a stream's position for its reader to fetch it on its own: about
+// what a stream delivers in the time a new request takes to answer.
+var splitDistance uint64 = 16 << 20
+
+// DefaultReadahead is the largest read-ahead window (see WithReadahead).
+const DefaultReadahead = 64 << 20
+
+// call is one chunk's in-flight fetch.
+type call struct {
+	c    *rafs.Chunk
+	done chan struct{}
+	data []byte // verified uncompressed bytes
+	err  error
+
+	// st is the stream that delivers the chunk and idx its place there;
+	// both change when the stream is split (under blobState.mu).
+	st  *stream
+	idx int
+}
+
+// stream is one range request's worth of contiguous chunks of a blob.
+type stream struct {
+	bs       *blobState
+	items    []*call
+	prefetch bool
+	lim      *limiter // prefetch bandwidth
+	release  func()   // frees a prefetch thread slot
+	// waiters counts on-demand readers waiting on its chunks: a prefetch
+	// stream with none pauses while any on-demand read is in progress.
+	waiters atomic.Int32
+
+	mu    sync.Mutex
+	next  int // index of the chunk being read
+	limit int // items[limit:] were split off to another stream
+}
+
+// newStream registers group (contiguous chunks, none cached or in flight)
+// as in flight and returns the stream that will fetch them. mark sets a
+// read-ahead marker half way. bs.mu is held.
+func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch, mark bool) *stream {
+	st := &stream{bs: bs, prefetch: prefetch, items: make([]*call, len(group)), limit: len(group)}
+	for i, c := range group {
+		cl := &call{c: c, done: make(chan struct{}), st: st, idx: i}
+		st.items[i] = cl
+		bs.inflight[c.CompressedOffset] = cl
+	}
+	if mark && len(group) > 0 {
+		last := group[len(group)-1]
+		m := group[len(group)/2]
+		if bs.marks == nil {
+			bs.marks = map[uint64]uint64{}
+		}
+		if _, ok := bs.marks[m.CompressedOffset]; !ok {
+			bs.nmarks.Add(1)
+		}
+		bs.marks[m.CompressedOffset] = last.CompressedOffset + uint64(last.CompressedSize)
+	}
+	return st
+}
+
+// launch runs st in the background (or fails its chunks if the fetcher
+// is closed).
+func (f *Fetcher) launch(st *stream) {
+	f.mu.RLock()
+	if f.closed {
+		f.mu.RUnlock()
+		f.failFrom(st, 0, fmt.Errorf("storage: fetcher closed: %w", syscall.EIO))
+		if st.release != nil {
+			st.release()
+		}
+		return
+	}
+	f.streams.Add(1)
+	f.mu.RUnlock()
+	go f.run(st)
+}
+
+// join registers an on-demand waiter on cl, splitting its stream if cl
+// lies far ahead of it; the split-off stream, if any, must be launched
+// once bs.mu is released. bs.mu is held.
+func (f *Fetcher) join(cl *call) (st, split *stream) {
+	st = cl.st
+	st.mu.Lock()
+	k := cl.idx
+	if k > st.next && k < st.limit && cl.c.CompressedOffset-st.items[st.next].c.CompressedOffset >= splitDistance {
+		split = &stream{bs: st.bs, items: st.items[k:st.limit]}
+		split.limit = len(split.items)
+		f.m.splits.Inc()
+		st.limit = k
+		for j, it := range split.items {
+			it.st, it.idx = split, j
+		}
+		st.mu.Unlock()
+		st = split
+	} else {
+		st.mu.Unlock()
+	}
+	st.waiters.Add(1)
+	return st, split
+}
+
+// wait waits for cl as an on-demand reader registered with join.
+func wait(ctx context.Context, bs *blobState, st *stream, cl *call) ([]byte, error) {
+	defer st.waiters.Add(-1)
+	select {
+	case <-cl.done:
+		return cl.data, cl.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("storage: chunk %d of blob %s: %w", cl.c.Index, bs.blob.ID, ctx.Err())
+	}
+}
+
+// window returns the compressed bytes a fetch of bs.chunks[k] should
+// cover: batch, or for a sequential miss twice the cached or in-flight
+// run right before it, up to the read-ahead limit. seq reports the latter.
+// bs.mu is held.
+func (f *Fetcher) window(bs *blobState, k int, batch int) (n int, seq bool) {
+	if batch <= 0 || bs.cache == nil || f.readahead <= batch || k <= 0 || k >= len(bs.chunks) {
+		return batch, false
+	}
+	cs := bs.chunks
+	var hist int
+	for j := k - 1; j >= 0 && hist < f.readahead; j-- {
+		p := cs[j]
+		if p.CompressedOffset+uint64(p.CompressedSize) != cs[j+1].CompressedOffset {
+			break
+		}
+		if _, busy := bs.inflight[p.CompressedOffset]; !busy && !bs.cached(p, f.compressed) {
+			break
+		}
+		hist += int(p.CompressedSize)
+	}
+	if hist == 0 {
+		return batch, false
+	}
+	return min(max(2*hist, batch), f.readahead), true
+}
+
+// chunkIndex returns the position of c in bs.chunks, or -1. bs.mu is held.
+func (bs *blobState) chunkIndex(c *rafs.Chunk) int {
+	cs := bs.chunks
+	k := sort.Search(len(cs), func(i int) bool { return cs[i].CompressedOffset >= c.CompressedOffset })
+	if k < len(cs) && cs[k].CompressedOffset == c.CompressedOffset {
+		return k
+	}
+	return -1
+}
+
+// touch starts the next read-ahead window if c carries a marker: its
+// reader is going through a window sequentially.
+func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
+	if bs.nmarks.Load() == 0 {
+		return
+	}
+	bs.mu.Lock()
+	end, ok := bs.marks[c.CompressedOffset]
+	if !ok {
+		bs.mu.Unlock()
+		return
+	}
+	delete(bs.marks, c.CompressedOffset)
+	bs.nmarks.Add(-1)
+	var st *stream
+	k := sort.Search(len(bs.chunks), func(i int) bool { return bs.chunks[i].CompressedOffset >= end })
+	if k < len(bs.chunks) && bs.chunks[k].CompressedOffset == end {
+		next := bs.chunks[k]
+		if _, busy := bs.inflight[end]; !busy && !bs.cached(next, f.compressed) {
+			n, _ := f.window(bs, k, f.readBatch)
+			st = f.newStream(bs, f.plan(bs, next, n), false, true)
+		}
+	}
+	bs.mu.Unlock()
+	if st != nil {
+		f.stats.readaheads.Add(1)
+		f.m.readaheads.Inc()
+		f.launch(st)
+	}
+}
+
+// failFrom fails st's chunks from index i to its limit with err.
+func (f *Fetcher) failFrom(st *stream, i int, err error) {
+	st.mu.Lock()
+	end := st.limit
+	st.limit = min(i, end) // nothing left to split off
+	st.mu.Unlock()
+	for ; i < end; i++ {
+		cl := st.items[i]
+		cl.err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", cl.c.Index, st.bs.blob.ID, syscall.EIO, err)
+		f.finish(st.bs, cl)
+	}
+	if end > i {
+		f.m.readErrors.Add(float64(end - i))
+	}
+}
+
+// finish publishes cl's result.
+func (f *Fetcher) finish(bs *blobState, cl *call) {
+	bs.mu.Lock()
+	if bs.inflight[cl.c.CompressedOffset] == cl {
+		delete(bs.inflight, cl.c.CompressedOffset)
+	}
+	bs.mu.Unlock()
+	close(cl.done)
+}
+
+// run fetches st's chunks with one range request, reopening it once from
+// where it broke if it broke after some progress; the chunks it could not
+// fetch fail with EIO.
+func (f *Fetcher) run(st *stream) {
+	defer f.streams.Done()
+	if st.release != nil {
+		defer st.release()
+	}
+	if st.prefetch {
+		start := time.Now()
+		defer func() { f.stats.prefetchMillis.Add(uint64(time.Since(start).Milliseconds())) }()
+	}
+	b := st.bs.blob
+	ctx := f.ctx
+	reopened := false
+	for i := 0; ; {
+		st.mu.Lock()
+		end := st.limit
+		st.mu.Unlock()
+		if i >= end {
+			return
+		}
+		first, last := st.items[i].c, st.items[end-1].c
+		start := first.CompressedOffset
+		n := last.CompressedOffset + uint64(last.CompressedSize) - start
+		rc, err := backend.OpenRange(ctx, f.be, b.ID, int64(start), int64(n))
+		if err != nil {
+			f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", first.Index, "err", err)
+			f.failFrom(st, i, err)
+			return
+		}
+		if st.prefetch {
+			f.stats.prefetchRequests.Add(1)
+		}
+		from := i
+		i, err = f.pump(ctx, st, rc, i)
+		rc.Close()
+		if err == nil {
+			return
+		}
+		if i > from && !reopened && ctx.Err() == nil {
+			reopened = true
+			f.log.Warn("storage: backend stream broke, reopening it where it stopped", "blob", b.ID, "chunk", st.items[i].c.Index, "err", err)
+			continue
+		}
+		f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", st.items[i].c.Index, "err", err)
+		f.failFrom(st, i, err)
+		return
+	}
+}
+
+// piece is a chunk's stored bytes read from a stream, or the error that
+// ended it.
+type piece struct {
+	i   int
+	raw []byte
+	err error
+}
+
+// pump reads st's chunks from rc starting at index i, and has each
+// verified, cached and handed out while the next is read (a two-stage
+// pipeline: network | decode+digest+cache write). It returns the index of
+// the first chunk it did not deliver and, if it stopped short of the
+// stream's limit, why.
+func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (int, error) {
+	pieces := make(chan piece, 3)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		defer close(pieces)
+		for j := i; ; j++ {
+			st.mu.Lock()
+			if j >= st.limit {
+				st.mu.Unlock()
+				return
+			}
+			st.next = j
+			st.mu.Unlock()
+			c := st.items[j].c
+			err := f.pace(ctx, st, c)
+			var raw []byte
+			if err == nil {
+				raw = make([]byte, c.CompressedSize)
+				_, err = io.ReadFull(rc, raw)
+			}
+			select {
+			case pieces <- piece{j, raw, err}:
+			case <-stop:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	next := i
+	for p := range pieces {
+		if p.err != nil {
+			return p.i, p.err
+		}
+		f.deliver(ctx, st, st.items[p.i], p.raw)
+		next = p.i + 1
+	}
+	return next, nil
+}
+
+// pace holds a prefetch stream back: to its bandwidth, and while on-demand
+// reads are in progress that do not wait for it.
+func (f *Fetcher) pace(ctx context.Context, st *stream, c *rafs.Chunk) error {
+	if !st.prefetch {
+		return ctx.Err()
+	}
+	for f.demand.Load() > 0 && st.waiters.Load() == 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	if err := st.lim.wait(ctx, uint64(c.CompressedSize)); err != nil {
+		return err
+	}
+	return ctx.Err()
+}
+
+// deliver verifies one chunk's stored bytes (refetching it alone once if
+// they fail), caches it and publishes the result.
+func (f *Fetcher) deliver(ctx context.Context, st *stream, cl *call, stored []byte) {
+	bs, b, c := st.bs, st.bs.blob, cl.c
+	if st.prefetch {
+		f.m.prefetchBytes.Add(float64(len(stored)))
+		f.stats.prefetchBytes.Add(uint64(len(stored)))
+	}
+	data, err := rafs.DecodeChunkBytes(b, c, stored)
+	if err != nil {
+		f.m.digestFailures.WithLabelValues("backend").Inc()
+		f.stats.digestFailures.Add(1)
+		f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", err)
+		data, stored, err = f.refetch(ctx, b, c)
+	}
+	if err != nil {
+		f.m.readErrors.Inc()
+		f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", err)
+		cl.err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, err)
+		f.finish(bs, cl)
+		return
+	}
+	cl.data = data
+	if bs.cacheable(c, f.compressed) {
+		w := blobcache.Write{Index: c.Index, Off: int64(c.UncompressedOffset), Data: data}
+		if f.compressed {
+			w.Off, w.Data = int64(c.CompressedOffset), stored
+		}
+		if werr := bs.cache.WriteChunks([]blobcache.Write{w}); werr != nil {
+			f.log.Warn("storage: caching chunk failed", "blob", b.ID, "chunk", c.Index, "err", werr)
+		}
+	}
+	f.finish(bs, cl)
+}
