@@ -140,10 +140,53 @@ type blobFile struct {
 	// aheadBusy allows one such fill at a time.
 	next, aheadEnd atomic.Uint64
 	aheadBusy      atomic.Bool
+	// runEnd is, by layout position, where the run of chunks that one
+	// file stores contiguously in the blob ends: filling ahead stops
+	// there, at the end of the file being read.
+	runEnd []uint64
 }
 
-func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout) *blobFile {
-	bf := &blobFile{path: path, f: f, layout: l, present: make([]atomic.Bool, len(l.Chunks))}
+// runEnds computes blobFile.runEnd for blob blobIndex of img.
+func runEnds(l rafs.BlobLayout, img *rafs.Image, blobIndex int) []uint64 {
+	ends := make([]uint64, len(l.Chunks))
+	pos := make(map[uint64]int, len(l.Chunks))
+	for i, c := range l.Chunks {
+		pos[c.UncompressedOffset] = i
+		ends[i] = c.UncompressedOffset + uint64(c.UncompressedSize)
+	}
+	var run []int
+	flush := func() {
+		if len(run) == 0 {
+			return
+		}
+		end := ends[run[len(run)-1]]
+		for _, p := range run {
+			ends[p] = max(ends[p], end)
+		}
+		run = run[:0]
+	}
+	for _, in := range img.Inodes {
+		for _, fc := range in.Chunks {
+			p, ok := pos[fc.UncompressedOffset]
+			if int(fc.BlobIndex) != blobIndex || !ok {
+				flush()
+				continue
+			}
+			if len(run) > 0 {
+				last := l.Chunks[run[len(run)-1]]
+				if last.UncompressedOffset+uint64(last.UncompressedSize) != fc.UncompressedOffset {
+					flush()
+				}
+			}
+			run = append(run, p)
+		}
+		flush()
+	}
+	return ends
+}
+
+func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout, img *rafs.Image, blobIndex int) *blobFile {
+	bf := &blobFile{path: path, f: f, layout: l, present: make([]atomic.Bool, len(l.Chunks)), runEnd: runEnds(l, img, blobIndex)}
 	bf.missing.Store(int64(len(l.Chunks)))
 	for i := range l.Chunks {
 		bf.has(i)
@@ -292,15 +335,19 @@ func (s *Server) Present(ev fanotify.Event) bool {
 // readAhead fills ahead of a sequential reader: the kernel asks for one
 // readahead window at a time and the reader waits on each, so without it
 // fetching and reading take turns. When [off,+n) starts where the last
-// event ended, the next min(2n, MaxAhead) bytes are filled in the
-// background (one such fill per file at a time, counted in AheadBytes).
+// event ended, the next min(max(4n, 4 MiB), MaxAhead) bytes are filled in
+// the background, never past the end of the file being read (one such
+// fill per cache file at a time, counted in AheadBytes).
 func (s *Server) readAhead(bf *blobFile, off, n uint64) {
 	end := off + n
 	if bf.next.Swap(end) != off || n == 0 {
 		return
 	}
-	size := bf.layout.Blob.UncompressedSize
-	target := min(end+min(max(2*n, 1<<20), MaxAhead), size)
+	_, hi0 := bf.positions(off, n)
+	if hi0 == 0 {
+		return
+	}
+	target := min(end+min(max(4*n, 4<<20), MaxAhead), bf.runEnd[hi0-1])
 	from := max(bf.aheadEnd.Load(), end)
 	if from >= target {
 		return
@@ -326,7 +373,16 @@ func (s *Server) readAhead(bf *blobFile, off, n uint64) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.timeout.Load()))
 		defer cancel()
-		if err := bf.f.EnsureChunks(ctx, bf.layout.Blob, need); err != nil {
+		// Two halves in parallel: verifying and writing a chunk costs
+		// about what reading it does, so one stream cannot keep up.
+		half := len(need) / 2
+		errc := make(chan error, 1)
+		go func() { errc <- bf.f.EnsureChunks(ctx, bf.layout.Blob, need[half:]) }()
+		err := bf.f.EnsureChunks(ctx, bf.layout.Blob, need[:half])
+		if err2 := <-errc; err == nil {
+			err = err2
+		}
+		if err != nil {
 			// The event that needs these chunks fetches them again and
 			// reports the failure to its reader.
 			s.log.Debug("fanotifyfs: fill ahead failed", "blob", bf.layout.Blob.ID, "err", err)
@@ -463,7 +519,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 	}()
 	// Opening the cache files here, before they are marked, keeps the
 	// fetcher's own I/O on them free of events.
-	for _, l := range img.BlobLayouts() {
+	for bi, l := range img.BlobLayouts() {
 		path, err := opts.Fetcher.CachePath(l.Blob)
 		if err != nil {
 			return nil, fmt.Errorf("fanotifyfs: %w", err)
@@ -476,7 +532,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 		s.mu.Lock()
 		bf := s.file(k.dev, k.ino)
 		if bf == nil {
-			bf = newBlobFile(path, opts.Fetcher, l)
+			bf = newBlobFile(path, opts.Fetcher, l, img, bi)
 			s.setFile(k, bf)
 		} else if bf.f != opts.Fetcher {
 			// Two fetchers over one cache file would each trust only

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsd/rafsd/fscache/fanotify"
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
 	"github.com/rafsd/rafsd/rafs/storage"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
@@ -267,5 +268,82 @@ func TestHungBackendIsEIO(t *testing.T) {
 	}
 	if err != nil || !bytes.Equal(got, fstest.Bytes(1, 1<<20)) {
 		t.Fatalf("after the backend recovered: %v", err)
+	}
+}
+
+// Once every chunk of a cache file is present its mark is removed: reads
+// that miss the page cache then raise no events, and still read right.
+func TestCompleteFileIsUnmarked(t *testing.T) {
+	src := t.TempDir()
+	data := fstest.Bytes(3, 5<<20)
+	if err := os.WriteFile(src+"/f", data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im := buildImage(t, src, 1<<20)
+	s := startServer(t, 10*time.Second)
+	f := newFetcher(t, im.blobDir, t.TempDir())
+	m := mount(t, s, im, f, Options{})
+	p := m.Mountpoint() + "/f"
+	if got, err := os.ReadFile(p); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("first read: %v, equal %v", err, err == nil && bytes.Equal(got, data))
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Stats().Unmarked != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("complete cache file still marked: %+v", s.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	before := s.Stats().Events
+	for _, q := range []string{p, m.CacheFiles()[0]} {
+		fh, err := os.Open(q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+		fh.Close()
+	}
+	if got, err := os.ReadFile(p); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read after unmark: %v, equal %v", err, err == nil && bytes.Equal(got, data))
+	}
+	if ev := s.Stats().Events - before; ev != 0 {
+		t.Fatalf("%d events for a complete, unmarked file", ev)
+	}
+	// A new mount of the complete cache marks nothing.
+	m2 := mount(t, s, im, f, Options{})
+	if got, err := os.ReadFile(m2.Mountpoint() + "/f"); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("second mount: %v", err)
+	}
+}
+
+// The fast path (Present) allocates nothing.
+func TestPresentAllocatesNothing(t *testing.T) {
+	src := t.TempDir()
+	if err := os.WriteFile(src+"/f", fstest.Bytes(4, 3<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im := buildImage(t, src, 1<<20)
+	s := startServer(t, 10*time.Second)
+	s.keepMarks = true
+	f := newFetcher(t, im.blobDir, t.TempDir())
+	m := mount(t, s, im, f, Options{})
+	if _, err := os.ReadFile(m.Mountpoint() + "/f"); err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(m.CacheFiles()[0], &st); err != nil {
+		t.Fatal(err)
+	}
+	off := uint64(0)
+	ev := fanotify.Event{Mask: unix.FAN_PRE_ACCESS, HasRange: true, Count: 1 << 20, Dev: st.Dev, Ino: st.Ino}
+	allocs := testing.AllocsPerRun(100, func() {
+		ev.Offset = off % (3 << 20)
+		off += 1 << 20
+		if !s.Present(ev) {
+			t.Fatal("a filled range is not present")
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("Present allocates %.1f times per event", allocs)
 	}
 }
