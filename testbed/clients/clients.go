@@ -419,6 +419,29 @@ func UnmountUnder(t testing.TB, dir string) {
 
 // ProcsOf returns the pids of running processes whose executable is bin.
 func ProcsOf(bin string) []int {
+	var out []int
+	for _, pid := range procsNamed(filepath.Base(bin)) {
+		exe, err := os.Readlink(filepath.Join("/proc", strconv.Itoa(pid), "exe"))
+		if err != nil {
+			continue
+		}
+		if strings.TrimSuffix(exe, " (deleted)") == bin {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// procsNamed returns the pids of live (not zombie) processes whose command
+// name (comm, at most 15 bytes) is the start of name. It reads only
+// /proc/PID/status: readlink of exe, cmdline or stat block for as long as a
+// process is stuck in the kernel (a FUSE server wedged on its own mount
+// while exiting, say), and such a process may belong to anyone on the
+// machine.
+func procsNamed(name string) []int {
+	if len(name) > 15 {
+		name = name[:15]
+	}
 	ents, _ := os.ReadDir("/proc")
 	var out []int
 	for _, e := range ents {
@@ -426,19 +449,21 @@ func ProcsOf(bin string) []int {
 		if err != nil {
 			continue
 		}
-		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
 		if err != nil {
 			continue
 		}
-		exe = strings.TrimSuffix(exe, " (deleted)")
-		if exe != bin {
-			continue
+		var comm, state string
+		for _, l := range strings.SplitN(string(st), "\n", 4) {
+			if v, ok := strings.CutPrefix(l, "Name:\t"); ok {
+				comm = v
+			} else if v, ok := strings.CutPrefix(l, "State:\t"); ok {
+				state = v
+			}
 		}
 		// Zombies are gone for our purpose: they hold no mount or fd.
-		if st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
-			if i := bytes.LastIndexByte(st, ')'); i > 0 && i+2 < len(st) && st[i+2] == 'Z' {
-				continue
-			}
+		if comm != name || strings.HasPrefix(state, "Z") {
+			continue
 		}
 		out = append(out, pid)
 	}
@@ -464,21 +489,13 @@ func WaitNoProcs(ctx context.Context, t testing.TB, bin string) {
 // shimsOf returns the pids of containerd shims serving the containerd at
 // address.
 func shimsOf(address string) []int {
-	ents, _ := os.ReadDir("/proc")
 	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+	for _, pid := range procsNamed("containerd-shim-runc-v2") {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
 		if err != nil {
 			continue
 		}
 		args := strings.Split(string(b), "\x00")
-		if !strings.HasPrefix(filepath.Base(args[0]), "containerd-shim") {
-			continue
-		}
 		for i := 0; i+1 < len(args); i++ {
 			if args[i] == "-address" && args[i+1] == address {
 				out = append(out, pid)

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -63,7 +64,7 @@ type client struct {
 	stack *Stack
 }
 
-func newClient(t *testing.T, s *Stack) (*client, context.Context) {
+func newClient(t testing.TB, s *Stack) (*client, context.Context) {
 	t.Helper()
 	var r [4]byte
 	rand.Read(r[:])
@@ -95,7 +96,7 @@ func resolver() remotes.Resolver {
 
 // pull pulls and unpacks ref into snapshotter with the labels CRI passes,
 // as `nerdctl pull --snapshotter` does.
-func (c *client) pull(ctx context.Context, t *testing.T, ref, snapshotter string) containerd.Image {
+func (c *client) pull(ctx context.Context, t testing.TB, ref, snapshotter string) containerd.Image {
 	t.Helper()
 	img, err := c.Pull(ctx, ref,
 		containerd.WithPullUnpack,
@@ -115,24 +116,54 @@ type container struct {
 	task containerd.Task
 	exit <-chan containerd.ExitStatus
 	out  *testutil.SyncBuffer
+	// line is closed when the first line of output has been written, at
+	// lineAt.
+	line   chan struct{}
+	lineAt time.Time
+	// status is the exit status once received from exit.
+	status *containerd.ExitStatus
+}
+
+// lineWriter is the container's stdout and stderr: it notes when the first
+// complete line arrives, for cold-start timing.
+type lineWriter struct {
+	k    *container
+	once sync.Once
+}
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	n, err := w.k.out.Write(p)
+	if bytes.IndexByte(p, '\n') >= 0 {
+		w.once.Do(func() {
+			w.k.lineAt = time.Now()
+			close(w.k.line)
+		})
+	}
+	return n, err
 }
 
 // run creates a container from img on snapshotter and starts args in it
-// under runc, as `nerdctl run --snapshotter` does.
-func (c *client) run(ctx context.Context, t *testing.T, img containerd.Image, snapshotter, id string, args ...string) *container {
+// (the image's entrypoint and command if none) under runc, as `nerdctl run
+// --snapshotter` does.
+func (c *client) run(ctx context.Context, t testing.TB, img containerd.Image, snapshotter, id string, args ...string) *container {
 	t.Helper()
+	spec := []oci.SpecOpts{oci.WithImageConfig(img)}
+	if len(args) > 0 {
+		spec = append(spec, oci.WithProcessArgs(args...))
+	}
 	ctr, err := c.NewContainer(ctx, id,
 		containerd.WithImage(img),
 		containerd.WithSnapshotter(snapshotter),
 		containerd.WithNewSnapshot(id+"-rootfs", img),
-		containerd.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs(args...)),
+		containerd.WithNewSpec(spec...),
 	)
 	if err != nil {
 		t.Fatalf("create container %s: %v", id, err)
 	}
-	out := &testutil.SyncBuffer{}
+	k := &container{c: ctr, out: &testutil.SyncBuffer{}, line: make(chan struct{})}
+	w := &lineWriter{k: k}
 	fifos := filepath.Join(c.stack.Dir, "fifo")
-	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, out, out), cio.WithFIFODir(fifos)))
+	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, w, w), cio.WithFIFODir(fifos)))
 	if err != nil {
 		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
 		t.Fatalf("create task %s: %v", id, err)
@@ -146,7 +177,7 @@ func (c *client) run(ctx context.Context, t *testing.T, img containerd.Image, sn
 		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
 		t.Fatalf("start task %s: %v", id, err)
 	}
-	k := &container{c: ctr, task: task, exit: exit, out: out}
+	k.task, k.exit = task, exit
 	t.Cleanup(func() {
 		// Bounded: containerd may already be gone when this runs.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -159,20 +190,52 @@ func (c *client) run(ctx context.Context, t *testing.T, img containerd.Image, sn
 }
 
 // wait waits for the container's command to exit and returns its output.
-func (k *container) wait(ctx context.Context, t *testing.T) string {
+func (k *container) wait(ctx context.Context, t testing.TB) string {
 	t.Helper()
+	if k.status != nil {
+		return k.checkExit(t, *k.status)
+	}
 	select {
 	case st := <-k.exit:
-		code, _, err := st.Result()
-		out := k.out.String()
-		if err != nil || code != 0 {
-			t.Fatalf("container %s exited %d (%v):\n%s", k.c.ID(), code, err, out)
-		}
-		return out
+		return k.checkExit(t, st)
 	case <-ctx.Done():
 		t.Fatalf("container %s did not exit: %v\noutput so far:\n%s", k.c.ID(), ctx.Err(), k.out.String())
 	}
 	return ""
+}
+
+// firstLine waits for the container's first line of output and returns
+// when it arrived; a container that exits without one fails t.
+func (k *container) firstLine(ctx context.Context, t testing.TB) time.Time {
+	t.Helper()
+	select {
+	case <-k.line:
+		return k.lineAt
+	case st := <-k.exit:
+		k.status = &st
+		// The exit may be seen before the line written just ahead of it.
+		select {
+		case <-k.line:
+			return k.lineAt
+		case <-time.After(time.Second):
+		}
+		k.checkExit(t, st)
+		t.Fatalf("container %s exited without a line of output:\n%q", k.c.ID(), k.out.String())
+	case <-ctx.Done():
+		t.Fatalf("container %s printed no line: %v\noutput so far:\n%s", k.c.ID(), ctx.Err(), k.out.String())
+	}
+	return time.Time{}
+}
+
+// checkExit fails t unless the command exited 0, and returns its output.
+func (k *container) checkExit(t testing.TB, st containerd.ExitStatus) string {
+	t.Helper()
+	code, _, err := st.Result()
+	out := k.out.String()
+	if err != nil || code != 0 {
+		t.Fatalf("container %s exited %d (%v):\n%s", k.c.ID(), code, err, out)
+	}
+	return out
 }
 
 // remove deletes the task and the container with its snapshot.
@@ -233,7 +296,7 @@ func fuseMounts(dir string) []string {
 
 // removeImage deletes the image synchronously (containerd's GC removes its
 // snapshots, and the snapshotter, with sync_remove, the RAFS instance).
-func (c *client) removeImage(ctx context.Context, t *testing.T, name string) {
+func (c *client) removeImage(ctx context.Context, t testing.TB, name string) {
 	t.Helper()
 	if err := c.ImageService().Delete(ctx, name, images.SynchronousDelete()); err != nil {
 		t.Fatalf("delete image %s: %v", name, err)
@@ -302,7 +365,7 @@ func TestContainerdNydus(t *testing.T) {
 
 // stopStack stops containerd, then the snapshotter alone (SIGTERM to its
 // pid, not its group) so that what it leaves behind is its own doing.
-func stopStack(t *testing.T, s *Stack) {
+func stopStack(t testing.TB, s *Stack) {
 	t.Helper()
 	s.Containerd.Stop(10 * time.Second)
 	s.Snapshotter.Cmd.Process.Signal(syscall.SIGTERM)

@@ -1,0 +1,384 @@
+package clients
+
+import (
+	"archive/tar"
+	"compress/gzip"
+	"context"
+	"crypto/md5"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/rafsd/rafsd/internal/capproxy"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
+)
+
+// coldFile is one data file of the cold-start image.
+type coldFile struct {
+	name  string
+	size  int
+	seed  uint64
+	layer int
+}
+
+// data returns the file's bytes: 4 KiB blocks alternate at random between
+// noise and text, so layers compress about 2:1 as real ones do.
+func (f coldFile) data() []byte {
+	r := rand.New(rand.NewPCG(f.seed, 7))
+	b := make([]byte, f.size)
+	const text = "lorem ipsum dolor sit amet, consectetur\n"
+	for off := 0; off < len(b); off += 4096 {
+		blk := b[off:min(off+4096, len(b))]
+		if r.IntN(2) == 0 {
+			for i := 0; i+8 <= len(blk); i += 8 {
+				binary.LittleEndian.PutUint64(blk[i:], r.Uint64())
+			}
+			for i := len(blk) &^ 7; i < len(blk); i++ {
+				blk[i] = byte(r.Uint32())
+			}
+		} else {
+			for i := range blk {
+				blk[i] = text[(off+i+int(f.seed))%len(text)]
+			}
+		}
+	}
+	return b
+}
+
+// coldLayers is how many data layers the image has; busybox and the
+// entrypoint ride in the first.
+const coldLayers = 3
+
+// planColdImage lays out about total bytes of files over coldLayers layers
+// and picks a startup set of about 6% of the bytes: whole files spread over
+// the layers, as a trace of an application's start would list them.
+func planColdImage(total int64) (files, startup []coldFile) {
+	r := rand.New(rand.NewPCG(42, 11))
+	var sum, st int64
+	for i := 0; sum < total; i++ {
+		// Mostly small files, a fifth large, like a runtime with its
+		// libraries.
+		size := 4<<10 + r.IntN(256<<10)
+		if r.IntN(5) == 0 {
+			size = 256<<10 + r.IntN(8<<20)
+		}
+		files = append(files, coldFile{name: fmt.Sprintf("usr/lib/app%d/file%05d", i%37, i), size: size, seed: uint64(i + 1), layer: i % coldLayers})
+		sum += int64(size)
+	}
+	for _, i := range r.Perm(len(files)) {
+		if st >= sum*6/100 {
+			break
+		}
+		startup = append(startup, files[i])
+		st += int64(files[i].size)
+	}
+	return files, startup
+}
+
+// coldEntrypoint is the image's entrypoint: it reads every file of the
+// startup list and prints one line, the md5 of what it read, so the first
+// output comes only once the whole startup set went through the stack.
+const coldEntrypoint = "#!/bin/sh\ncat $(cat /app/startup.list) | md5sum\n"
+
+// coldImage is the benchmark image as pushed.
+type coldImage struct {
+	files, startup []coldFile
+	// want is the entrypoint's first line.
+	want string
+}
+
+func newColdImage(total int64) *coldImage {
+	im := &coldImage{}
+	im.files, im.startup = planColdImage(total)
+	h := md5.New()
+	for _, f := range im.startup {
+		h.Write(f.data())
+	}
+	im.want = hex.EncodeToString(h.Sum(nil)) + "  -"
+	return im
+}
+
+func (im *coldImage) sizes() (total, startup int64) {
+	for _, f := range im.files {
+		total += int64(f.size)
+	}
+	for _, f := range im.startup {
+		startup += int64(f.size)
+	}
+	return total, startup
+}
+
+// writeLayer writes layer l as a gzip'd tar to name and returns its
+// descriptor and diff ID.
+func (im *coldImage) writeLayer(l int, name string, busybox []byte) (ocispec.Descriptor, digest.Digest, error) {
+	out, err := os.Create(name)
+	if err != nil {
+		return ocispec.Descriptor{}, "", err
+	}
+	defer out.Close()
+	ch, dh := sha256.New(), sha256.New()
+	zw, _ := gzip.NewWriterLevel(io.MultiWriter(out, ch), gzip.BestSpeed)
+	tw := tar.NewWriter(io.MultiWriter(zw, dh))
+	dirs := map[string]bool{}
+	add := func(h *tar.Header, b []byte) error {
+		// Parent directories first, each once (a written directory's
+		// parents are written too).
+		var chain []string
+		for d := path.Dir(h.Name); d != "." && !dirs[d]; d = path.Dir(d) {
+			chain = append(chain, d)
+		}
+		for i := len(chain) - 1; i >= 0; i-- {
+			dirs[chain[i]] = true
+			if err := tw.WriteHeader(&tar.Header{Name: chain[i] + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX}); err != nil {
+				return err
+			}
+		}
+		h.ModTime, h.Format = epoch, tar.FormatPAX
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+		_, err := tw.Write(b)
+		return err
+	}
+	if l == 0 {
+		if err := add(&tar.Header{Name: "bin/busybox", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(busybox))}, busybox); err != nil {
+			return ocispec.Descriptor{}, "", err
+		}
+		for _, s := range []string{"sh", "cat", "md5sum"} {
+			if err := add(&tar.Header{Name: "bin/" + s, Typeflag: tar.TypeSymlink, Mode: 0o777, Linkname: "busybox"}, nil); err != nil {
+				return ocispec.Descriptor{}, "", err
+			}
+		}
+		var list strings.Builder
+		for _, f := range im.startup {
+			list.WriteString("/" + f.name + "\n")
+		}
+		for _, x := range []struct {
+			name string
+			mode int64
+			data string
+		}{{"app/start", 0o755, coldEntrypoint}, {"app/startup.list", 0o644, list.String()}} {
+			if err := add(&tar.Header{Name: x.name, Typeflag: tar.TypeReg, Mode: x.mode, Size: int64(len(x.data))}, []byte(x.data)); err != nil {
+				return ocispec.Descriptor{}, "", err
+			}
+		}
+	}
+	for _, f := range im.files {
+		if f.layer != l {
+			continue
+		}
+		if err := add(&tar.Header{Name: f.name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(f.size)}, f.data()); err != nil {
+			return ocispec.Descriptor{}, "", err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return ocispec.Descriptor{}, "", err
+	}
+	if err := zw.Close(); err != nil {
+		return ocispec.Descriptor{}, "", err
+	}
+	st, err := out.Stat()
+	if err != nil {
+		return ocispec.Descriptor{}, "", err
+	}
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.NewDigest(digest.SHA256, ch), Size: st.Size()},
+		digest.NewDigest(digest.SHA256, dh), nil
+}
+
+// push writes the layers under work (in parallel) and pushes the OCI image
+// to ref with containerd's pusher, children before the manifest.
+func (im *coldImage) push(tb testing.TB, ref, work string) {
+	tb.Helper()
+	busybox, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		tb.Fatalf("static busybox (Debian package busybox-static; run .ci/deps): %v", err)
+	}
+	ctx := context.Background()
+	p, err := resolver().Pusher(ctx, ref)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	pushFrom := func(d ocispec.Descriptor, r io.Reader) error {
+		w, err := p.Push(ctx, d)
+		if errdefs.IsAlreadyExists(err) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("push %s: %w", d.Digest, err)
+		}
+		defer w.Close()
+		if _, err := io.Copy(w, r); err != nil {
+			return fmt.Errorf("push %s: %w", d.Digest, err)
+		}
+		if err := w.Commit(ctx, d.Size, d.Digest); err != nil && !errdefs.IsAlreadyExists(err) {
+			return fmt.Errorf("push %s: commit: %w", d.Digest, err)
+		}
+		return nil
+	}
+	layers := make([]ocispec.Descriptor, coldLayers)
+	diffIDs := make([]digest.Digest, coldLayers)
+	var g errgroup.Group
+	for l := range coldLayers {
+		g.Go(func() error {
+			name := filepath.Join(work, fmt.Sprintf("layer%d.tar.gz", l))
+			d, diffID, err := im.writeLayer(l, name, busybox)
+			if err != nil {
+				return fmt.Errorf("layer %d: %w", l, err)
+			}
+			layers[l], diffIDs[l] = d, diffID
+			f, err := os.Open(name)
+			if err != nil {
+				return err
+			}
+			defer os.Remove(name)
+			defer f.Close()
+			return pushFrom(d, f)
+		})
+	}
+	if err := g.Wait(); err != nil {
+		tb.Fatal(err)
+	}
+	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}}
+	cfg.RootFS.Type = "layers"
+	cfg.RootFS.DiffIDs = diffIDs
+	cfg.Config.Entrypoint = []string{"/app/start"}
+	cfg.Config.Env = []string{"PATH=/bin"}
+	man := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest, Layers: layers}
+	man.SchemaVersion = 2
+	cb, _ := json.Marshal(cfg)
+	man.Config = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromBytes(cb), Size: int64(len(cb))}
+	mb, _ := json.Marshal(man)
+	md := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromBytes(mb), Size: int64(len(mb))}
+	for _, x := range []struct {
+		d ocispec.Descriptor
+		b []byte
+	}{{man.Config, cb}, {md, mb}} {
+		if err := pushFrom(x.d, strings.NewReader(string(x.b))); err != nil {
+			tb.Fatal(err)
+		}
+	}
+}
+
+// coldRun is one measured cold start.
+type coldRun struct {
+	time  time.Duration // pull to the first line of output
+	bytes int64         // moved through the capped proxy meanwhile
+}
+
+// coldStart starts a fresh containerd + nydus-snapshotter (empty content
+// store, snapshots and rafsd cache), then times pulling ref into snapshotter
+// and running its entrypoint until the first line of output, as `nerdctl
+// run --snapshotter` would. The stack is torn down afterwards.
+func coldStart(b *testing.B, f *fixture, im *coldImage, proxy *capproxy.Proxy, ref, snapshotter string) coldRun {
+	b.Helper()
+	s := StartStack(b, SnapshotterConfig{DaemonMode: "dedicated", RecoverPolicy: "failover", Rafsd: f.rafsd, RafsImage: f.rafsImage, PlainHTTP: true})
+	c, ctx := newClient(b, s)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+
+	b.StartTimer()
+	proxy.Reset()
+	t0 := time.Now()
+	img := c.pull(ctx, b, ref, snapshotter)
+	pulled := time.Since(t0)
+	k := c.run(ctx, b, img, snapshotter, "cold-"+snapshotter)
+	at := k.firstLine(ctx, b)
+	run := coldRun{time: at.Sub(t0), bytes: proxy.Bytes()}
+	b.StopTimer()
+
+	out := k.wait(ctx, b)
+	if first, _, _ := strings.Cut(out, "\n"); first != im.want {
+		b.Fatalf("%s: the entrypoint printed %q, want %q (md5 of the startup set)", snapshotter, first, im.want)
+	}
+	if snapshotter == "nydus" && len(ProcsOf(f.rafsd)) == 0 {
+		b.Fatal("no rafsd serves the nydus container")
+	}
+	b.Logf("%s: pull %s, first line after %s, %.1f MiB through the proxy",
+		snapshotter, pulled.Round(time.Millisecond), run.time.Round(time.Millisecond), float64(run.bytes)/(1<<20))
+	if err := k.remove(ctx); err != nil {
+		b.Fatal(err)
+	}
+	c.removeImage(ctx, b, ref)
+	stopStack(b, s)
+	return run
+}
+
+// BenchmarkColdStartClients is the cold start through the real stack: an
+// OCI image of ~1 GiB in gzip layers whose entrypoint reads ~6% of its
+// bytes, and its RAFS conversion by rafs-image convert, both in a local
+// registry behind a 100 MiB/s token-bucket proxy on 127.0.0.1. It times
+// from containerd's pull to the container's first line of output for
+// (a) the OCI image on the overlayfs snapshotter (pull, unpack, run) and
+// (b) the RAFS image on nydus-snapshotter + rafsd (bootstrap, lazy reads),
+// each on a fresh containerd root and snapshotter root (cold rafsd cache),
+// and reports both, the bytes each moved through the proxy, and the
+// ratios. RAFS_COLDSTART_MIB sets the image size (default 1024).
+func BenchmarkColdStartClients(b *testing.B) {
+	mib := int64(1024)
+	if s := os.Getenv("RAFS_COLDSTART_MIB"); s != "" {
+		v, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || v < 8 {
+			b.Fatalf("RAFS_COLDSTART_MIB=%q: want a size in MiB >= 8", s)
+		}
+		mib = v
+	}
+	const rate = 100 << 20
+	b.StopTimer()
+	if os.Getuid() != 0 {
+		b.Fatal("needs root: containerd, runc and FUSE mounts")
+	}
+	f := &fixture{}
+	f.rafsd, f.rafsImage = BuildRafs(b, b.TempDir())
+	reg := registrytest.Start(b, registrytest.Options{})
+	im := newColdImage(mib << 20)
+	total, st := im.sizes()
+	b.Logf("image: %d files, %.0f MiB in %d gzip layers; startup set: %d files, %.1f MiB (%.1f%%); link %d MiB/s",
+		len(im.files), float64(total)/(1<<20), coldLayers, len(im.startup), float64(st)/(1<<20), 100*float64(st)/float64(total), rate>>20)
+	t0 := time.Now()
+	im.push(b, reg.Addr+"/cold/app:oci", b.TempDir())
+	b.Logf("OCI image built and pushed in %s", time.Since(t0).Round(time.Millisecond))
+	t0 = time.Now()
+	cmd := exec.Command(f.rafsImage, "convert", "--source", reg.Addr+"/cold/app:oci", "--target", reg.Addr+"/cold/app:nydus",
+		"--plain-http", "--quiet", "--work-dir", b.TempDir())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("rafs-image convert: %v\n%s", err, out)
+	}
+	b.Logf("rafs-image convert in %s", time.Since(t0).Round(time.Millisecond))
+	// Both pulls and rafsd's chunk reads go through the proxy: the
+	// references name it, not the registry.
+	proxy := capproxy.Start(b, reg.Addr, rate)
+
+	var oci, ny coldRun
+	for range b.N {
+		oci = coldStart(b, f, im, proxy, proxy.Addr+"/cold/app:oci", "overlayfs")
+		ny = coldStart(b, f, im, proxy, proxy.Addr+"/cold/app:nydus", "nydus")
+	}
+	mibOf := func(n int64) float64 { return float64(n) / (1 << 20) }
+	b.ReportMetric(float64(mib), "image-MiB")
+	b.ReportMetric(oci.time.Seconds(), "oci-s")
+	b.ReportMetric(ny.time.Seconds(), "rafs-s")
+	b.ReportMetric(mibOf(oci.bytes), "oci-MiB-moved")
+	b.ReportMetric(mibOf(ny.bytes), "rafs-MiB-moved")
+	b.ReportMetric(ny.time.Seconds()/oci.time.Seconds(), "rafs/oci-time")
+	b.ReportMetric(float64(ny.bytes)/float64(oci.bytes), "rafs/oci-bytes")
+	b.Logf("cold start, pull to first output: OCI+overlayfs %s (%.1f MiB moved), RAFS+nydus-snapshotter+rafsd %s (%.1f MiB moved); time ratio %.3f (target <= 0.2), bytes ratio %.3f",
+		oci.time.Round(time.Millisecond), mibOf(oci.bytes), ny.time.Round(time.Millisecond), mibOf(ny.bytes),
+		ny.time.Seconds()/oci.time.Seconds(), float64(ny.bytes)/float64(oci.bytes))
+}
