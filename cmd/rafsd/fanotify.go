@@ -3,28 +3,38 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os/signal"
 	"path/filepath"
 	"syscall"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/rafsd/rafsd/fscache/fanotifyfs"
 )
 
-// runFanotify is `rafsd fanotify --bootstrap B --mountpoint DIR --config C`:
-// one on-demand EROFS mount fed through fanotify pre-content events
-// (fscache/fanotifyfs) until SIGTERM/SIGINT. With --supervisor the group
-// and the mount are handed to the supervisor, and --upgrade takes them
-// back after a restart; without one a guard process fails reads with EIO
-// if the daemon dies. The HTTP mount API does not serve this mode yet.
+// runFanotify is the fanotify mode: on-demand EROFS mounts fed through
+// fanotify pre-content events (fscache/fanotifyfs) until SIGTERM/SIGINT
+// or PUT /api/v1/daemon/exit.
+//
+//	rafsd fanotify --apisock S [--config C] [--thread-num N]
+//	rafsd fanotify --bootstrap B --mountpoint DIR --config C
+//
+// With --apisock, images are mounted and unmounted through the v1 mount API
+// (fs_type "fanotify"; --config is the default config of mounts that bring
+// none); with --bootstrap one mount is made at start. With --supervisor the
+// group and the mounts are handed to the supervisor, and --upgrade takes
+// them back after a restart (answering the events the dead daemon held);
+// without one a guard process fails reads with EIO if the daemon dies.
 func runFanotify(a *args, log *slog.Logger) error {
 	if a.upgrade && a.supervisor == "" {
 		return errors.New("--upgrade needs --supervisor")
 	}
 	var mounts []fanotifyfs.MountSpec
-	if !a.upgrade {
-		if a.bootstrap == "" || a.mountpoint == "" {
-			return errors.New("fanotify mode needs --bootstrap and --mountpoint (or --upgrade)")
+	if !a.upgrade && a.bootstrap != "" {
+		if a.mountpoint == "" {
+			return errors.New("fanotify mode: --bootstrap needs --mountpoint")
 		}
 		cfg, err := initialConfig(a)
 		if err != nil {
@@ -40,17 +50,41 @@ func runFanotify(a *args, log *slog.Logger) error {
 		}
 		mounts = append(mounts, fanotifyfs.MountSpec{Bootstrap: boot, Mountpoint: mp, Config: cfg})
 	}
+	if !a.upgrade && len(mounts) == 0 && a.apisock == "" {
+		return errors.New("fanotify mode needs --apisock, or --bootstrap and --mountpoint (or --upgrade)")
+	}
+	var defaultConfig string
+	if a.config != "" {
+		var err error
+		if defaultConfig, err = initialConfig(a); err != nil {
+			return err
+		}
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	return fanotifyfs.RunDaemon(ctx, fanotifyfs.DaemonOptions{
+	d, err := fanotifyfs.StartDaemon(fanotifyfs.DaemonOptions{
 		Mounts:     mounts,
 		Supervisor: a.supervisor,
 		Upgrade:    a.upgrade,
 		Workers:    a.threads,
 		Logger:     log,
 		Guard:      true,
-		Ready: func(*fanotifyfs.Server, *fanotifyfs.Guard) {
-			log.Info("fanotify mode ready", "mountpoint", a.mountpoint)
-		},
 	})
+	if err != nil {
+		return err
+	}
+	api := newFanotifyAPI(d, a.id, a.supervisor, defaultConfig, stop, log)
+	closeListeners, err := serveListeners(a, api, prometheus.NewRegistry())
+	if err != nil {
+		return errors.Join(err, d.Close())
+	}
+	log.Info("fanotify mode ready", "apisock", a.apisock, "mounts", len(d.Mounts()))
+	var serveErr error
+	select {
+	case <-ctx.Done():
+	case serveErr = <-d.Done():
+		serveErr = fmt.Errorf("fanotify group failed: %w", serveErr)
+	}
+	closeListeners()
+	return errors.Join(serveErr, d.Close())
 }

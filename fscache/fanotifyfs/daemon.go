@@ -1,6 +1,7 @@
 package fanotifyfs
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -332,7 +333,15 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 	if slices.ContainsFunc(d.mounts, func(dm *daemonMount) bool { return dm.spec.Mountpoint == ms.Mountpoint }) {
 		return fmt.Errorf("fanotifyfs: %s: %w", ms.Mountpoint, ErrMountExists)
 	}
-	cfg, err := config.Parse([]byte(ms.Config))
+	text, tune, err := splitTuning(ms.Config)
+	if err != nil {
+		return fmt.Errorf("fanotifyfs: mount %s: %w: config: %w", ms.Mountpoint, ErrInvalid, err)
+	}
+	if ms.ReadAheadKB == 0 {
+		ms.ReadAheadKB = tune.ReadAheadKB
+	}
+	ms.DirectIO = ms.DirectIO || tune.DirectIO
+	cfg, err := config.Parse([]byte(text))
 	if err != nil {
 		return fmt.Errorf("fanotifyfs: mount %s: %w: config: %w", ms.Mountpoint, ErrInvalid, err)
 	}
@@ -355,6 +364,40 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 	return nil
 }
 
+// Tuning is the "fanotify" object a JSON daemon config may carry for this
+// mode (nydusd's config has no such knobs; config.Parse never sees it).
+type Tuning struct {
+	// ReadAheadKB is the mount's read_ahead_kb (0: DefaultReadAheadKB).
+	ReadAheadKB int `json:"read_ahead_kb"`
+	// DirectIO mounts with EROFS's directio option.
+	DirectIO bool `json:"directio"`
+}
+
+// splitTuning takes the "fanotify" object out of a JSON config. TOML
+// configs pass through untouched.
+func splitTuning(cfg string) (string, Tuning, error) {
+	var t Tuning
+	var m map[string]json.RawMessage
+	if json.Unmarshal([]byte(cfg), &m) != nil {
+		return cfg, t, nil
+	}
+	raw, ok := m["fanotify"]
+	if !ok {
+		return cfg, t, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&t); err != nil {
+		return "", t, fmt.Errorf("fanotify: %w", err)
+	}
+	if t.ReadAheadKB < 0 || t.ReadAheadKB > 1<<20 {
+		return "", t, fmt.Errorf("fanotify.read_ahead_kb %d out of [0, 1048576]", t.ReadAheadKB)
+	}
+	delete(m, "fanotify")
+	rest, _ := json.Marshal(m)
+	return string(rest), t, nil
+}
+
 // changed tells the guard and the supervisor the new set of mounts.
 func (d *Daemon) changed() error {
 	var mps []string
@@ -369,6 +412,15 @@ func (d *Daemon) changed() error {
 		err = errors.Join(err, d.sendState())
 	}
 	return err
+}
+
+// SendState hands the supervisor the group fd and the mounts again (the
+// daemon does so by itself at start and after every mount change).
+func (d *Daemon) SendState() error {
+	if d.opts.Supervisor == "" {
+		return errors.New("fanotifyfs: no supervisor")
+	}
+	return d.sendState()
 }
 
 // sendState hands the supervisor the group fd and the mounts.

@@ -490,11 +490,11 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 	img := opts.Image
 	if img == nil {
 		if img, err = bootstrap.Open(boot); err != nil {
-			return nil, fmt.Errorf("fanotifyfs: %w", err)
+			return nil, fmt.Errorf("fanotifyfs: %w: %w", ErrInvalid, err)
 		}
 	}
 	if img.Version != 6 {
-		return nil, fmt.Errorf("fanotifyfs: %s is a RAFS v%d bootstrap; the kernel mounts only v6", boot, img.Version)
+		return nil, fmt.Errorf("fanotifyfs: %w: %s is a RAFS v%d bootstrap; the kernel mounts only v6", ErrInvalid, boot, img.Version)
 	}
 	if err := opts.Fetcher.AddImage(img); err != nil {
 		return nil, fmt.Errorf("fanotifyfs: %w", err)
@@ -503,7 +503,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 	s.mu.Lock()
 	if _, busy := s.mounts[mp]; busy {
 		s.mu.Unlock()
-		return nil, fmt.Errorf("fanotifyfs: %s is already mounted by this server: %w", mp, unix.EBUSY)
+		return nil, fmt.Errorf("fanotifyfs: %s is already mounted by this server: %w: %w", mp, ErrMountExists, unix.EBUSY)
 	}
 	s.mounts[mp] = m
 	s.mu.Unlock()

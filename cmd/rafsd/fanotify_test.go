@@ -1,0 +1,233 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rafsd/rafsd/internal/testutil"
+)
+
+// startFanotify runs `rafsd fanotify --apisock S` and waits for its API.
+// Cleanup: SIGTERM, SIGKILL after 5 s, then lazy unmounts of mnts.
+func startFanotify(t *testing.T, mnts ...string) *proc {
+	t.Helper()
+	apisock := filepath.Join(t.TempDir(), "api.sock")
+	d := &proc{t: t, apisock: apisock, out: &testutil.SyncBuffer{}, exited: make(chan struct{})}
+	full := []string{"fanotify", "--apisock", apisock, "--log-level", "debug"}
+	d.cmd = exec.Command(filepath.Join(binDir, "rafsd"), full...)
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.exitErr = d.cmd.Wait(); close(d.exited) }()
+	d.client = &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var dl net.Dialer
+			return dl.DialContext(ctx, "unix", apisock)
+		},
+	}}
+	t.Cleanup(func() {
+		select {
+		case <-d.exited:
+		default:
+			_ = d.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-d.exited:
+			case <-time.After(5 * time.Second):
+				_ = d.cmd.Process.Kill()
+				<-d.exited
+			}
+		}
+		for _, m := range mnts {
+			_ = unix.Unmount(m, unix.MNT_DETACH)
+		}
+		if t.Failed() {
+			t.Logf("rafsd %v output:\n%s", full, d.out.String())
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if c, err := net.Dial("unix", apisock); err == nil {
+			c.Close()
+			return d
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("API socket not created\n%s", d.out.String())
+		}
+		select {
+		case <-d.exited:
+			t.Fatalf("rafsd exited before its API socket appeared: %v\n%s", d.exitErr, d.out.String())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// blobcacheConfig is a localfs config with the uncompressed blob cache
+// the fanotify mode reads through.
+func blobcacheConfig(blobs, work string) string {
+	b, _ := json.Marshal(map[string]any{
+		"device": map[string]any{
+			"backend": map[string]any{"type": "localfs", "config": map[string]any{"dir": blobs}},
+			"cache":   map[string]any{"type": "blobcache", "config": map[string]any{"work_dir": work}},
+		},
+		"mode": "direct", "digest_validate": true,
+	})
+	return string(b)
+}
+
+func diffR(t *testing.T, want, got string) {
+	t.Helper()
+	if out, err := exec.Command("diff", "-r", "--no-dereference", want, got).CombinedOutput(); err != nil {
+		t.Fatalf("diff -r %s %s: %v\n%s", want, got, err, out)
+	}
+}
+
+// Two images mounted through the v1 API of `rafsd fanotify`, one unmounted
+// while the other is read; bad requests get 4xx JSON errors and the daemon
+// keeps serving; SIGTERM unmounts what is left.
+func TestFanotifyAPIMountUmount(t *testing.T) {
+	requireRoot(t)
+	a, b := makeImage(t, "first"), makeImage(t, "second")
+	root := t.TempDir()
+	mpA, mpB := filepath.Join(root, "a"), filepath.Join(root, "b")
+	d := startFanotify(t, mpA, mpB)
+	mount := func(mp string, img *image) {
+		t.Helper()
+		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "fanotify", "config": blobcacheConfig(img.blobs, t.TempDir())})
+		if st, out := d.call("POST", "/api/v1/mount?mountpoint="+mp, string(body)); st != http.StatusNoContent {
+			t.Fatalf("mount %s: %d %s", mp, st, out)
+		}
+	}
+	mount(mpA, a)
+	mount(mpB, b)
+	diffR(t, a.src, mpA)
+	diffR(t, b.src, mpB)
+
+	var info struct {
+		State      string                     `json:"state"`
+		Collection map[string]json.RawMessage `json:"backend_collection"`
+	}
+	json.Unmarshal(d.mustCall("GET", "/api/v1/daemon", ""), &info)
+	if info.State != "RUNNING" || len(info.Collection) != 2 {
+		t.Fatalf("daemon info: %+v", info)
+	}
+
+	// Bad input: 4xx with a JSON error, and nothing changes.
+	good, _ := json.Marshal(map[string]any{"source": a.bootstrap, "fs_type": "fanotify", "config": blobcacheConfig(a.blobs, t.TempDir())})
+	for _, c := range []struct {
+		name, method, query, body string
+		want                      int
+	}{
+		{"bad JSON", "POST", "mountpoint=" + root + "/c", "{", 400},
+		{"unknown field", "POST", "mountpoint=" + root + "/c", `{"source":"` + a.bootstrap + `","fs_type":"fanotify","bogus":1}`, 400},
+		{"wrong fs_type", "POST", "mountpoint=" + root + "/c", `{"source":"` + a.bootstrap + `","fs_type":"passthrough_fs","config":"{}"}`, 400},
+		{"missing source", "POST", "mountpoint=" + root + "/c", `{"source":"/nonexistent/bootstrap","fs_type":"fanotify"}`, 400},
+		{"not a bootstrap", "POST", "mountpoint=" + root + "/c", `{"source":"/etc/hostname","fs_type":"fanotify","config":` + fmt.Sprintf("%q", blobcacheConfig(a.blobs, t.TempDir())) + `}`, 400},
+		{"bad config", "POST", "mountpoint=" + root + "/c", `{"source":"` + a.bootstrap + `","fs_type":"fanotify","config":"{\"device\":{\"backend\":{\"type\":\"nope\"}}}"}`, 400},
+		{"relative mountpoint", "POST", "mountpoint=rel", string(good), 400},
+		{"no mountpoint", "DELETE", "", "", 400},
+		{"already mounted", "POST", "mountpoint=" + mpA, string(good), 409},
+		{"unknown mount", "DELETE", "mountpoint=" + root + "/none", "", 404},
+		{"bad method", "PATCH", "mountpoint=" + mpA, "", 405},
+	} {
+		st, out := d.call(c.method, "/api/v1/mount?"+c.query, c.body)
+		var e struct{ Code, Message string }
+		if st != c.want || json.Unmarshal(out, &e) != nil || e.Message == "" {
+			t.Errorf("%s: status %d body %s, want %d with a JSON error", c.name, st, out, c.want)
+		}
+	}
+	if mounted(root + "/c") {
+		t.Fatal("a bad request left a mount")
+	}
+
+	// Unmount A while B is read, and B's reads all succeed.
+	want := b.files["dir/big.bin"]
+	var reads, errs atomic.Int64
+	var firstErr atomic.Value
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		p := filepath.Join(mpB, "dir/big.bin")
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			got, err := os.ReadFile(p)
+			if err == nil && !bytes.Equal(got, want) {
+				err = fmt.Errorf("wrong bytes")
+			}
+			if err != nil {
+				errs.Add(1)
+				firstErr.CompareAndSwap(nil, err)
+				return
+			}
+			reads.Add(1)
+			if fh, err := os.Open(p); err == nil {
+				unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+				fh.Close()
+			}
+		}
+	}()
+	waitReads := func(n int64) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for reads.Load() < n && errs.Load() == 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if errs.Load() != 0 || reads.Load() < n {
+			t.Fatalf("reader of %s: %d reads, %v", mpB, reads.Load(), firstErr.Load())
+		}
+	}
+	waitReads(3)
+	d.mustCall("DELETE", "/api/v1/mount?mountpoint="+mpA, "")
+	if mounted(mpA) {
+		t.Fatal("unmounted image still mounted")
+	}
+	waitReads(reads.Load() + 3)
+	close(stop)
+	<-done
+	if errs.Load() != 0 {
+		t.Fatalf("reads of the other mount failed: %v", firstErr.Load())
+	}
+	diffR(t, b.src, mpB)
+	var ms []map[string]any
+	json.Unmarshal(d.mustCall("GET", "/api/v1/mount", ""), &ms)
+	if len(ms) != 1 || ms[0]["mountpoint"] != mpB {
+		t.Fatalf("mounts after umount: %v", ms)
+	}
+	// Mount again at the freed path, with the config as an object and
+	// this mode's tuning in it.
+	var cfg map[string]any
+	json.Unmarshal([]byte(blobcacheConfig(a.blobs, t.TempDir())), &cfg)
+	cfg["fanotify"] = map[string]any{"read_ahead_kb": 2048}
+	body, _ := json.Marshal(map[string]any{"source": a.bootstrap, "fs_type": "rafs", "config": cfg})
+	if st, out := d.call("POST", "/api/v1/mount?mountpoint="+mpA, string(body)); st != http.StatusNoContent {
+		t.Fatalf("mount again: %d %s", st, out)
+	}
+	diffR(t, a.src, mpA)
+
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.waitExit(10 * time.Second); err != nil {
+		t.Fatalf("rafsd after SIGTERM: %v\n%s", err, d.out.String())
+	}
+	if mounted(mpA) || mounted(mpB) {
+		t.Fatal("mounts left after SIGTERM")
+	}
+}
