@@ -6,6 +6,26 @@
 //
 // It knows nothing of RAFS; the serving mode above it maps an event's file
 // and range to blob chunks.
+//
+// # Events in flight at a crash
+//
+// A group outlives its daemon while another process (a supervisor) holds
+// its fd. Events the dead daemon had read but not answered stay on the
+// group's access list, their readers blocked. The kernel finds the event a
+// response is for by the fd number it reported in the event
+// (process_access_response in fs/notify/fanotify/fanotify_user.c compares
+// the response's fd with the number stored in each event on the access
+// list and takes the first match; it never resolves the number in anyone's
+// fd table, so the numbers stay valid after the process that held them
+// died). A successor that knows a number can therefore answer its event.
+// Serve journals every event it reads (Journal: fd number, file, range; a
+// shared mapping, so the records survive SIGKILL) until it answers it, and
+// a successor passes the dead daemon's records as Options.Recover: it
+// fills each range and allows the event, so the reader completes with the
+// right bytes. Only an event read in the instant between read(2) and its
+// journal record (the reading loop's fstat and a few stores) is unknown to
+// the successor; DenyOrphans fails that one read with EIO rather than
+// leave it blocked.
 package fanotify
 
 import (

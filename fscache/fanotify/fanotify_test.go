@@ -330,3 +330,79 @@ func TestTrustedBypassesBusyWorkers(t *testing.T) {
 		t.Fatalf("own read waited %s behind a busy worker", took)
 	}
 }
+
+// FuzzJournal opens arbitrary bytes as a journal file: a clear error or
+// records, never a panic.
+func FuzzJournal(f *testing.F) {
+	dir := f.TempDir()
+	seed := filepath.Join(dir, "seed")
+	j, err := OpenJournal(seed, 4)
+	if err != nil {
+		f.Fatal(err)
+	}
+	j.add(&Event{Fd: 7, Offset: 4096, Count: 1 << 20, HasRange: true, Dev: 1, Ino: 2})
+	j.Close(false)
+	b, _ := os.ReadFile(seed)
+	f.Add(b)
+	f.Add([]byte(journalMagic))
+	f.Add(append([]byte(journalMagic), 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		tf, err := os.CreateTemp(dir, "j")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := tf.Name()
+		defer os.Remove(p)
+		_, err = tf.Write(data)
+		tf.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		j, err := OpenJournal(p, 4)
+		if err != nil {
+			return
+		}
+		defer j.Close(true)
+		for _, ev := range j.Pending() {
+			_ = ev.Fd
+		}
+		j.Forget()
+		if len(j.Pending()) != 0 {
+			t.Fatal("records left after Forget")
+		}
+	})
+}
+
+// A journal keeps the records of a dead writer for the next opener, and
+// frees their slots only on Forget.
+func TestJournalSurvivesReopen(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "j")
+	j, err := OpenJournal(p, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := j.add(&Event{Fd: 11, Offset: 1, Count: 2, HasRange: true, Dev: 3, Ino: 4})
+	b := j.add(&Event{Fd: 12})
+	if a < 0 || b < 0 || j.add(&Event{Fd: 13}) != -1 {
+		t.Fatal("a 2-slot journal took a third record")
+	}
+	j.done(b)
+	// No Close: the writer "dies"; its mapping's stores are in the file.
+	k, err := OpenJournal(p, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := k.Pending()
+	if len(got) != 1 || got[0].Fd != 11 || got[0].Offset != 1 || got[0].Count != 2 || !got[0].HasRange || got[0].Dev != 3 || got[0].Ino != 4 {
+		t.Fatalf("pending after reopen: %+v", got)
+	}
+	if k.add(&Event{Fd: 20}) < 0 || k.add(&Event{Fd: 21}) != -1 {
+		t.Fatal("a held record's slot was reused before Forget")
+	}
+	k.Forget()
+	if len(k.Pending()) != 0 || k.add(&Event{Fd: 22}) < 0 {
+		t.Fatal("Forget did not free the held slot")
+	}
+	j.Close(false)
+	k.Close(true)
+}

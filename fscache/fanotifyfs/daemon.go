@@ -284,7 +284,8 @@ func (d *Daemon) Mount(ms MountSpec) error {
 	if err := d.addMount(ms, false); err != nil {
 		return err
 	}
-	return d.changed()
+	d.changed()
+	return nil
 }
 
 // Unmount removes the mount at mountpoint mp.
@@ -310,7 +311,8 @@ func (d *Daemon) Unmount(mp string) error {
 		dm.f.Close()
 	}
 	d.mu.Unlock()
-	return errors.Join(uerr, d.changed())
+	d.changed()
+	return uerr
 }
 
 // addMount mounts (or adopts) ms with a fetcher of its own config.
@@ -398,20 +400,24 @@ func splitTuning(cfg string) (string, Tuning, error) {
 	return string(rest), t, nil
 }
 
-// changed tells the guard and the supervisor the new set of mounts.
-func (d *Daemon) changed() error {
+// changed tells the guard and the supervisor the new set of mounts. A
+// failure is logged, not returned: the mount change itself is done, and
+// the caller can retry the hand-over (SendState, PUT .../fuse/sendfd).
+func (d *Daemon) changed() {
 	var mps []string
 	for _, ms := range d.Mounts() {
 		mps = append(mps, ms.Mountpoint)
 	}
-	var err error
 	if d.guard != nil {
-		err = d.guard.SetMounts(mps)
+		if err := d.guard.SetMounts(mps); err != nil {
+			d.log.Error("fanotifyfs: guard not told of the mounts; if the daemon dies they are not detached", "err", err)
+		}
 	}
 	if d.opts.Supervisor != "" {
-		err = errors.Join(err, d.sendState())
+		if err := d.sendState(); err != nil {
+			d.log.Error("fanotifyfs: supervisor not told of the mounts; a successor will not adopt them", "err", err)
+		}
 	}
-	return err
 }
 
 // SendState hands the supervisor the group fd and the mounts again (the

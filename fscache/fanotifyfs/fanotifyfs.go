@@ -12,6 +12,18 @@
 // allows the read. A failed or late fill denies it with EIO: readers never
 // see the holes.
 //
+// Fast path: the reading loop answers an event whose chunks are all
+// present itself (Server.Present: a lock-free map lookup and bit tests);
+// a sequential reader's next windows are filled ahead in the background
+// (bounded by MaxAhead and the end of the file being read, counted in
+// Stats.AheadBytes), so fetching overlaps reading; and once every chunk of
+// a cache file is present its mark is removed, so the kernel raises no
+// more events for it and reads run at the speed of a plain EROFS mount.
+//
+// Daemon is the mode as rafsd runs it: mounts added and removed while it
+// serves, the group handed to a supervisor, and after a restart the events
+// the dead daemon held filled and allowed (see package fanotify).
+//
 // The fetcher opens its cache files before they are marked, and the kernel
 // decides at open time whether a file reports pre-content events, so the
 // fetcher's own I/O raises none. After a daemon restart (the group adopted
