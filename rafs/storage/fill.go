@@ -50,11 +50,16 @@ func (f *Fetcher) Cached(b *rafs.Blob, c *rafs.Chunk) bool {
 
 // EnsureChunks makes every chunk of chunks (all of blob b) present in the
 // cache data file: missing ones are fetched, verified and written, each
-// contiguous run of them with one streamed backend request (extended by
-// read-ahead when the run follows cached data). It returns nil only once
-// each chunk's verified bytes are in the file and marked in the chunk
-// map, so a caller may then let the kernel read the file. Failures wrap
-// syscall.EIO.
+// contiguous run of them with one streamed backend request. It returns nil
+// only once each chunk's verified bytes are in the file and marked in the
+// chunk map, so a caller may then let the kernel read the file. Failures
+// wrap syscall.EIO.
+//
+// It reads nothing beyond the chunks asked for: the kernel modes have
+// read-ahead of their own. ctx bounds only the wait for fetches that other
+// callers started; the fetches it starts itself it waits out (they end
+// with the backend's answer or timeout), so a caller that gave up on ctx
+// can tell that its fill is still running.
 func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chunk) error {
 	if _, err := f.cacheOf(b); err != nil {
 		return fmt.Errorf("%w: %w", syscall.EIO, err)
@@ -70,15 +75,15 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 		}
 	}
 	if len(cs) == 0 {
-		f.touchAll(bs, chunks)
 		return nil
 	}
 	f.demand.Add(1)
 	defer f.demand.Add(-1)
 	sortByCompressed(cs)
 	type waiter struct {
-		st *stream
-		cl *call
+		st   *stream
+		cl   *call
+		mine bool // in a stream this call started
 	}
 	var waits []waiter
 	var launch []*stream
@@ -96,7 +101,7 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 			if split != nil {
 				launch = append(launch, split)
 			}
-			waits = append(waits, waiter{st, cl})
+			waits = append(waits, waiter{st, cl, false})
 			i++
 			continue
 		}
@@ -123,11 +128,10 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 			run = append(run, n)
 			end += uint64(n.CompressedSize)
 		}
-		group, seq := f.extend(bs, run)
-		st := f.newStream(bs, group, false, seq)
-		for _, cl := range st.items[:len(run)] {
+		st := f.newStream(bs, run, false, noMark)
+		for _, cl := range st.items {
 			st.waiters.Add(1)
-			waits = append(waits, waiter{st, cl})
+			waits = append(waits, waiter{st, cl, true})
 		}
 		launch = append(launch, st)
 	}
@@ -137,7 +141,11 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 	}
 	var first error
 	for _, w := range waits {
-		if _, err := wait(ctx, bs, w.st, w.cl); err != nil && first == nil {
+		wctx := ctx
+		if w.mine {
+			wctx = context.WithoutCancel(ctx)
+		}
+		if _, err := wait(wctx, bs, w.st, w.cl); err != nil && first == nil {
 			first = err
 		}
 	}
@@ -151,45 +159,5 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 			return fmt.Errorf("storage: chunk %d of blob %s was fetched but could not be cached: %w", c.Index, b.ID, syscall.EIO)
 		}
 	}
-	f.touchAll(bs, chunks)
 	return nil
-}
-
-// extend appends to run (missing chunks stored contiguously) the chunks
-// stored after it, as far as the read-ahead window of a sequential run
-// reaches; seq reports whether it is one. bs.mu is held.
-func (f *Fetcher) extend(bs *blobState, run []*rafs.Chunk) ([]*rafs.Chunk, bool) {
-	k := bs.chunkIndex(run[0])
-	if k < 0 {
-		return run, false
-	}
-	var have int
-	for _, c := range run {
-		have += int(c.CompressedSize)
-	}
-	n, seq := f.window(bs, k, f.readBatch)
-	if !seq || n <= have {
-		return run, seq
-	}
-	last := run[len(run)-1]
-	kl := bs.chunkIndex(last)
-	if kl < 0 || kl+1 >= len(bs.chunks) {
-		return run, seq
-	}
-	more := f.plan(bs, bs.chunks[kl+1], n-have)
-	if more[0].CompressedOffset != last.CompressedOffset+uint64(last.CompressedSize) ||
-		bs.cached(more[0], f.compressed) || bs.inflight[more[0].CompressedOffset] != nil {
-		return run, seq
-	}
-	return append(run, more...), seq
-}
-
-// touchAll lets the kernel modes' reads reach read-ahead markers.
-func (f *Fetcher) touchAll(bs *blobState, chunks []*rafs.Chunk) {
-	if bs.nmarks.Load() == 0 {
-		return
-	}
-	for _, c := range chunks {
-		f.touch(bs, c)
-	}
 }

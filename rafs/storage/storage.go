@@ -436,7 +436,14 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 		n, seq = f.window(bs, k, batch)
 	}
 	group := f.plan(bs, c, n)
-	st := f.newStream(bs, group, false, bs.cache != nil && (seq || len(group) > 1))
+	mark := noMark
+	switch {
+	case seq:
+		mark = markFirst
+	case len(group) > 1:
+		mark = markHalf
+	}
+	st := f.newStream(bs, group, false, mark)
 	cl := st.items[0]
 	st.waiters.Add(1)
 	bs.mu.Unlock()

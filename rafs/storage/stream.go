@@ -26,10 +26,11 @@ import (
 //
 // Window size is kernel-style read-ahead without per-reader state (like
 // Linux's context read-ahead): a miss right behind chunks that are cached
-// or in flight is sequential, and its window is twice that history, from
-// the batch size up to the read-ahead limit. Half way through a window
-// sits a marker; the reader that reaches it starts the next window, so the
-// next request is under way before the current one runs dry.
+// or in flight is sequential, and its window is four times that history,
+// from the batch size up to the read-ahead limit. A sequential window's
+// first chunk carries a marker (a batch window's, its middle one): the
+// reader that gets it starts the next window, so the next request is
+// under way while the current one is consumed.
 
 // splitDistance is how far (compressed bytes) a wanted chunk must lie
 // beyond a stream's position for its reader to fetch it on its own: about
@@ -68,19 +69,29 @@ type stream struct {
 	limit int // items[limit:] were split off to another stream
 }
 
+// Where newStream puts a read-ahead marker.
+const (
+	noMark    = iota
+	markFirst // sequential window: the next one starts as soon as this is entered
+	markHalf  // batch window: the next one starts if a reader gets half way
+)
+
 // newStream registers group (contiguous chunks, none cached or in flight)
-// as in flight and returns the stream that will fetch them. mark sets a
-// read-ahead marker half way. bs.mu is held.
-func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch, mark bool) *stream {
+// as in flight and returns the stream that will fetch them, with a
+// read-ahead marker as mark says. bs.mu is held.
+func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool, mark int) *stream {
 	st := &stream{bs: bs, prefetch: prefetch, items: make([]*call, len(group)), limit: len(group)}
 	for i, c := range group {
 		cl := &call{c: c, done: make(chan struct{}), st: st, idx: i}
 		st.items[i] = cl
 		bs.inflight[c.CompressedOffset] = cl
 	}
-	if mark && len(group) > 0 {
+	if mark != noMark && len(group) > 0 && bs.cache != nil {
 		last := group[len(group)-1]
-		m := group[len(group)/2]
+		m := group[0]
+		if mark == markHalf {
+			m = group[len(group)/2]
+		}
 		if bs.marks == nil {
 			bs.marks = map[uint64]uint64{}
 		}
@@ -145,7 +156,7 @@ func wait(ctx context.Context, bs *blobState, st *stream, cl *call) ([]byte, err
 }
 
 // window returns the compressed bytes a fetch of bs.chunks[k] should
-// cover: batch, or for a sequential miss twice the cached or in-flight
+// cover: batch, or for a sequential miss four times the cached or in-flight
 // run right before it, up to the read-ahead limit. seq reports the latter.
 // bs.mu is held.
 func (f *Fetcher) window(bs *blobState, k int, batch int) (n int, seq bool) {
@@ -167,7 +178,7 @@ func (f *Fetcher) window(bs *blobState, k int, batch int) (n int, seq bool) {
 	if hist == 0 {
 		return batch, false
 	}
-	return min(max(2*hist, batch), f.readahead), true
+	return min(max(4*hist, batch), f.readahead), true
 }
 
 // chunkIndex returns the position of c in bs.chunks, or -1. bs.mu is held.
@@ -200,7 +211,7 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 		next := bs.chunks[k]
 		if _, busy := bs.inflight[end]; !busy && !bs.cached(next, f.compressed) {
 			n, _ := f.window(bs, k, f.readBatch)
-			st = f.newStream(bs, f.plan(bs, next, n), false, true)
+			st = f.newStream(bs, f.plan(bs, next, n), false, markFirst)
 		}
 	}
 	bs.mu.Unlock()
