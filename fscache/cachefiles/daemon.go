@@ -30,11 +30,15 @@ type Config struct {
 	// DevicePath is the control device (default DevicePath).
 	DevicePath string
 	// Device, if set, is a bound device fd handed over by a previous
-	// daemon: it is adopted with "restore" instead of opening and binding.
+	// daemon: it is adopted instead of opened and bound, and Serve sends
+	// "restore" before reading.
 	Device *os.File
 	// ReadTimeout bounds the fill of one READ (default 2 minutes): a hung
 	// backend fails the read with EIO instead of hanging the reader.
 	ReadTimeout time.Duration
+	// NoReadAhead turns off filling a sequentially read file's next
+	// chunks beyond what the kernel asked for (see readahead.go).
+	NoReadAhead bool
 	// Logger receives structured logs (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -47,6 +51,16 @@ type Stats struct {
 	BytesWritten        uint64 // bytes written into cache files
 	BadMessages         uint64
 	Prefetched          uint64 // chunk runs written by prefetch
+	Unanswered          uint64 // READs left to a successor when stopping
+
+	// Where READs spend their time (sums over all READs, nanoseconds):
+	// ReadNanos from dequeue to completion, of which FetchNanos getting
+	// chunk bytes from the fetcher, WriteNanos writing the cache file and
+	// CompleteNanos the READ_COMPLETE ioctl.
+	ReadBytes                                        uint64 // bytes the kernel asked for
+	ReadNanos, FetchNanos, WriteNanos, CompleteNanos uint64
+	// Read-ahead: background fills, the chunk bytes they wrote, their time.
+	ReadAheads, ReadAheadBytes, ReadAheadNanos uint64
 }
 
 // Daemon serves the cachefiles on-demand requests of one bound cache.
@@ -61,6 +75,7 @@ type Daemon struct {
 	images  map[key]*image
 	blobs   map[key]*sharedBlob
 	objects map[uint32]*object
+	bindSeq uint64
 
 	work    chan readTask
 	wg      sync.WaitGroup
@@ -69,6 +84,10 @@ type Daemon struct {
 	closed  sync.Once
 
 	opens, openFails, closes, reads, readFails, written, bad, prefetched atomic.Uint64
+	unanswered, readBytes, readNanos, fetchNanos, writeNanos, completeNanos     atomic.Uint64
+	readAheads, raBytes, raNanos                                                atomic.Uint64
+
+	noReadAhead bool
 }
 
 // object is one cache file the kernel opened through the daemon.
@@ -83,8 +102,12 @@ type object struct {
 	bootSize int64
 	blob     *sharedBlob
 	im       *image // the image whose fetcher serves the object
-	refs     int    // in-flight READs and prefetches
+	refs     int    // in-flight READs, prefetches and read-aheads
 	closing  bool
+	// Read-ahead state (under Daemon.mu): the end of the last READ, how
+	// far read-ahead was issued, and the runs being written.
+	lastEnd, raHi uint64
+	flights       map[uint64]*flight
 	// ctx ends when the object closes: it stops the object's prefetch.
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -122,6 +145,8 @@ func newDaemon(cfg Config) *Daemon {
 		log:     cfg.Logger,
 		threads: cfg.Threads,
 		timeout: cfg.ReadTimeout,
+
+		noReadAhead: cfg.NoReadAhead,
 		images:  map[key]*image{},
 		blobs:   map[key]*sharedBlob{},
 		objects: map[uint32]*object{},
@@ -146,7 +171,10 @@ func (d *Daemon) Stats() Stats {
 	return Stats{
 		Opens: d.opens.Load(), OpenFailures: d.openFails.Load(), Closes: d.closes.Load(),
 		Reads: d.reads.Load(), ReadFailures: d.readFails.Load(), BytesWritten: d.written.Load(),
-		BadMessages: d.bad.Load(), Prefetched: d.prefetched.Load(),
+		BadMessages: d.bad.Load(), Prefetched: d.prefetched.Load(), Unanswered: d.unanswered.Load(),
+		ReadBytes: d.readBytes.Load(), ReadNanos: d.readNanos.Load(), FetchNanos: d.fetchNanos.Load(),
+		WriteNanos: d.writeNanos.Load(), CompleteNanos: d.completeNanos.Load(),
+		ReadAheads: d.readAheads.Load(), ReadAheadBytes: d.raBytes.Load(), ReadAheadNanos: d.raNanos.Load(),
 	}
 }
 
@@ -171,9 +199,15 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		return errors.New("cachefiles: Serve called twice")
 	}
 	d.work = make(chan readTask, d.threads*4)
+	// READs in flight when ctx ends get stopGrace to finish; cut short
+	// after that, they are left unanswered rather than failed.
+	fillCtx, cancelFill := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelFill()
+	graceful := context.AfterFunc(ctx, func() { time.AfterFunc(stopGrace, cancelFill) })
+	defer graceful()
 	for range d.threads {
 		d.wg.Add(1)
-		go d.worker(ctx)
+		go d.worker(ctx, fillCtx)
 	}
 	defer func() {
 		close(d.work)
@@ -181,6 +215,11 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	}()
 	stop := context.AfterFunc(ctx, d.dev.Wake)
 	defer stop()
+	if d.dev.adopted {
+		if err := d.dev.Restore(); err != nil {
+			return err
+		}
+	}
 	buf := make([]byte, MsgMaxSize)
 	for {
 		raw, err := d.dev.ReadMsg(buf)
@@ -223,7 +262,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			select {
 			case d.work <- readTask{o, m}:
 			case <-ctx.Done():
-				d.finishRead(o, m, ctx.Err())
+				d.leaveRead(o, m)
 			}
 		}
 	}
@@ -357,31 +396,59 @@ func (d *Daemon) inUse(im *image) bool {
 	return false
 }
 
-func (d *Daemon) worker(ctx context.Context) {
+// stopGrace is how long READs in flight may take to finish once Serve is
+// asked to stop.
+const stopGrace = 5 * time.Second
+
+func (d *Daemon) worker(ctx, fillCtx context.Context) {
 	defer d.wg.Done()
 	for t := range d.work {
-		var err error
 		if ctx.Err() != nil {
-			err = ctx.Err()
-		} else {
-			rctx, cancel := context.WithTimeout(ctx, d.timeout)
-			err = d.fill(rctx, t.o, *t.msg.Read)
-			cancel()
+			// Stopping: a READ not begun is left for whoever serves next.
+			d.leaveRead(t.o, t.msg)
+			continue
 		}
-		d.finishRead(t.o, t.msg, err)
+		start := time.Now()
+		rctx, cancel := context.WithTimeout(fillCtx, d.timeout)
+		err := d.fill(rctx, t.o, *t.msg.Read)
+		cancel()
+		if err != nil && fillCtx.Err() != nil {
+			d.leaveRead(t.o, t.msg)
+			continue
+		}
+		d.readBytes.Add(t.msg.Read.Len)
+		d.finishRead(t.o, t.msg, err, start)
 	}
 }
 
+// leaveRead drops a READ without answering it, when stopping: the kernel
+// keeps it, delivers it again to a successor after "restore", or fails it
+// with EIO when the last device fd closes. Answering it with an error
+// would fail a reader that a successor could have served.
+func (d *Daemon) leaveRead(o *object, m Msg) {
+	d.unanswered.Add(1)
+	d.log.Info("cachefiles: READ left for the next daemon", "object", o.id, "off", m.Read.Off, "len", m.Read.Len)
+	d.unref(o)
+}
+
 // finishRead completes a READ whatever happened: on failure the range
-// stays missing and the kernel fails the reader with EIO.
-func (d *Daemon) finishRead(o *object, m Msg, err error) {
+// stays missing and the kernel fails the reader with EIO. A successful
+// READ of a blob may start read-ahead.
+func (d *Daemon) finishRead(o *object, m Msg, err error, start time.Time) {
 	d.reads.Add(1)
 	if err != nil {
 		d.readFails.Add(1)
 		d.log.Error("cachefiles: READ failed", "object", o.id, "cookie", o.cookie, "off", m.Read.Off, "len", m.Read.Len, "err", err)
 	}
+	t := time.Now()
 	if cerr := readComplete(o.fd, m.ID); cerr != nil {
 		d.log.Error("cachefiles: completing READ", "object", o.id, "err", cerr)
+	}
+	now := time.Now()
+	d.completeNanos.Add(uint64(now.Sub(t)))
+	d.readNanos.Add(uint64(now.Sub(start)))
+	if err == nil {
+		d.readAhead(o, *m.Read)
 	}
 	d.unref(o)
 }
@@ -467,7 +534,7 @@ func (d *Daemon) fillBlob(ctx context.Context, o *object, off, end uint64) error
 	// waiting on the backend and decompressing).
 	runs := splitRuns(chunks)
 	if len(runs) == 1 {
-		return d.writeRun(ctx, o, runs[0])
+		return d.writeRunOnce(ctx, o, runs[0])
 	}
 	var (
 		wg    sync.WaitGroup
@@ -480,7 +547,7 @@ func (d *Daemon) fillBlob(ctx context.Context, o *object, off, end uint64) error
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			if err := d.writeRun(ctx, o, run); err != nil {
+			if err := d.writeRunOnce(ctx, o, run); err != nil {
 				mu.Lock()
 				if first == nil {
 					first = err
@@ -526,12 +593,16 @@ func (d *Daemon) writeRun(ctx context.Context, o *object, run []*rafs.Chunk) err
 	}
 	buf := make([]byte, end-start)
 	b := o.blob.blob
+	t := time.Now()
 	for _, c := range run {
 		p := buf[c.UncompressedOffset-start : chunkEnd(c)-start]
 		if err := o.im.fetcher.ReadChunkAt(ctx, b, c, p, 0); err != nil {
 			return fmt.Errorf("blob %s chunk %d: %w", b.ID, c.Index, err)
 		}
 	}
+	t2 := time.Now()
+	d.fetchNanos.Add(uint64(t2.Sub(t)))
+	defer func() { d.writeNanos.Add(uint64(time.Since(t2))) }()
 	return d.pwrite(o, buf, start)
 }
 

@@ -21,8 +21,9 @@ var ErrNoOnDemand = errors.New("cachefiles on-demand mode unavailable (needs /de
 
 // Device is an open /dev/cachefiles bound in on-demand mode.
 type Device struct {
-	f    *os.File
-	wake [2]int // pipe: Close wakes a reader blocked in poll
+	f       *os.File
+	wake    [2]int // pipe: Close wakes a reader blocked in poll
+	adopted bool   // handed over: Serve sends "restore" first
 }
 
 // OpenDevice opens path (DevicePath if empty) and binds a cache on dir in
@@ -64,22 +65,24 @@ func OpenDevice(path, dir, tag string) (*Device, error) {
 }
 
 // AdoptDevice takes over an already bound device fd handed over by a
-// previous daemon (inherited across exec or received over a socket) and
-// sends "restore", so requests the previous daemon had read but not
-// answered are delivered again. Objects whose anon fds died with the
-// previous daemon are re-opened by the kernel (a new OPEN) on their next
-// read.
+// previous daemon (inherited across exec or received from a supervisor).
+// It sends nothing yet: the previous daemon may still be serving (a live
+// upgrade hands the fd over before the old daemon exits), and "restore"
+// would make the kernel deliver that daemon's in-flight requests twice.
+// Daemon.Serve sends it (Restore) when this daemon starts reading.
 func AdoptDevice(f *os.File) (*Device, error) {
 	d, err := newDevice(f)
 	if err != nil {
 		return nil, err
 	}
-	if err := d.Command("restore"); err != nil {
-		d.Close()
-		return nil, err
-	}
+	d.adopted = true
 	return d, nil
 }
+
+// Restore sends "restore": requests a previous holder of the device had
+// read but not answered are delivered again. Objects whose anon fds died
+// with it are re-opened by the kernel (a new OPEN) on their next read.
+func (d *Device) Restore() error { return d.Command("restore") }
 
 func newDevice(f *os.File) (*Device, error) {
 	d := &Device{f: f}

@@ -30,8 +30,10 @@
 // "restore"). The objects' anon fds are closed on the way; the kernel
 // re-opens each object (a new OPEN) the next time it needs data from it,
 // so mounted filesystems keep working, and reads in the gap wait rather
-// than fail. Bindings are not part of the handover: the successor binds
-// the same images again before serving.
+// than fail. The successor binds the same images again before serving:
+// Bindings lists them (rafsd hands both to its supervisor). Serve of an
+// adopted device sends "restore" first, so requests a crashed holder had
+// read but not answered are delivered again.
 //
 // Everything the kernel sends is checked before use: a message for an
 // unknown object, a truncated message or an out-of-range read gets an error

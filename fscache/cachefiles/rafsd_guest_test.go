@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -178,4 +179,291 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	if r.ExitCode != 0 || r.Killed {
 		t.Errorf("rafsd singleton did not exit cleanly on SIGTERM: %+v\n%s", r, r.Output)
 	}
+}
+
+// guestAPI calls a unix-socket HTTP API in the guest through unixhttp and
+// returns the status (0 if the call failed) and the body (or stderr).
+func guestAPI(ctx context.Context, t *testing.T, a *guest.Client, sock, method, path, body string) (int, string) {
+	t.Helper()
+	argv := []string{"/bin/unixhttp", sock, method, path}
+	if body != "" {
+		argv = append(argv, body)
+	}
+	r, err := a.Exec(ctx, guest.ExecRequest{Argv: argv, TimeoutMS: 60000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, rest, _ := strings.Cut(string(r.Stdout), "\n")
+	var status int
+	fmt.Sscan(code, &status)
+	if status == 0 {
+		return 0, string(r.Stderr)
+	}
+	return status, rest
+}
+
+// TestGuestRafsdTakeover replaces `rafsd singleton --fscache` twice under
+// a mounted image while a reader loops over it, as nydus-snapshotter does
+// through its supervisor (fsup here): daemon A hands the /dev/cachefiles fd
+// and its bindings over (sendfd); B is started with --upgrade, takes over
+// (READY) and A is SIGTERMed; then B is SIGKILLed and C, started with B's
+// command line without --upgrade, finds the device held and B's API
+// socket dead, and takes over from the supervisor. Each time a read of
+// data nobody fetched yet is started in the gap: it must wait, not fail,
+// and complete with the right bytes once the successor serves. Every byte
+// the reader reads is compared with the host's, and the tree hash at the
+// end equals the host's.
+func TestGuestRafsdTakeover(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the guest scenarios run as root (QEMU, kernel cache in /var/cache)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+
+	dir := t.TempDir()
+	blobs := filepath.Join(dir, "blobs")
+	os.MkdirAll(blobs, 0o755)
+	src := scenarioTree(t, 31, nil)
+	im := buildImage(t, src, blobs)
+	b, _ := os.ReadFile(im.boot)
+	os.WriteFile(filepath.Join(dir, "bootstrap"), b, 0o644)
+	req := bindReq("tk", "", im)
+	req.Config.MetadataPath = "/img/bootstrap"
+	req.Config.BackendConfig = json.RawMessage(`{"dir":"/img/blobs"}`)
+	j, _ := json.Marshal(req)
+	os.WriteFile(filepath.Join(dir, "bind.json"), j, 0o644)
+	imgDisk := ext4Disk(t, dir, 64)
+	cacheDisk := ext4Disk(t, "", 64)
+	var files []initramfs.File
+	for _, p := range []string{"./cmd/rafsd", "./fscache/cachefiles/internal/unixhttp", "./fscache/cachefiles/internal/fsup"} {
+		bin, err := testbed.BuildStatic(ctx, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, initramfs.File{Path: "/bin/" + filepath.Base(p), Source: bin})
+	}
+	vm := testbed.StartTB(t, testbed.Options{Disks: []string{imgDisk, cacheDisk}, Console: consoleLog(t), Files: files})
+	a := vm.Agent()
+	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vda", Target: "/img", FSType: "ext4", Flags: 1, Mkdir: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vdb", Target: "/var/cache/fscache", FSType: "ext4", Mkdir: true}); err != nil {
+		t.Fatal(err)
+	}
+
+	var (
+		procs   = map[string]int{} // live guest processes by name
+		mounted bool
+	)
+	t.Cleanup(func() {
+		if mounted {
+			a.Unmount(context.Background(), "/mnt/tk", 2)
+		}
+		for _, h := range procs {
+			a.StopProcess(context.Background(), guest.StopRequest{Handle: h, Signal: "KILL"})
+		}
+	})
+	start := func(name string, argv ...string) {
+		t.Helper()
+		p, err := a.Start(ctx, guest.StartRequest{Name: name, Argv: argv})
+		if err != nil {
+			t.Fatal(err)
+		}
+		procs[name] = p.Handle
+	}
+	stop := func(name, sig string) *guest.ProcessResult {
+		t.Helper()
+		r, err := a.StopProcess(ctx, guest.StopRequest{Handle: procs[name], Signal: sig, GraceMS: 10000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		delete(procs, name)
+		return r
+	}
+	expect := func(sock, method, path, body string, want int) string {
+		t.Helper()
+		st, out := guestAPI(ctx, t, a, sock, method, path, body)
+		if st != want {
+			t.Fatalf("%s %s on %s: %d %s, want %d", method, path, sock, st, out, want)
+		}
+		return out
+	}
+	waitState := func(sock, want string) {
+		t.Helper()
+		var last string
+		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			st, out := guestAPI(ctx, t, a, sock, "GET", "/api/v1/daemon", "")
+			var info struct{ State string }
+			if st == 200 && json.Unmarshal([]byte(out), &info) == nil {
+				if info.State == want {
+					return
+				}
+				last = info.State
+			}
+		}
+		t.Fatalf("daemon on %s never reached %s (last %q)", sock, want, last)
+	}
+	// What nydus-snapshotter does after a daemon runs and after each bind.
+	fetchStates := func(sock string) {
+		t.Helper()
+		expect("/supctl.sock", "PUT", "/recv", "", 204)
+		expect(sock, "PUT", "/api/v1/daemon/fuse/sendfd", "", 204)
+		expect("/supctl.sock", "GET", "/wait", "", 200)
+	}
+	takeover := func(sock string) {
+		t.Helper()
+		waitState(sock, "INIT")
+		expect("/supctl.sock", "PUT", "/send", "", 204)
+		expect(sock, "PUT", "/api/v1/daemon/fuse/takeover", "", 204)
+		expect("/supctl.sock", "GET", "/wait", "", 200)
+		waitState(sock, "READY")
+	}
+	// gapRead reads a file nobody read yet; it must not finish before the
+	// successor serves, and must then return the host's bytes.
+	gapRead := func(rel string) <-chan error {
+		ch := make(chan error, 1)
+		go func() {
+			got, err := a.ReadFile(ctx, "/mnt/tk/"+rel, 0)
+			if err == nil {
+				if want, _ := os.ReadFile(filepath.Join(src, rel)); string(got) != string(want) {
+					err = fmt.Errorf("%s: %d bytes differ from the host's %d", rel, len(got), len(want))
+				}
+			}
+			ch <- err
+		}()
+		select {
+		case err := <-ch:
+			t.Fatalf("read of %s started in the gap ended before a successor served: %v", rel, err)
+		case <-time.After(2 * time.Second):
+		}
+		return ch
+	}
+	gapDone := func(rel string, ch <-chan error) {
+		t.Helper()
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Fatalf("read started in the gap: %v", err)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatalf("read of %s started in the gap never completed", rel)
+		}
+	}
+
+	start("fsup", "/bin/fsup", "-sock", "/sup.sock", "-ctl", "/supctl.sock")
+	base := []string{"/bin/rafsd", "singleton", "--fscache", "/var/cache/fscache", "--fscache-threads", "4",
+		"--supervisor", "/sup.sock", "--id", "single", "--log-level", "info"}
+	start("rafsd-a", append(base, "--apisock", "/api-a.sock")...)
+	waitState("/api-a.sock", "RUNNING")
+	expect("/api-a.sock", "PUT", "/api/v2/blobs", "/img/bind.json", 204)
+	fetchStates("/api-a.sock")
+	if err := a.Mount(ctx, guest.MountRequest{Source: "none", Target: "/mnt/tk", FSType: "erofs", Data: "fsid=tk", Mkdir: true}); err != nil {
+		t.Fatal(err)
+	}
+	mounted = true
+
+	// The reader loops over part of the tree; parts 15 and 16 are left for
+	// the reads in the gaps.
+	loop := []string{"bin/tool", "etc/conf", "usr/share/doc/readme"}
+	for i := range 10 {
+		loop = append(loop, fmt.Sprintf("data/part-%02d", i))
+	}
+	var (
+		reads, bad atomic.Int64
+		firstBad   atomic.Value
+		done       = make(chan struct{})
+		readerDone = make(chan struct{})
+	)
+	go func() {
+		defer close(readerDone)
+		for i := 0; ; i++ {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			rel := loop[i%len(loop)]
+			got, err := a.ReadFile(ctx, "/mnt/tk/"+rel, 0)
+			if err == nil {
+				if want, _ := os.ReadFile(filepath.Join(src, rel)); string(got) != string(want) {
+					err = fmt.Errorf("%s: %d bytes differ from the host's", rel, len(got))
+				}
+			}
+			if err != nil {
+				if bad.Add(1) == 1 {
+					firstBad.Store(err.Error())
+				}
+			}
+			reads.Add(1)
+		}
+	}()
+	waitReads := func(n int64) {
+		t.Helper()
+		for deadline := time.Now().Add(120 * time.Second); reads.Load() < n; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("reader stuck at %d reads (want %d)", reads.Load(), n)
+			}
+		}
+	}
+	waitReads(int64(len(loop)) / 2)
+
+	// Live upgrade: B takes over while A serves, then A gets SIGTERM.
+	start("rafsd-b", append(base, "--apisock", "/api-b.sock", "--upgrade")...)
+	takeover("/api-b.sock")
+	atUpgrade := reads.Load()
+	if r := stop("rafsd-a", "TERM"); r.ExitCode != 0 || r.Killed {
+		t.Fatalf("daemon A did not exit cleanly on SIGTERM: %+v\n%s", r, r.Output)
+	}
+	g := gapRead("data/part-15")
+	expect("/api-b.sock", "PUT", "/api/v1/daemon/start", "", 204)
+	waitState("/api-b.sock", "RUNNING")
+	gapDone("data/part-15", g)
+	fetchStates("/api-b.sock")
+	waitReads(reads.Load() + int64(len(loop)))
+	t.Logf("upgrade A -> B: %d reads before, %d so far", atUpgrade, reads.Load())
+
+	// Failover: B is SIGKILLed; C starts with B's command line minus
+	// --upgrade, sees the device busy and B's socket dead, and waits.
+	if r := stop("rafsd-b", "KILL"); r.Signal == "" && !r.Killed {
+		t.Fatalf("daemon B survived SIGKILL: %+v", r)
+	}
+	atKill := reads.Load()
+	g = gapRead("data/part-16")
+	start("rafsd-c", append(base, "--apisock", "/api-b.sock")...)
+	takeover("/api-b.sock")
+	expect("/api-b.sock", "PUT", "/api/v1/daemon/start", "", 204)
+	waitState("/api-b.sock", "RUNNING")
+	gapDone("data/part-16", g)
+	waitReads(reads.Load() + int64(len(loop)))
+	close(done)
+	<-readerDone
+	t.Logf("failover B -> C: %d reads before the kill, %d in all, %d bad", atKill, reads.Load(), bad.Load())
+	if n := bad.Load(); n != 0 {
+		t.Fatalf("the reader saw %d bad reads across the takeovers, first: %v", n, firstBad.Load())
+	}
+	got, err := a.TreeHash(ctx, "/mnt/tk", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := treehash.Walk(src)
+	if got.Hash != treehash.Sum(want) {
+		t.Errorf("guest tree hash after the takeovers differs:\n%s", strings.Join(treehash.Diff(want, got.Entries, 30), "\n"))
+	}
+	var info struct {
+		State   string `json:"state"`
+		Fscache Stats  `json:"fscache"`
+	}
+	json.Unmarshal([]byte(expect("/api-b.sock", "GET", "/api/v2/daemon", "", 200)), &info)
+	t.Logf("daemon C: %+v", info)
+	if info.Fscache.ReadFailures != 0 || info.Fscache.OpenFailures != 0 || info.Fscache.Opens == 0 {
+		t.Errorf("daemon C counters: %+v (want OPENs of the re-opened objects, no failures)", info.Fscache)
+	}
+	if err := a.Unmount(ctx, "/mnt/tk", 0); err != nil {
+		t.Errorf("umount: %v", err)
+	}
+	mounted = false
+	if r := stop("rafsd-c", "TERM"); r.ExitCode != 0 || r.Killed {
+		t.Errorf("daemon C did not exit cleanly on SIGTERM: %+v\n%s", r, r.Output)
+	}
+	stop("fsup", "TERM")
 }

@@ -58,6 +58,8 @@ type image struct {
 	fetcher    *storage.Fetcher
 	unbound    bool // removed from the registry; closed with its last object
 	prefetch   config.Prefetch
+	req        BindRequest // as accepted, for Bindings
+	seq        uint64      // bind order
 }
 
 // sharedBlob is one blob of a domain: the union of the chunks every bound
@@ -68,6 +70,8 @@ type sharedBlob struct {
 	layout rafs.BlobLayout
 	users  []*image
 	size   uint64 // object size answered to OPEN
+	// extents are the files' chunk runs, bounding read-ahead.
+	extents []extent
 }
 
 type key struct{ domain, name string }
@@ -148,10 +152,13 @@ func (d *Daemon) BindBlob(req *BindRequest) error {
 		f.Close()
 		return fmt.Errorf("cachefiles: bind %s: %w", req.ID, err)
 	}
-	im := &image{domain: req.Domain(), id: req.ID, path: req.Config.MetadataPath, size: fi.Size(), img: img, fetcher: f, prefetch: cfg.Rafs.Prefetch}
+	im := &image{domain: req.Domain(), id: req.ID, path: req.Config.MetadataPath, size: fi.Size(), img: img, fetcher: f,
+		prefetch: cfg.Rafs.Prefetch, req: cloneBind(req)}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.bindSeq++
+	im.seq = d.bindSeq
 	if _, ok := d.images[key{im.domain, im.id}]; ok {
 		f.Close()
 		return fmt.Errorf("%w: image %s in domain %s", ErrExists, im.id, im.domain)
@@ -166,10 +173,43 @@ func (d *Daemon) BindBlob(req *BindRequest) error {
 		}
 		sb.users = append(sb.users, im)
 		sb.layout.Chunks = mergeChunks(sb.layout.Chunks, l.Chunks)
+		ext := append(append([]extent(nil), sb.extents...), fileExtents(img, l.Blob)...)
+		sortExtents(ext)
+		sb.extents = ext // replaced, never modified: READs use it unlocked
 		sb.size = max(sb.size, objectSize(&sb.layout))
 	}
 	d.log.Info("cachefiles: bound image", "id", im.id, "domain", im.domain, "bootstrap", im.path, "blobs", len(img.Blobs))
 	return nil
+}
+
+// Bindings returns the bind requests of the bound images in the order
+// they were bound: what a successor daemon binds again after a handover
+// (with Detach, or the device fd kept by a supervisor).
+func (d *Daemon) Bindings() []BindRequest {
+	d.mu.Lock()
+	ims := make([]*image, 0, len(d.images))
+	for _, im := range d.images {
+		ims = append(ims, im)
+	}
+	d.mu.Unlock()
+	sort.Slice(ims, func(a, b int) bool { return ims[a].seq < ims[b].seq })
+	out := make([]BindRequest, len(ims))
+	for i, im := range ims {
+		out[i] = cloneBind(&im.req)
+	}
+	return out
+}
+
+// cloneBind copies r so that callers cannot change a kept request through
+// its raw JSON slices.
+func cloneBind(r *BindRequest) BindRequest {
+	c := *r
+	for _, p := range []*json.RawMessage{&c.Config.BackendConfig, &c.Config.CacheConfig, &c.Config.PrefetchConfig} {
+		if *p != nil {
+			*p = append(json.RawMessage(nil), *p...)
+		}
+	}
+	return c
 }
 
 // mergeChunks returns the union of two offset-sorted chunk lists, one

@@ -37,6 +37,7 @@ func main() {
 		stats    = flag.String("stats", "", "write counters here as JSON")
 		adoptFD  = flag.Int("adopt-fd", -1, "adopt this bound device fd (restart)")
 		restart  = flag.String("restart-file", "", "when this file appears, remove it and hand over to a new process")
+		noRA     = flag.Bool("no-readahead", false, "fill only what the kernel asks for")
 		bindList binds
 	)
 	flag.Var(&bindList, "bind", "JSON file holding a PUT /api/v2/blobs body (repeatable)")
@@ -51,14 +52,14 @@ func main() {
 		return
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if err := run(log, *dir, *tag, *threads, *stats, *restart, *adoptFD, bindList); err != nil {
+	if err := run(log, *dir, *tag, *threads, *stats, *restart, *adoptFD, *noRA, bindList); err != nil {
 		log.Error("cachefilesd", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(log *slog.Logger, dir, tag string, threads int, statsPath, restartPath string, adoptFD int, bindList []string) error {
-	cfg := cachefiles.Config{Dir: dir, Tag: tag, Threads: threads, Logger: log}
+func run(log *slog.Logger, dir, tag string, threads int, statsPath, restartPath string, adoptFD int, noRA bool, bindList []string) error {
+	cfg := cachefiles.Config{Dir: dir, Tag: tag, Threads: threads, Logger: log, NoReadAhead: noRA}
 	if adoptFD >= 0 {
 		cfg.Device = os.NewFile(uintptr(adoptFD), "cachefiles")
 	}
@@ -133,6 +134,9 @@ func run(log *slog.Logger, dir, tag string, threads int, statsPath, restartPath 
 				return fmt.Errorf("clearing close-on-exec: %w", err)
 			}
 			args := []string{os.Args[0], "-dir", dir, "-threads", strconv.Itoa(threads), "-stats", statsPath, "-adopt-fd", strconv.Itoa(fd), "-restart-file", restartPath}
+			if noRA {
+				args = append(args, "-no-readahead")
+			}
 			if tag != "" {
 				args = append(args, "-tag", tag)
 			}

@@ -1,0 +1,214 @@
+package cachefiles
+
+import (
+	"context"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/rafsd/rafsd/rafs"
+)
+
+// Read-ahead. The kernel asks for what its own read-ahead window misses,
+// at most a few hundred KiB per READ, and a sequential reader waits for
+// each READ in turn. When a READ continues the previous one of the object
+// (or starts a file), the daemon fills the file's next chunks into the
+// cache file in the background once the READ is answered, so the kernel
+// finds them present and sends no READ for them. Read-ahead never crosses
+// the end of the file the READ is in (the extent of its chunks in the
+// blob), so reading part of an image fetches little more than that part.
+
+// Read-ahead window: four times the READ, within these bounds.
+const (
+	minReadAhead = 256 << 10
+	maxReadAhead = 2 << 20
+)
+
+// extent is a run of one file's chunks stored contiguously in a blob's
+// uncompressed space.
+type extent struct{ lo, hi uint64 }
+
+// fileExtents returns the extents of every regular file of img in blob
+// b, sorted by start.
+func fileExtents(img *rafs.Image, b *rafs.Blob) []extent {
+	var out []extent
+	for i := range img.Inodes {
+		ino := img.Inodes[i]
+		if ino == nil {
+			continue
+		}
+		var cur extent
+		open := false
+		for _, fc := range ino.Chunks {
+			if fc.Chunk == nil {
+				continue
+			}
+			if cb, err := img.Blob(fc.Chunk); err != nil || cb.ID != b.ID {
+				continue
+			}
+			lo, hi := fc.UncompressedOffset, fc.UncompressedOffset+uint64(fc.UncompressedSize)
+			if open && lo >= cur.hi && lo <= roundUp(cur.hi) {
+				cur.hi = hi
+				continue
+			}
+			if open {
+				out = append(out, cur)
+			}
+			cur, open = extent{lo, hi}, true
+		}
+		if open {
+			out = append(out, cur)
+		}
+	}
+	sortExtents(out)
+	return out
+}
+
+func sortExtents(e []extent) {
+	sort.Slice(e, func(a, b int) bool {
+		if e[a].lo != e[b].lo {
+			return e[a].lo < e[b].lo
+		}
+		return e[a].hi > e[b].hi
+	})
+}
+
+// extentAt returns an extent holding offset off, if any. Extents of
+// different files overlap only where chunks are deduplicated, so looking
+// a few back from the last one starting at or before off is enough.
+func extentAt(es []extent, off uint64) (extent, bool) {
+	k := sort.Search(len(es), func(i int) bool { return es[i].lo > off }) - 1
+	for n := 0; k >= 0 && n < 8; k, n = k-1, n+1 {
+		if off < es[k].hi {
+			return es[k], true
+		}
+	}
+	return extent{}, false
+}
+
+// flight is a run of chunks being written into an object's cache file by
+// a READ or a read-ahead: others wanting the same run wait for it.
+type flight struct {
+	done chan struct{}
+	err  error
+}
+
+// writeRunOnce writes run into o's cache file unless another READ or
+// read-ahead is doing so (then it waits for that one, and writes itself
+// only if that failed) or read-ahead already did.
+func (d *Daemon) writeRunOnce(ctx context.Context, o *object, run []*rafs.Chunk) error {
+	key := roundDown(run[0].UncompressedOffset)
+	end := min(roundUp(chunkEnd(run[len(run)-1])), roundUp(o.size))
+	d.mu.Lock()
+	f := o.flights[key]
+	ahead := o.raHi > key
+	if f == nil {
+		f = &flight{done: make(chan struct{})}
+		if o.flights == nil {
+			o.flights = map[uint64]*flight{}
+		}
+		o.flights[key] = f
+		d.mu.Unlock()
+	} else {
+		d.mu.Unlock()
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if f.err == nil {
+			return nil
+		}
+		return d.writeRun(ctx, o, run)
+	}
+	var err error
+	// Only read-ahead fills ranges the kernel did not ask for: without
+	// it, asking the cache file would be a wasted pair of syscalls.
+	if !ahead || !present(o.fd, key, end) {
+		err = d.writeRun(ctx, o, run)
+	}
+	f.err = err
+	d.mu.Lock()
+	delete(o.flights, key)
+	d.mu.Unlock()
+	close(f.done)
+	return err
+}
+
+// readAhead is called once READ r of blob object o is answered: if the
+// READ continues the object's previous one or starts a file, the rest of
+// the file's extent, up to the window, is filled in the background.
+func (d *Daemon) readAhead(o *object, r ReadMsg) {
+	if o.blob == nil || d.noReadAhead {
+		return
+	}
+	end := min(r.Off+r.Len, o.size)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	prev := o.lastEnd
+	o.lastEnd = end
+	if o.closing {
+		return
+	}
+	e, ok := extentAt(o.blob.extents, end-1)
+	if !ok || e.hi <= end {
+		return
+	}
+	seq := (r.Off <= prev && prev <= end) || roundDown(r.Off) <= e.lo
+	if !seq {
+		return
+	}
+	window := min(max(4*r.Len, minReadAhead), maxReadAhead)
+	lo, hi := max(end, o.raHi), min(e.hi, end+window)
+	if lo >= hi {
+		return
+	}
+	chunks := o.blob.layout.Range(lo, hi-lo)
+	// Whole chunks, and only those starting at or after lo: the one
+	// holding lo was written with the READ.
+	for len(chunks) > 0 && chunks[0].UncompressedOffset < lo {
+		chunks = chunks[1:]
+	}
+	if len(chunks) == 0 {
+		return
+	}
+	// Chunks sharing a page with the last one ride along, as for a READ.
+	last := chunks[len(chunks)-1]
+	for _, c := range o.blob.layout.Range(chunkEnd(last), pageSize) {
+		if roundDown(c.UncompressedOffset) < roundUp(chunkEnd(last)) && c.UncompressedOffset > last.UncompressedOffset {
+			chunks = append(chunks[:len(chunks):len(chunks)], c)
+		}
+	}
+	o.raHi = max(o.raHi, chunkEnd(chunks[len(chunks)-1]))
+	o.refs++
+	d.bg.Add(1)
+	go func() {
+		defer d.bg.Done()
+		defer d.unref(o)
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(o.ctx, d.timeout)
+		defer cancel()
+		runs := splitRuns(chunks)
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, runParallelism)
+		for _, run := range runs {
+			sem <- struct{}{}
+			wg.Add(1)
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				if err := d.writeRunOnce(ctx, o, run); err != nil {
+					if ctx.Err() == nil {
+						d.log.Debug("cachefiles: read-ahead failed", "blob", o.cookie, "off", run[0].UncompressedOffset, "err", err)
+					}
+					return
+				}
+				for _, c := range run {
+					d.raBytes.Add(uint64(c.UncompressedSize))
+				}
+			}()
+		}
+		wg.Wait()
+		d.readAheads.Add(1)
+		d.raNanos.Add(uint64(time.Since(start)))
+	}()
+}
