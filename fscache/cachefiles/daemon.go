@@ -83,9 +83,9 @@ type Daemon struct {
 	serving atomic.Bool
 	closed  sync.Once
 
-	opens, openFails, closes, reads, readFails, written, bad, prefetched atomic.Uint64
-	unanswered, readBytes, readNanos, fetchNanos, writeNanos, completeNanos     atomic.Uint64
-	readAheads, raBytes, raNanos                                                atomic.Uint64
+	opens, openFails, closes, reads, readFails, written, bad, prefetched    atomic.Uint64
+	unanswered, readBytes, readNanos, fetchNanos, writeNanos, completeNanos atomic.Uint64
+	readAheads, raBytes, raNanos                                            atomic.Uint64
 
 	noReadAhead bool
 }
@@ -147,9 +147,9 @@ func newDaemon(cfg Config) *Daemon {
 		timeout: cfg.ReadTimeout,
 
 		noReadAhead: cfg.NoReadAhead,
-		images:  map[key]*image{},
-		blobs:   map[key]*sharedBlob{},
-		objects: map[uint32]*object{},
+		images:      map[key]*image{},
+		blobs:       map[key]*sharedBlob{},
+		objects:     map[uint32]*object{},
 	}
 	if d.log == nil {
 		d.log = slog.Default()
