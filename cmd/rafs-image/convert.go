@@ -41,6 +41,7 @@ func runConvert(args []string, stdin io.Reader, stdout io.Writer) error {
 		compressor = fs.String("compressor", "zstd", "chunk compressor: none, lz4_block, gzip, zstd")
 		chunkSize  = fs.String("chunk-size", "0x100000", "chunk size (power of two, 0x1000..0x1000000)")
 		merge      = fs.Bool("merge-platform", false, "push an index with the OCI manifest beside the Nydus one")
+		ociRef     = fs.Bool("oci-ref", false, "reference the source's gzip layers instead of new blobs (zran; RAFS v6): only the bootstrap layer is new")
 		plainHTTP  = fs.Bool("plain-http", false, "talk HTTP to registries")
 		insecure   = fs.Bool("insecure", false, "skip TLS verification")
 		creds      = fs.String("creds", "", "USER:PASSWORD for the registries (default: docker's config.json, $DOCKER_CONFIG or ~/.docker)")
@@ -119,7 +120,7 @@ func runConvert(args []string, stdin io.Reader, stdout io.Writer) error {
 	opts := convert.Options{
 		Prefetch:  prefetchList,
 		FsVersion: *fsVersion, Compressor: &comp, ChunkSize: cs, ChunkDicts: dictImgs,
-		MergePlatform: *merge, Platform: *platform, Parallel: *parallel, WorkDir: tmp,
+		MergePlatform: *merge, OCIRef: *ociRef, Platform: *platform, Parallel: *parallel, WorkDir: tmp,
 		Source: ro, Target: ro,
 	}
 	if !*quiet {

@@ -62,7 +62,16 @@ const (
 	LayerAnnotationNydusBootstrap = "containerd.io/snapshot/nydus-bootstrap"
 	LayerAnnotationFSVersion      = "containerd.io/snapshot/nydus-fs-version"
 	LayerAnnotationUncompressed   = "containerd.io/uncompressed"
+	// LayerAnnotationNydusRefLayer marks a blob layer that is an original
+	// OCI layer (--oci-ref), naming its digest (nydus-snapshotter's label).
+	LayerAnnotationNydusRefLayer = "containerd.io/snapshot/nydus-ref-layer"
 )
+
+// isGzipLayer reports whether a layer media type is tar+gzip.
+func isGzipLayer(mt string) bool {
+	return mt == ocispec.MediaTypeImageLayerGzip || mt == ocispec.MediaTypeImageLayerNonDistributableGzip || //nolint:staticcheck // still found in registries
+		mt == images.MediaTypeDockerSchema2LayerGzip || mt == images.MediaTypeDockerSchema2LayerForeignGzip
+}
 
 // Options configure a conversion. Zero values mean nydusify's defaults.
 type Options struct {
@@ -83,6 +92,12 @@ type Options struct {
 	// MergePlatform pushes an index with the source's OCI manifest beside
 	// the Nydus one.
 	MergePlatform bool
+	// OCIRef makes the blobs the source's own gzip layers (nydusify
+	// --oci-ref, nydus "zran"): chunks are ranges of the layers' tar
+	// streams, read through checkpoints the bootstrap carries, so only the
+	// bootstrap layer is new (the layers are pushed only if the target
+	// repository lacks them). RAFS v6 only.
+	OCIRef bool
 	// Platform selects the source manifest from an index (default: this
 	// machine's platform).
 	Platform string
@@ -264,16 +279,33 @@ func (c *conv) buildLayer(ctx context.Context, i, n int, desc ocispec.Descriptor
 			os.Remove(f.Name())
 		}
 	}()
-	b, err := builder.New(builder.Options{
+	bopts := builder.Options{
 		Version:    c.opts.FsVersion,
 		ChunkSize:  c.opts.ChunkSize,
 		Compressor: c.opts.Compressor,
 		ChunkDicts: c.opts.ChunkDicts,
-	}, f)
+	}
+	var blobOut io.Writer = f
+	var tarIn io.Reader = vr
+	if c.opts.OCIRef {
+		// The layer itself is the blob: keep it (verified) and index it.
+		if !isGzipLayer(desc.MediaType) {
+			return nil, fmt.Errorf("layer %s: --oci-ref needs gzip layers, not %q", desc.Digest, desc.MediaType)
+		}
+		if _, err := io.Copy(f, vr); err != nil {
+			return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+		}
+		if err := vr.drain(); err != nil {
+			return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+		}
+		bopts.Zran = &builder.ZranLayer{ID: desc.Digest.Encoded(), R: f, Size: desc.Size}
+		blobOut, tarIn = io.Discard, io.NewSectionReader(f, 0, desc.Size)
+	}
+	b, err := builder.New(bopts, blobOut)
 	if err != nil {
 		return nil, err
 	}
-	if err := b.AddTar(ctx, vr); err != nil {
+	if err := b.AddTar(ctx, tarIn); err != nil {
 		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
 	if err := vr.drain(); err != nil {
@@ -400,11 +432,16 @@ func (c *conv) run(ctx context.Context, target string) (*Result, error) {
 	diffIDs := make([]digest.Digest, 0, len(merged.Blobs)+1)
 	for _, b := range merged.Blobs {
 		d := digest.NewDigestFromEncoded(digest.SHA256, b.ID)
+		ann := map[string]string{LayerAnnotationNydusBlob: "true"}
+		if b.Zran != nil {
+			// The original layer, read through the bootstrap's zran tables.
+			ann[LayerAnnotationNydusRefLayer] = d.String()
+		}
 		res.Blobs = append(res.Blobs, ocispec.Descriptor{
 			MediaType:   MediaTypeNydusBlob,
 			Digest:      d,
 			Size:        int64(b.CompressedSize),
-			Annotations: map[string]string{LayerAnnotationNydusBlob: "true"},
+			Annotations: ann,
 		})
 		diffIDs = append(diffIDs, d)
 	}

@@ -120,7 +120,12 @@ func (im *ociImage) add(mediaType string, b []byte) ocispec.Descriptor {
 
 func newOCIImage(t testing.TB, layers ...[]entry) *ociImage {
 	t.Helper()
-	comps := []string{"gzip", "", "zstd"}
+	return newOCIImageComp(t, []string{"gzip", "", "zstd"}, layers...)
+}
+
+// newOCIImageComp is newOCIImage with layer i compressed by comps[i%len(comps)].
+func newOCIImageComp(t testing.TB, comps []string, layers ...[]entry) *ociImage {
+	t.Helper()
 	im := &ociImage{blobs: map[digest.Digest][]byte{}}
 	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}}
 	cfg.RootFS.Type = "layers"
