@@ -28,9 +28,13 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
 
 # bench-coldstart: OCI pull+unpack vs lazy RAFS start of a 1 GiB image from a
-# local registry behind a 100 MiB/s proxy (also part of make bench).
+# local registry behind a 100 MiB/s proxy (also part of make bench): first in
+# process (rafs/convert), then through the real stack, containerd + overlayfs
+# vs containerd + nydus-snapshotter + rafsd + runc (testbed/clients). One
+# after the other: run side by side they would share the 2 cores.
 bench-coldstart:
 	RAFS_COLDSTART_MIB=1024 $(GO) test -run '^$$' -bench BenchmarkColdStart -benchtime 1x -timeout 30m -v ./rafs/convert/
+	RAFS_COLDSTART_MIB=1024 $(GO) test -run '^$$' -bench BenchmarkColdStartClients -benchtime 1x -timeout 30m -v ./testbed/clients/
 
 # testbed builds (or finds cached) the guest kernel, then boots a guest and runs the smoke scenario.
 testbed:

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path"
@@ -296,28 +298,87 @@ func coldStart(b *testing.B, f *fixture, im *coldImage, proxy *capproxy.Proxy, r
 	b.StartTimer()
 	proxy.Reset()
 	t0 := time.Now()
+	lastByte := watchBytes(proxy)
 	img := c.pull(ctx, b, ref, snapshotter)
 	pulled := time.Since(t0)
 	k := c.run(ctx, b, img, snapshotter, "cold-"+snapshotter)
+	started := time.Since(t0)
 	at := k.firstLine(ctx, b)
 	run := coldRun{time: at.Sub(t0), bytes: proxy.Bytes()}
 	b.StopTimer()
+	transfer := lastByte().Sub(t0)
 
 	out := k.wait(ctx, b)
 	if first, _, _ := strings.Cut(out, "\n"); first != im.want {
 		b.Fatalf("%s: the entrypoint printed %q, want %q (md5 of the startup set)", snapshotter, first, im.want)
 	}
-	if snapshotter == "nydus" && len(ProcsOf(f.rafsd)) == 0 {
-		b.Fatal("no rafsd serves the nydus container")
+	if snapshotter == "nydus" {
+		if len(ProcsOf(f.rafsd)) == 0 {
+			b.Fatal("no rafsd serves the nydus container")
+		}
+		b.Logf("rafsd: %s", daemonMetrics(s.SnapRoot))
 	}
-	b.Logf("%s: pull %s, first line after %s, %.1f MiB through the proxy",
-		snapshotter, pulled.Round(time.Millisecond), run.time.Round(time.Millisecond), float64(run.bytes)/(1<<20))
+	b.Logf("%s: pulled at %s, task started at %s, last byte through the proxy at %s, first line at %s; %.1f MiB moved",
+		snapshotter, pulled.Round(time.Millisecond), started.Round(time.Millisecond), transfer.Round(10*time.Millisecond), run.time.Round(time.Millisecond), float64(run.bytes)/(1<<20))
 	if err := k.remove(ctx); err != nil {
 		b.Fatal(err)
 	}
 	c.removeImage(ctx, b, ref)
 	stopStack(b, s)
 	return run
+}
+
+// daemonMetrics returns the backend and blob cache metrics of every rafsd
+// the snapshotter runs under root, for the log.
+func daemonMetrics(root string) string {
+	var out []string
+	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
+		if err != nil || info.Mode()&os.ModeSocket == 0 || filepath.Base(p) != "api.sock" {
+			return nil
+		}
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "unix", p)
+			},
+		}}
+		defer hc.CloseIdleConnections()
+		for _, m := range []string{"backend", "blobcache"} {
+			resp, err := hc.Get("http://rafsd/api/v1/metrics/" + m)
+			if err != nil {
+				out = append(out, m+": "+err.Error())
+				continue
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			out = append(out, m+": "+strings.TrimSpace(string(body)))
+		}
+		return nil
+	})
+	return strings.Join(out, "; ")
+}
+
+// watchBytes samples the proxy's byte count until the returned function is
+// called, which returns when the count last grew: where the transfer ended
+// and unpacking or startup work went on.
+func watchBytes(proxy *capproxy.Proxy) func() time.Time {
+	stop, done := make(chan struct{}), make(chan time.Time)
+	go func() {
+		last, n := time.Now(), proxy.Bytes()
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				done <- last
+				return
+			case <-tick.C:
+				if m := proxy.Bytes(); m != n {
+					last, n = time.Now(), m
+				}
+			}
+		}
+	}()
+	return func() time.Time { close(stop); return <-done }
 }
 
 // BenchmarkColdStartClients is the cold start through the real stack: an
