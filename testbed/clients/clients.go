@@ -209,6 +209,9 @@ type SnapshotterConfig struct {
 	RafsImage     string // nydusimage_path
 	// PlainHTTP makes rafsd talk HTTP to the registry.
 	PlainHTTP bool
+	// FsPrefetch is the "fs_prefetch" object of rafsd's config as JSON;
+	// empty turns prefetch off.
+	FsPrefetch string
 }
 
 // Stack is a running containerd + nydus-snapshotter.
@@ -260,9 +263,9 @@ func StartStack(t testing.TB, sc SnapshotterConfig) *Stack {
   "digest_validate": true,
   "iostats_files": false,
   "enable_xattr": true,
-  "fs_prefetch": {"enable": false}
+  "fs_prefetch": %s
 }
-`, scheme)
+`, scheme, cmp.Or(sc.FsPrefetch, `{"enable": false}`))
 	nydusdCfgPath := filepath.Join(dir, "nydusd.json")
 	writeFile(t, nydusdCfgPath, nydusdCfg)
 	snapSock := filepath.Join(dir, "ns.sock")
