@@ -529,35 +529,12 @@ func (d *Daemon) fillBlob(ctx context.Context, o *object, off, end uint64) error
 		}
 		lo, hi = nlo, nhi
 	}
-	// Runs of chunks whose pages touch are assembled and written at once;
-	// the runs of one READ are fetched in parallel (a cold read is mostly
-	// waiting on the backend and decompressing).
-	runs := splitRuns(chunks)
-	if len(runs) == 1 {
-		return d.writeRunOnce(ctx, o, runs[0])
-	}
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		first error
-		sem   = make(chan struct{}, runParallelism)
-	)
-	for _, run := range runs {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			if err := d.writeRunOnce(ctx, o, run); err != nil {
-				mu.Lock()
-				if first == nil {
-					first = err
-				}
-				mu.Unlock()
-			}
-		}()
-	}
-	wg.Wait()
-	return first
+	// Runs of chunks whose pages touch are assembled and written at once,
+	// page-contiguous runs with one pwrite (writes into the cache file are
+	// direct I/O: fewer, larger ones are much cheaper); the chunks of one
+	// READ are fetched in parallel (a cold read is mostly waiting on the
+	// backend and decompressing).
+	return d.writeRuns(ctx, o, splitRuns(chunks))
 }
 
 // runParallelism bounds the chunk runs of one READ fetched at once.
@@ -582,28 +559,70 @@ func splitRuns(chunks []*rafs.Chunk) [][]*rafs.Chunk {
 func chunkEnd(c *rafs.Chunk) uint64 { return c.UncompressedOffset + uint64(c.UncompressedSize) }
 
 func (d *Daemon) writeRun(ctx context.Context, o *object, run []*rafs.Chunk) error {
-	start := roundDown(run[0].UncompressedOffset)
-	var end uint64
-	for _, c := range run {
-		end = max(end, chunkEnd(c))
-	}
-	end = roundUp(end)
+	return d.writeGroup(ctx, o, [][]*rafs.Chunk{run})
+}
+
+// writeGroup fetches page-contiguous runs (their chunks, the runs in
+// parallel) into one buffer and writes it with one pwrite.
+func (d *Daemon) writeGroup(ctx context.Context, o *object, runs [][]*rafs.Chunk) error {
+	start := roundDown(runs[0][0].UncompressedOffset)
+	end := runEnd(runs[len(runs)-1])
 	if end-start > maxRun {
 		return fmt.Errorf("blob %s: %d bytes of chunks share pages at %d: %w", o.cookie, end-start, start, syscall.EIO)
 	}
 	buf := make([]byte, end-start)
 	b := o.blob.blob
 	t := time.Now()
-	for _, c := range run {
-		p := buf[c.UncompressedOffset-start : chunkEnd(c)-start]
-		if err := o.im.fetcher.ReadChunkAt(ctx, b, c, p, 0); err != nil {
-			return fmt.Errorf("blob %s chunk %d: %w", b.ID, c.Index, err)
+	fetch := func(run []*rafs.Chunk) error {
+		for _, c := range run {
+			p := buf[c.UncompressedOffset-start : chunkEnd(c)-start]
+			if err := o.im.fetcher.ReadChunkAt(ctx, b, c, p, 0); err != nil {
+				return fmt.Errorf("blob %s chunk %d: %w", b.ID, c.Index, err)
+			}
 		}
+		return nil
+	}
+	var first error
+	if len(runs) == 1 {
+		first = fetch(runs[0])
+	} else {
+		var (
+			wg  sync.WaitGroup
+			mu  sync.Mutex
+			sem = make(chan struct{}, runParallelism)
+		)
+		for _, run := range runs {
+			sem <- struct{}{}
+			wg.Add(1)
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				if err := fetch(run); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	if first != nil {
+		return first
 	}
 	t2 := time.Now()
 	d.fetchNanos.Add(uint64(t2.Sub(t)))
 	defer func() { d.writeNanos.Add(uint64(time.Since(t2))) }()
 	return d.pwrite(o, buf, start)
+}
+
+// runEnd is the page-aligned end of a run.
+func runEnd(run []*rafs.Chunk) uint64 {
+	var end uint64
+	for _, c := range run {
+		end = max(end, chunkEnd(c))
+	}
+	return roundUp(end)
 }
 
 func (d *Daemon) pwrite(o *object, p []byte, off uint64) error {

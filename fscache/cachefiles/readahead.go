@@ -3,7 +3,6 @@ package cachefiles
 import (
 	"context"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/rafsd/rafsd/rafs"
@@ -25,7 +24,8 @@ const (
 )
 
 // extent is a run of one file's chunks stored contiguously in a blob's
-// uncompressed space.
+// uncompressed space (references to chunks stored earlier, deduplicated,
+// do not break it).
 type extent struct{ lo, hi uint64 }
 
 // fileExtents returns the extents of every regular file of img in blob
@@ -47,8 +47,13 @@ func fileExtents(img *rafs.Image, b *rafs.Blob) []extent {
 				continue
 			}
 			lo, hi := fc.UncompressedOffset, fc.UncompressedOffset+uint64(fc.UncompressedSize)
-			if open && lo >= cur.hi && lo <= roundUp(cur.hi) {
+			switch {
+			case open && lo >= cur.hi && lo <= roundUp(cur.hi):
 				cur.hi = hi
+				continue
+			case open && lo < cur.hi:
+				// A chunk stored earlier (deduplicated, e.g. zeros): the
+				// file's own data goes on after it.
 				continue
 			}
 			if open {
@@ -93,46 +98,89 @@ type flight struct {
 	err  error
 }
 
-// writeRunOnce writes run into o's cache file unless another READ or
-// read-ahead is doing so (then it waits for that one, and writes itself
-// only if that failed) or read-ahead already did.
-func (d *Daemon) writeRunOnce(ctx context.Context, o *object, run []*rafs.Chunk) error {
-	key := roundDown(run[0].UncompressedOffset)
-	end := min(roundUp(chunkEnd(run[len(run)-1])), roundUp(o.size))
+// maxWrite bounds the page-contiguous runs written with one pwrite.
+const maxWrite = 1 << 20
+
+// claim is a run an object's writer took on, or waits for.
+type claim struct {
+	run []*rafs.Chunk
+	key uint64 // the run's first page
+	f   *flight
+}
+
+// writeRuns writes page-disjoint runs into o's cache file, each once:
+// runs another READ or read-ahead is writing are waited for (and written
+// here only if that failed), runs read-ahead already wrote are skipped,
+// and the rest go out in page-contiguous groups of up to maxWrite bytes,
+// one pwrite each.
+func (d *Daemon) writeRuns(ctx context.Context, o *object, runs [][]*rafs.Chunk) error {
+	var mine, waits []claim
 	d.mu.Lock()
-	f := o.flights[key]
-	ahead := o.raHi > key
-	if f == nil {
-		f = &flight{done: make(chan struct{})}
+	ahead := o.raHi
+	for _, run := range runs {
+		key := roundDown(run[0].UncompressedOffset)
+		if f := o.flights[key]; f != nil {
+			waits = append(waits, claim{run, key, f})
+			continue
+		}
+		f := &flight{done: make(chan struct{})}
 		if o.flights == nil {
 			o.flights = map[uint64]*flight{}
 		}
 		o.flights[key] = f
+		mine = append(mine, claim{run, key, f})
+	}
+	d.mu.Unlock()
+	release := func(c claim, err error) {
+		c.f.err = err
+		d.mu.Lock()
+		delete(o.flights, c.key)
 		d.mu.Unlock()
-	} else {
-		d.mu.Unlock()
+		close(c.f.done)
+	}
+	todo := mine[:0:0]
+	for _, c := range mine {
+		// Only read-ahead fills what the kernel did not ask for: without
+		// it, asking the cache file would be a wasted pair of syscalls.
+		if ahead > c.key && present(o.fd, c.key, min(runEnd(c.run), roundUp(o.size))) {
+			release(c, nil)
+			continue
+		}
+		todo = append(todo, c)
+	}
+	var first error
+	for len(todo) > 0 {
+		n, end := 1, runEnd(todo[0].run)
+		for n < len(todo) && todo[n].key == end && runEnd(todo[n].run)-todo[0].key <= maxWrite {
+			end = runEnd(todo[n].run)
+			n++
+		}
+		group := make([][]*rafs.Chunk, n)
+		for i, c := range todo[:n] {
+			group[i] = c.run
+		}
+		err := d.writeGroup(ctx, o, group)
+		for _, c := range todo[:n] {
+			release(c, err)
+		}
+		if err != nil && first == nil {
+			first = err
+		}
+		todo = todo[n:]
+	}
+	for _, c := range waits {
 		select {
-		case <-f.done:
+		case <-c.f.done:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		if f.err == nil {
-			return nil
+		if c.f.err != nil {
+			if err := d.writeRun(ctx, o, c.run); err != nil && first == nil {
+				first = err
+			}
 		}
-		return d.writeRun(ctx, o, run)
 	}
-	var err error
-	// Only read-ahead fills ranges the kernel did not ask for: without
-	// it, asking the cache file would be a wasted pair of syscalls.
-	if !ahead || !present(o.fd, key, end) {
-		err = d.writeRun(ctx, o, run)
-	}
-	f.err = err
-	d.mu.Lock()
-	delete(o.flights, key)
-	d.mu.Unlock()
-	close(f.done)
-	return err
+	return first
 }
 
 // readAhead is called once READ r of blob object o is answered: if the
@@ -188,26 +236,15 @@ func (d *Daemon) readAhead(o *object, r ReadMsg) {
 		start := time.Now()
 		ctx, cancel := context.WithTimeout(o.ctx, d.timeout)
 		defer cancel()
-		runs := splitRuns(chunks)
-		var wg sync.WaitGroup
-		sem := make(chan struct{}, runParallelism)
-		for _, run := range runs {
-			sem <- struct{}{}
-			wg.Add(1)
-			go func() {
-				defer func() { <-sem; wg.Done() }()
-				if err := d.writeRunOnce(ctx, o, run); err != nil {
-					if ctx.Err() == nil {
-						d.log.Debug("cachefiles: read-ahead failed", "blob", o.cookie, "off", run[0].UncompressedOffset, "err", err)
-					}
-					return
-				}
-				for _, c := range run {
-					d.raBytes.Add(uint64(c.UncompressedSize))
-				}
-			}()
+		if err := d.writeRuns(ctx, o, splitRuns(chunks)); err != nil {
+			if ctx.Err() == nil {
+				d.log.Debug("cachefiles: read-ahead failed", "blob", o.cookie, "off", chunks[0].UncompressedOffset, "err", err)
+			}
+			return
 		}
-		wg.Wait()
+		for _, c := range chunks {
+			d.raBytes.Add(uint64(c.UncompressedSize))
+		}
 		d.readAheads.Add(1)
 		d.raNanos.Add(uint64(time.Since(start)))
 	}()
