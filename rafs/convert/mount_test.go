@@ -36,10 +36,7 @@ func TestMountByReference(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("needs root for the FUSE mount (CI runs tests as root)")
 	}
-	bin := t.TempDir()
-	if out, err := exec.Command("go", "build", "-o", bin+"/", "github.com/rafsd/rafsd/cmd/rafsd").CombinedOutput(); err != nil {
-		t.Fatalf("build rafsd: %v\n%s", err, out)
-	}
+	bin := buildRafsd(t)
 	reg := startRegistry(t)
 	ro := RegistryOptions{PlainHTTP: true}
 	im := newOCIImage(t, testLayers()...)

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -17,6 +19,31 @@ import (
 
 	"github.com/rafsd/rafsd/internal/testutil"
 )
+
+var rafsdBin struct {
+	once sync.Once
+	dir  string
+	err  error
+}
+
+// buildRafsd builds cmd/rafsd once for the package's tests.
+func buildRafsd(t *testing.T) string {
+	t.Helper()
+	rafsdBin.once.Do(func() {
+		rafsdBin.dir, rafsdBin.err = os.MkdirTemp("", "rafsd-bin-")
+		if rafsdBin.err != nil {
+			return
+		}
+		out, err := exec.Command("go", "build", "-o", rafsdBin.dir+"/", "github.com/rafsd/rafsd/cmd/rafsd").CombinedOutput()
+		if err != nil {
+			rafsdBin.err = fmt.Errorf("build rafsd: %v\n%s", err, out)
+		}
+	})
+	if rafsdBin.err != nil {
+		t.Fatal(rafsdBin.err)
+	}
+	return rafsdBin.dir
+}
 
 // startRafsdImage runs `rafsd fuse --image ref` on mnt with its own image
 // directory (bootstrap, generated config, blob cache) and waits for the
@@ -70,10 +97,7 @@ func TestOCIRef(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("needs root for the FUSE mount (CI runs tests as root)")
 	}
-	bin := t.TempDir()
-	if out, err := exec.Command("go", "build", "-o", bin+"/", "github.com/rafsd/rafsd/cmd/rafsd").CombinedOutput(); err != nil {
-		t.Fatalf("build rafsd: %v\n%s", err, out)
-	}
+	bin := buildRafsd(t)
 	reg := startRegistry(t)
 	ro := RegistryOptions{PlainHTTP: true}
 	im := newOCIImageComp(t, []string{"gzip"}, testLayers()...)
@@ -160,3 +184,11 @@ func TestOCIRef(t *testing.T) {
 }
 
 func digestOf(b []byte) string { return digest.FromBytes(b).String() }
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if rafsdBin.dir != "" {
+		os.RemoveAll(rafsdBin.dir)
+	}
+	os.Exit(code)
+}

@@ -74,12 +74,16 @@ func (b *bitReader) align() {
 	b.n -= d
 }
 
-// huffman is a canonical code as puff.c keeps it: counts per length and
-// symbols in code order.
+// huffman is a canonical code as puff.c keeps it (counts per length,
+// symbols in code order), plus a lookup table for codes of up to fastBits
+// bits indexed by the next stream bits.
 type huffman struct {
 	count  [16]uint16
 	symbol []uint16
+	fast   [1 << fastBits]uint32 // symbol | length<<16; 0: longer code
 }
+
+const fastBits = 9
 
 func newHuffman(lengths []uint8) (*huffman, error) {
 	h := &huffman{symbol: make([]uint16, len(lengths))}
@@ -106,10 +110,43 @@ func newHuffman(lengths []uint8) (*huffman, error) {
 			offs[l]++
 		}
 	}
+	// Canonical codes in symbol order of each length; the stream sends
+	// them most significant bit first, so the table is indexed reversed.
+	code := 0
+	k := 0
+	for l := 1; l <= fastBits; l++ {
+		for range h.count[l] {
+			r := bitsReverse(code, l)
+			for x := r; x < 1<<fastBits; x += 1 << l {
+				h.fast[x] = uint32(h.symbol[k]) | uint32(l)<<16
+			}
+			code++
+			k++
+		}
+		code <<= 1
+	}
 	return h, nil
 }
 
+func bitsReverse(c, n int) int {
+	r := 0
+	for range n {
+		r = r<<1 | c&1
+		c >>= 1
+	}
+	return r
+}
+
 func (b *bitReader) decode(h *huffman) (int, error) {
+	if b.need(fastBits) == nil {
+		if e := h.fast[b.buf&(1<<fastBits-1)]; e != 0 {
+			l := uint(e >> 16)
+			b.buf >>= l
+			b.n -= l
+			return int(e & 0xffff), nil
+		}
+	}
+	// A longer code, or the stream's last bits: one bit at a time.
 	code, first, index := 0, 0, 0
 	for l := 1; l < 16; l++ {
 		v, err := b.bits(1)
