@@ -8,6 +8,13 @@
 // Every process started here is killed when the test ends (SIGTERM, then
 // SIGKILL), and every mount left under the test's directory is lazily
 // unmounted.
+//
+// The tests run the same files through runc from an OCI image on overlayfs
+// and from its RAFS conversion on nydus-snapshotter + rafsd (dedicated and
+// shared daemons, failover after SIGKILL). BenchmarkColdStartClients times
+// a cold start through the whole stack, from containerd's pull to the
+// container's first line of output, with the registry behind a
+// bandwidth-capped proxy (internal/capproxy): `make bench-coldstart`.
 package clients
 
 import (
