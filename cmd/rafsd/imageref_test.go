@@ -113,7 +113,7 @@ func diffTree(t *testing.T, want, got string) {
 // TestMountImageRef starts rafsd from an image reference alone against a
 // registry with htpasswd auth: the bootstrap comes from the registry, the
 // generated config reads the blobs from it, both logging in with docker's
-// config.json.
+// config.json. Then the same for an --oci-ref (zran) image.
 func TestMountImageRef(t *testing.T) {
 	requireRoot(t)
 	reg := registrytest.Start(t, registrytest.Options{User: "u", Password: "p"})
@@ -127,9 +127,15 @@ func TestMountImageRef(t *testing.T) {
 	d := startDaemon(t, mnt, "--image", ref)
 	d.waitState("RUNNING")
 	diffTree(t, img.src, mnt)
-	if st, err := os.Stat(filepath.Join(os.Getenv(imageDirEnv))); err != nil || !st.IsDir() {
-		t.Fatalf("image dir: %v", err)
-	}
+
+	// The same tree as an --oci-ref image: its blob is the OCI layer
+	// itself, read in ranges through the bootstrap's zran checkpoints.
+	zref := reg.Addr + "/rafsd/app:nydus-oci-ref"
+	pushNydus(t, img, zref, "--oci-ref")
+	zmnt := t.TempDir()
+	zd := startDaemon(t, zmnt, "--image", zref)
+	zd.waitState("RUNNING")
+	diffTree(t, img.src, zmnt)
 }
 
 func TestMountImageRefErrors(t *testing.T) {
