@@ -136,3 +136,65 @@ func TestConvertCLIErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestConvertCLIOCIRef: with --oci-ref the only blob is the source's gzip
+// layer (uploaded here because the target repository lacks it), and files
+// read back through the registry backend from its zran checkpoints.
+func TestConvertCLIOCIRef(t *testing.T) {
+	reg := registrytest.Start(t, registrytest.Options{})
+	layout := t.TempDir()
+	writeLayout(t, layout, map[string]string{"hello.txt": "hello, zran\n", "etc/os-release": strings.Repeat("ID=test\n", 5000)})
+	idx, _ := os.ReadFile(filepath.Join(layout, "index.json"))
+	var ix ocispec.Index
+	json.Unmarshal(idx, &ix)
+	mb, _ := os.ReadFile(filepath.Join(layout, "blobs", "sha256", ix.Manifests[0].Digest.Encoded()))
+	var man ocispec.Manifest
+	json.Unmarshal(mb, &man)
+	layerDigest := man.Layers[0].Digest.String()
+
+	target := reg.Addr + "/cli/zran:nydus"
+	out := mustCLI(t, "", "convert", "--source", "oci-layout:"+layout, "--target", target, "--plain-http", "--oci-ref", "--quiet")
+	var res convertResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("stdout is not the JSON summary: %v\n%s", err, out)
+	}
+	if len(res.Blobs) != 1 || res.Blobs[0] != layerDigest || len(res.Uploaded) != 1 || res.Uploaded[0] != layerDigest {
+		t.Fatalf("summary %+v, want the layer %s as the one blob", res, layerDigest)
+	}
+	ctx := context.Background()
+	r, err := convert.FetchBootstrap(ctx, target, filepath.Join(t.TempDir(), "image.boot"), convert.RegistryOptions{PlainHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Image.Blobs[0].Zran == nil || r.Blobs[0].Annotations[convert.LayerAnnotationNydusRefLayer] != layerDigest {
+		t.Fatalf("blob %+v / layer %+v: not a zran reference to the OCI layer", r.Image.Blobs[0], r.Blobs[0])
+	}
+	cfg, err := config.Parse(r.DaemonConfig("", false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := storage.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for name, want := range map[string]string{"hello.txt": "hello, zran\n", "etc/os-release": strings.Repeat("ID=test\n", 5000)} {
+		ino := r.Image.Root()
+		for _, p := range strings.Split(name, "/") {
+			if ino, err = r.Image.Lookup(ino, p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		buf := make([]byte, len(want))
+		if n, err := r.Image.ReadAt(ctx, f, ino, buf, 0); n != len(want) {
+			t.Fatalf("%s: %d bytes, %v", name, n, err)
+		}
+		if string(buf) != want {
+			t.Errorf("%s: wrong bytes", name)
+		}
+	}
+	// zran needs RAFS v6.
+	if code, _, errs := cli(t, "", "convert", "--source", "oci-layout:"+layout, "--target", target, "--plain-http", "--oci-ref", "--fs-version", "5", "--quiet"); code == 0 || !strings.Contains(errs, "v6") {
+		t.Errorf("--oci-ref --fs-version 5: exit %d, %q", code, errs)
+	}
+}
