@@ -70,7 +70,9 @@ type Blob struct {
 	// ci_*), when the blob carries one.
 	Meta BlobMeta
 	// Zran, if set, makes the blob an original gzip layer whose chunks are
-	// inflated from checkpoints (see Zran).
+	// inflated from checkpoints (see Zran). Such chunks are not codec
+	// output: code that decompresses chunks itself must hand them to
+	// DecodeChunkBytes.
 	Zran *Zran
 }
 

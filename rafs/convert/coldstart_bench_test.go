@@ -439,10 +439,21 @@ func BenchmarkColdStart(b *testing.B) {
 		blobBytes += d.Size
 	}
 	b.Logf("converted in %s: %d blobs, %.0f MiB, bootstrap %.1f KiB", convertTime.Round(time.Millisecond), len(res.Blobs), float64(blobBytes)/(1<<20), float64(res.Bootstrap.Size)/1024)
+	// The same image as an --oci-ref (zran) image beside the OCI one: its
+	// blobs are the gzip layers themselves.
+	t0 = time.Now()
+	zres, err := Convert(context.Background(), reg.Addr+"/cold/app:oci", reg.Addr+"/cold/app:nydus-oci-ref", Options{
+		OCIRef: true, Prefetch: trace,
+		Source: RegistryOptions{PlainHTTP: true}, Target: RegistryOptions{PlainHTTP: true}, WorkDir: b.TempDir(),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Logf("converted with --oci-ref in %s: %d blobs uploaded, bootstrap %.1f KiB", time.Since(t0).Round(time.Millisecond), len(zres.Uploaded), float64(zres.Bootstrap.Size)/1024)
 	proxy := startCapProxy(b, reg.Addr, rate)
 
-	var ociTime, rafsTime, preTime time.Duration
-	var ociBytes, rafsBytes, preBytes int64
+	var ociTime, rafsTime, preTime, zranTime time.Duration
+	var ociBytes, rafsBytes, preBytes, zranBytes int64
 	b.ResetTimer()
 	for i := range b.N {
 		dir := filepath.Join(work, "run"+strconv.Itoa(i))
@@ -460,6 +471,11 @@ func BenchmarkColdStart(b *testing.B) {
 		t = time.Now()
 		coldRAFS(b, proxy.Addr+"/cold/app:nydus", startup, filepath.Join(dir, "rafs-prefetch"), true)
 		preTime, preBytes = time.Since(t), proxy.bytes.Load()
+
+		proxy.bytes.Store(0)
+		t = time.Now()
+		coldRAFS(b, proxy.Addr+"/cold/app:nydus-oci-ref", startup, filepath.Join(dir, "zran"), false)
+		zranTime, zranBytes = time.Since(t), proxy.bytes.Load()
 		b.StopTimer()
 		os.RemoveAll(dir)
 		b.StartTimer()
@@ -474,6 +490,11 @@ func BenchmarkColdStart(b *testing.B) {
 	b.ReportMetric(rafsTime.Seconds()/ociTime.Seconds(), "rafs/oci-time")
 	b.ReportMetric(preTime.Seconds()/ociTime.Seconds(), "rafs-prefetch/oci-time")
 	b.ReportMetric(float64(rafsBytes)/float64(ociBytes), "rafs/oci-bytes")
+	b.ReportMetric(zranTime.Seconds(), "zran-s")
+	b.ReportMetric(float64(zranBytes)/(1<<20), "zran-MiB-moved")
+	b.ReportMetric(zranTime.Seconds()/ociTime.Seconds(), "zran/oci-time")
+	b.Logf("cold start from the --oci-ref image (gzip layers read through zran checkpoints): %s, %.1f MiB moved (time ratio %.3f)",
+		zranTime.Round(time.Millisecond), float64(zranBytes)/(1<<20), zranTime.Seconds()/ociTime.Seconds())
 	b.Logf("cold start: OCI %s, %.1f MiB moved; RAFS on demand %s, %.1f MiB moved (time ratio %.3f); "+
 		"RAFS with the trace as prefetch table %s, %.1f MiB moved (time ratio %.3f); target <= 0.2",
 		ociTime.Round(time.Millisecond), float64(ociBytes)/(1<<20),
