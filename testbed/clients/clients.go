@@ -64,9 +64,20 @@ func moduleRoot(t testing.TB) string {
 }
 
 // BuildRafs builds bin/rafsd and bin/rafs-image of this tree into dir and
-// returns their paths.
+// returns their paths. $RAFSD_CLIENTS_BIN names a directory with both
+// already built instead, to compare builds (another commit, say) on the
+// same stack.
 func BuildRafs(t testing.TB, dir string) (rafsd, rafsImage string) {
 	t.Helper()
+	if bin := os.Getenv("RAFSD_CLIENTS_BIN"); bin != "" {
+		rafsd, rafsImage = filepath.Join(bin, "rafsd"), filepath.Join(bin, "rafs-image")
+		for _, b := range []string{rafsd, rafsImage} {
+			if _, err := os.Stat(b); err != nil {
+				t.Fatalf("RAFSD_CLIENTS_BIN=%s: %v", bin, err)
+			}
+		}
+		return rafsd, rafsImage
+	}
 	root := moduleRoot(t)
 	rafsd, rafsImage = filepath.Join(dir, "rafsd"), filepath.Join(dir, "rafs-image")
 	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/rafsd", "./cmd/rafs-image")
