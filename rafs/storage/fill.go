@@ -131,6 +131,7 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 		st := f.newStream(bs, run, false, noMark)
 		for _, cl := range st.items {
 			st.waiters.Add(1)
+			cl.refs.Add(1)
 			waits = append(waits, waiter{st, cl, true})
 		}
 		launch = append(launch, st)
@@ -145,7 +146,7 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 		if w.mine {
 			wctx = context.WithoutCancel(ctx)
 		}
-		if _, err := wait(wctx, bs, w.st, w.cl); err != nil && first == nil {
+		if err := wait(wctx, bs, w.st, w.cl, nil, 0); err != nil && first == nil {
 			first = err
 		}
 	}

@@ -144,6 +144,7 @@ func testRegistry(t *testing.T, token bool) {
 		}
 		close(start)
 		wg.Wait()
+		settle(f)
 		if n := metric(t, preg, "rafsd_backend_requests_total", nil) - before; n != 1 {
 			t.Fatalf("64 readers of a cold chunk made %v registry requests, want 1", n)
 		}

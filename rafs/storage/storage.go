@@ -343,11 +343,9 @@ func (f *Fetcher) ReadChunkAt(ctx context.Context, b *rafs.Blob, c *rafs.Chunk, 
 		}
 	}
 	f.m.cacheMisses.Inc()
-	data, err := f.fetch(ctx, bs, c, f.readBatch)
-	if err != nil {
+	if err := f.fetch(ctx, bs, c, f.readBatch, p, off); err != nil {
 		return err
 	}
-	copy(p, data[off:])
 	f.touch(bs, c)
 	return nil
 }
@@ -404,10 +402,11 @@ func (f *Fetcher) loadCached(bs *blobState, c *rafs.Chunk) ([]byte, error) {
 	return nil, nil
 }
 
-// fetch returns chunk c's verified bytes, joining an in-flight fetch of
-// it or starting a stream that also takes the following missing chunks,
-// up to batch bytes or, for sequential reads, the read-ahead window.
-func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch int) ([]byte, error) {
+// fetch copies chunk c's verified bytes from off into p, joining an
+// in-flight fetch of it or starting a stream that also takes the following
+// missing chunks, up to batch bytes or, for sequential reads, the
+// read-ahead window.
+func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch int, p []byte, off uint32) error {
 	bs.mu.Lock()
 	for {
 		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
@@ -416,7 +415,7 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 			if split != nil {
 				f.launch(split)
 			}
-			return wait(ctx, bs, st, cl)
+			return wait(ctx, bs, st, cl, p, off)
 		}
 		// It may have been cached since the caller looked.
 		if !bs.cached(c, f.compressed) {
@@ -424,8 +423,12 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 		}
 		bs.mu.Unlock()
 		data, err := f.loadWhole(bs, c)
-		if err != nil || data != nil {
-			return data, err
+		if err != nil {
+			return err
+		}
+		if data != nil {
+			copy(p, data[off:])
+			return nil
 		}
 		// It failed its check and was invalidated: fetch it (unless
 		// someone started to meanwhile).
@@ -446,9 +449,10 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 	st := f.newStream(bs, group, false, mark)
 	cl := st.items[0]
 	st.waiters.Add(1)
+	cl.refs.Add(1)
 	bs.mu.Unlock()
 	f.launch(st)
-	return wait(ctx, bs, st, cl)
+	return wait(ctx, bs, st, cl, p, off)
 }
 
 // loadWhole returns a cached chunk's whole verified bytes (nil if it

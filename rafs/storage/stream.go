@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/bits"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/codec"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
 	"github.com/rafsd/rafsd/rafs/storage/blobcache"
 )
@@ -46,6 +48,11 @@ type call struct {
 	done chan struct{}
 	data []byte // verified uncompressed bytes
 	err  error
+	// data comes from the buffer pool; refs counts who may still read it
+	// (the stream, and each waiter until it copied it out), and the last
+	// to let go returns it.
+	pooled bool
+	refs   atomic.Int32
 
 	// st is the stream that delivers the chunk and idx its place there;
 	// both change when the stream is split (under blobState.mu).
@@ -83,6 +90,7 @@ func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool, m
 	st := &stream{bs: bs, prefetch: prefetch, items: make([]*call, len(group)), limit: len(group)}
 	for i, c := range group {
 		cl := &call{c: c, done: make(chan struct{}), st: st, idx: i}
+		cl.refs.Store(1)
 		st.items[i] = cl
 		bs.inflight[c.CompressedOffset] = cl
 	}
@@ -141,18 +149,53 @@ func (f *Fetcher) join(cl *call) (st, split *stream) {
 		st.mu.Unlock()
 	}
 	st.waiters.Add(1)
+	cl.refs.Add(1)
 	return st, split
 }
 
-// wait waits for cl as an on-demand reader registered with join.
-func wait(ctx context.Context, bs *blobState, st *stream, cl *call) ([]byte, error) {
+// wait waits for cl as an on-demand reader registered with join (or, for
+// a stream's own chunk, with st.waiters and cl.refs taken), and copies
+// its bytes from off into p.
+func wait(ctx context.Context, bs *blobState, st *stream, cl *call, p []byte, off uint32) error {
 	defer st.waiters.Add(-1)
+	defer cl.release()
 	select {
 	case <-cl.done:
-		return cl.data, cl.err
+		if cl.err == nil {
+			copy(p, cl.data[off:])
+		}
+		return cl.err
 	case <-ctx.Done():
-		return nil, fmt.Errorf("storage: chunk %d of blob %s: %w", cl.c.Index, bs.blob.ID, ctx.Err())
+		return fmt.Errorf("storage: chunk %d of blob %s: %w", cl.c.Index, bs.blob.ID, ctx.Err())
 	}
+}
+
+// release drops a reference to cl's data.
+func (cl *call) release() {
+	if cl.refs.Add(-1) == 0 && cl.pooled {
+		putBuf(cl.data)
+	}
+}
+
+// bufPools hold chunk buffers by power-of-two capacity: streams go through
+// hundreds of MiB, and fresh buffers cost zeroing and garbage collection.
+var bufPools [40]sync.Pool
+
+func getBuf(n int) []byte {
+	k := bits.Len(uint(max(n, 1) - 1))
+	if v, ok := bufPools[k].Get().(*[]byte); ok {
+		return (*v)[:n]
+	}
+	return make([]byte, n, 1<<k)
+}
+
+func putBuf(b []byte) {
+	c := cap(b)
+	if c == 0 || c&(c-1) != 0 {
+		return
+	}
+	b = b[:c]
+	bufPools[bits.Len(uint(c-1))].Put(&b)
 }
 
 // window returns the compressed bytes a fetch of bs.chunks[k] should
@@ -232,6 +275,7 @@ func (f *Fetcher) failFrom(st *stream, i int, err error) {
 		cl := st.items[i]
 		cl.err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", cl.c.Index, st.bs.blob.ID, syscall.EIO, err)
 		f.finish(st.bs, cl)
+		cl.release()
 	}
 	if end > i {
 		f.m.readErrors.Add(float64(end - i))
@@ -330,7 +374,7 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 			err := f.pace(ctx, st, c)
 			var raw []byte
 			if err == nil {
-				raw = make([]byte, c.CompressedSize)
+				raw = getBuf(int(c.CompressedSize))
 				_, err = io.ReadFull(rc, raw)
 			}
 			select {
@@ -346,6 +390,9 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 	next := i
 	for p := range pieces {
 		if p.err != nil {
+			if p.raw != nil {
+				putBuf(p.raw)
+			}
 			return p.i, p.err
 		}
 		f.deliver(ctx, st, st.items[p.i], p.raw)
@@ -374,25 +421,30 @@ func (f *Fetcher) pace(ctx context.Context, st *stream, c *rafs.Chunk) error {
 }
 
 // deliver verifies one chunk's stored bytes (refetching it alone once if
-// they fail), caches it and publishes the result.
+// they fail), caches it and publishes the result. stored is a pooled
+// buffer it takes over.
 func (f *Fetcher) deliver(ctx context.Context, st *stream, cl *call, stored []byte) {
 	bs, b, c := st.bs, st.bs.blob, cl.c
 	if st.prefetch {
 		f.m.prefetchBytes.Add(float64(len(stored)))
 		f.stats.prefetchBytes.Add(uint64(len(stored)))
 	}
-	data, err := rafs.DecodeChunkBytes(b, c, stored)
+	data, err := decode(b, c, stored)
 	if err != nil {
 		f.m.digestFailures.WithLabelValues("backend").Inc()
 		f.stats.digestFailures.Add(1)
 		f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", err)
+		putBuf(stored)
 		data, stored, err = f.refetch(ctx, b, c)
+	} else {
+		cl.pooled = true
 	}
 	if err != nil {
 		f.m.readErrors.Inc()
 		f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", err)
 		cl.err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, err)
 		f.finish(bs, cl)
+		cl.release()
 		return
 	}
 	cl.data = data
@@ -405,5 +457,32 @@ func (f *Fetcher) deliver(ctx context.Context, st *stream, cl *call, stored []by
 			f.log.Warn("storage: caching chunk failed", "blob", b.ID, "chunk", c.Index, "err", werr)
 		}
 	}
+	if cl.pooled && c.Compressed {
+		putBuf(stored) // data is a buffer of its own
+	}
 	f.finish(bs, cl)
+	cl.release()
+}
+
+// decode is rafs.DecodeChunkBytes into a pooled buffer: the verified
+// uncompressed bytes of a chunk from its stored bytes (which it returns
+// as they are for a chunk stored uncompressed).
+func decode(b *rafs.Blob, c *rafs.Chunk, stored []byte) ([]byte, error) {
+	data := stored
+	if c.Compressed {
+		data = getBuf(int(c.UncompressedSize))
+		if err := codec.Decompress(b.Compressor, data, stored); err != nil {
+			putBuf(data)
+			return nil, fmt.Errorf("chunk %d of blob %s: %w", c.Index, b.ID, err)
+		}
+	} else if len(stored) != int(c.UncompressedSize) {
+		return nil, fmt.Errorf("chunk %d of blob %s: raw chunk of %d bytes, want %d: %w", c.Index, b.ID, len(stored), c.UncompressedSize, rafs.ErrInvalid)
+	}
+	if err := b.Digester.Verify(data, c.Digest); err != nil {
+		if c.Compressed {
+			putBuf(data)
+		}
+		return nil, fmt.Errorf("chunk %d of blob %s: %w", c.Index, b.ID, err)
+	}
+	return data, nil
 }
