@@ -692,6 +692,8 @@ func FuzzV6Read(f *testing.F) {
 	}
 	f.Add(fx)
 	f.Add(smallBootstrap(f))
+	zb, _ := zranBootstrap(f)
+	f.Add(zb)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkNoPanic(t, b)
 	})
