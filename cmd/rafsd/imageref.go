@@ -30,8 +30,8 @@ const imageFetchTimeout = 5 * time.Minute
 // by the image's bootstrap layer) and, without --config, a generated config
 // reading the blobs from the same repository through the registry backend
 // with a blob cache. Registry logins come from docker's config.json. The
-// files live in a per-reference directory so that a takeover daemon
-// started with the same command line finds them.
+// files live in a directory per reference and mountpoint under
+// $RAFSD_IMAGE_DIR (default /var/lib/rafsd/images).
 func useImage(a *args, log *slog.Logger) error {
 	if a.image == "" {
 		return nil
@@ -46,7 +46,14 @@ func useImage(a *args, log *slog.Logger) error {
 	if base == "" {
 		base = defaultImageDir
 	}
-	sum := sha256.Sum256([]byte(a.image))
+	// One directory per reference and mountpoint: two daemons must not
+	// share a blob cache, and a takeover daemon (same command line) finds
+	// its predecessor's.
+	mnt, err := filepath.Abs(a.mountpoint)
+	if err != nil {
+		return fmt.Errorf("--mountpoint: %w", err)
+	}
+	sum := sha256.Sum256([]byte(a.image + "\x00" + mnt))
 	dir := filepath.Join(base, hex.EncodeToString(sum[:8]))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("--image: %w", err)

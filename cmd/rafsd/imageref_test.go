@@ -82,14 +82,15 @@ func writeOCILayout(t *testing.T, src, dir string) {
 // pushNydus converts img's tree (as a one-layer OCI image) and pushes it
 // to reg as ref with `rafs-image convert` plus extra flags, logging in with
 // the docker config.json in $DOCKER_CONFIG.
-func pushNydus(t *testing.T, img *image, ref string, extra ...string) {
+func pushNydus(t *testing.T, img *image, ref string, extra ...string) (layout string) {
 	t.Helper()
-	layout := filepath.Join(t.TempDir(), "layout")
+	layout = filepath.Join(t.TempDir(), "layout")
 	writeOCILayout(t, img.src, layout)
 	args := append([]string{"convert", "--source", "oci-layout:" + layout, "--target", ref, "--quiet", "--chunk-size", "0x40000"}, extra...)
 	if out, err := exec.Command(filepath.Join(binDir, "rafs-image"), args...).CombinedOutput(); err != nil {
 		t.Fatalf("rafs-image convert: %v\n%s", err, out)
 	}
+	return layout
 }
 
 // loginDockerConfig points $DOCKER_CONFIG (inherited by the binaries the
@@ -131,11 +132,24 @@ func TestMountImageRef(t *testing.T) {
 	// The same tree as an --oci-ref image: its blob is the OCI layer
 	// itself, read in ranges through the bootstrap's zran checkpoints.
 	zref := reg.Addr + "/rafsd/app:nydus-oci-ref"
-	pushNydus(t, img, zref, "--oci-ref")
+	layout := pushNydus(t, img, zref, "--oci-ref")
 	zmnt := t.TempDir()
 	zd := startDaemon(t, zmnt, "--image", zref)
 	zd.waitState("RUNNING")
 	diffTree(t, img.src, zmnt)
+
+	// With --config, that config reads the blobs: here a localfs backend
+	// on the OCI layout's blob directory (the blob is the gzip layer, named
+	// by its digest), with the registry gone once the bootstrap is fetched.
+	cfg := filepath.Join(t.TempDir(), "localfs.json")
+	if err := os.WriteFile(cfg, []byte(localfsConfig(filepath.Join(layout, "blobs", "sha256"))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	lmnt := t.TempDir()
+	ld := startDaemon(t, lmnt, "--image", zref, "--config", cfg)
+	ld.waitState("RUNNING")
+	reg.Stop()
+	diffTree(t, img.src, lmnt)
 }
 
 func TestMountImageRefErrors(t *testing.T) {
