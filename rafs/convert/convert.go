@@ -19,6 +19,15 @@
 //
 // A blob is a layer of the manifest whether it was built now or comes from a
 // chunk dictionary; only blobs the target does not hold yet are uploaded.
+//
+// With OCIRef (nydusify --oci-ref) no blob is built: each gzip layer is its
+// own blob, its chunks ranges of the layer's tar read by inflating from
+// checkpoints (rafs/zran) whose table travels in the bootstrap. The layers
+// keep their digests, annotated containerd.io/snapshot/nydus-blob and
+// containerd.io/snapshot/nydus-ref-layer, so a target in the source's
+// repository receives only the bootstrap layer, config and manifest.
+// (nydus instead pushes a small "ref blob" per layer holding its zran
+// table; rafsd reads its own layout only.)
 package convert
 
 import (
