@@ -193,6 +193,20 @@ func TestConvertCLIOCIRef(t *testing.T) {
 			t.Errorf("%s: wrong bytes", name)
 		}
 	}
+	// check verifies every chunk from the layer file (the layout's blob
+	// directory names blobs by digest, as --blob-dir wants); a flipped byte
+	// in the layer fails it.
+	blobs := filepath.Join(layout, "blobs", "sha256")
+	mustCLI(t, "", "check", "--bootstrap", r.BootstrapPath, "--blob-dir", blobs)
+	bad := t.TempDir()
+	lb, _ := os.ReadFile(filepath.Join(blobs, man.Layers[0].Digest.Encoded()))
+	for i := 30; i < len(lb)-40; i += 64 {
+		lb[i] ^= 0xff
+	}
+	os.WriteFile(filepath.Join(bad, man.Layers[0].Digest.Encoded()), lb, 0o644)
+	if code, _, _ := cli(t, "", "check", "--bootstrap", r.BootstrapPath, "--blob-dir", bad); code == 0 {
+		t.Error("check passed a corrupt layer")
+	}
 	// zran needs RAFS v6.
 	if code, _, errs := cli(t, "", "convert", "--source", "oci-layout:"+layout, "--target", target, "--plain-http", "--oci-ref", "--fs-version", "5", "--quiet"); code == 0 || !strings.Contains(errs, "v6") {
 		t.Errorf("--oci-ref --fs-version 5: exit %d, %q", code, errs)
