@@ -208,7 +208,7 @@ type window struct {
 
 const (
 	windowSize = 32 << 10
-	windowCap  = 1 << 20
+	windowCap  = 256 << 10
 )
 
 func (w *window) flush() {

@@ -44,7 +44,7 @@ func Scan(r io.Reader, span int64) (*Index, error) {
 	if span <= 0 {
 		span = DefaultSpan
 	}
-	br := &bitReader{r: bufio.NewReaderSize(r, 256<<10)}
+	br := &bitReader{r: bufio.NewReaderSize(r, 64<<10)}
 	if err := br.gzipHeader(); err != nil {
 		return nil, err
 	}
