@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -89,7 +91,7 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		compressor = fs.String("compressor", "zstd", "chunk compressor: none, lz4_block, gzip, zstd")
 		digester   = fs.String("digester", "blake3", "chunk digester: blake3, sha256")
 		chunkSize  = fs.String("chunk-size", "0x100000", "chunk size, a power of two in [0x1000, 0x1000000]")
-		srcType    = fs.String("type", "dir-rafs", "source type: dir-rafs, tar-rafs (plain, gzip or zstd tar)")
+		srcType    = fs.String("type", "dir-rafs", "source type: dir-rafs, tar-rafs (plain, gzip or zstd tar), targz-ref (a tar.gz that is itself the blob, read through zran checkpoints; RAFS v6)")
 		parent     = fs.String("parent-bootstrap", "", "bootstrap of the image this layer is built on")
 		prefetch   = fs.String("prefetch-policy", "none", "none, or fs: read paths to prefetch from stdin")
 		outJSON    = fs.String("output-json", "", "write the result as JSON to this file")
@@ -154,6 +156,28 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		return err
 	}
 
+	ctx := context.Background()
+	typeSet := false
+	fs.Visit(func(f *flag.Flag) { typeSet = typeSet || f.Name == "type" || f.Name == "t" })
+	if st, err := os.Stat(src); !typeSet && (src == "-" || err == nil && !st.IsDir()) {
+		*srcType = "tar-rafs" // a file given without --type can only be a tar
+	}
+	// targz-ref (nydus-image's name): the tar.gz itself is the blob, its
+	// chunks read through zran checkpoints; it is copied to the blob path.
+	var ref *os.File
+	if *srcType == "targz-ref" {
+		if ref, err = os.Open(src); err != nil {
+			return err
+		}
+		defer ref.Close()
+		h := sha256.New()
+		n, err := io.Copy(h, ref)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", src, err)
+		}
+		opts.Zran = &builder.ZranLayer{ID: hex.EncodeToString(h.Sum(nil)), R: ref, Size: n}
+	}
+
 	// The blob goes to a temporary file next to its destination, renamed
 	// into place once complete (its name is its digest).
 	tmpDir := *blobDir
@@ -174,12 +198,6 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		tmp.Close()
 		return err
 	}
-	ctx := context.Background()
-	typeSet := false
-	fs.Visit(func(f *flag.Flag) { typeSet = typeSet || f.Name == "type" || f.Name == "t" })
-	if st, err := os.Stat(src); !typeSet && (src == "-" || err == nil && !st.IsDir()) {
-		*srcType = "tar-rafs" // a file given without --type can only be a tar
-	}
 	switch *srcType {
 	case "dir-rafs", "directory":
 		err = b.AddDir(ctx, src)
@@ -198,14 +216,20 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		}
 		err = b.AddTar(ctx, f)
 		f.Close()
+	case "targz-ref":
+		err = b.AddTar(ctx, io.NewSectionReader(ref, 0, opts.Zran.Size))
 	default:
-		err = fmt.Errorf("--type %q: want dir-rafs or tar-rafs", *srcType)
+		err = fmt.Errorf("--type %q: want dir-rafs, tar-rafs or targz-ref", *srcType)
 	}
 	if err != nil {
 		tmp.Close()
 		return err
 	}
 	res, err := b.Finish()
+	if err == nil && ref != nil && res.Blob != nil {
+		// Nothing went to the blob writer: the blob is the source.
+		_, err = io.Copy(bw, io.NewSectionReader(ref, 0, opts.Zran.Size))
+	}
 	if err == nil {
 		err = bw.Flush()
 	}

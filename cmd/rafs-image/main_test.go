@@ -3,9 +3,12 @@ package main
 import (
 	"archive/tar"
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -355,5 +358,38 @@ func TestHostileBootstraps(t *testing.T) {
 			cli(t, "", "unpack", "--bootstrap", boot, "--blob-dir", blobs, "--output", "-")
 		}
 		t.Logf("%s: %d of %d corruptions rejected by check", name, failed, tried)
+	}
+}
+
+// TestCreateTargzRef: `create --type targz-ref` keeps the tar.gz (made by
+// GNU tar and gzip, i.e. zlib) as the blob; check and unpack read every
+// chunk from it through zran checkpoints.
+func TestCreateTargzRef(t *testing.T) {
+	src, dir := t.TempDir(), t.TempDir()
+	writeTree(t, src, sample)
+	tgz := filepath.Join(dir, "layer.tar.gz")
+	if out, err := exec.Command("tar", "-C", src, "-czf", tgz, ".").CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v\n%s", err, out)
+	}
+	boot, blobs := filepath.Join(dir, "bootstrap"), filepath.Join(dir, "blobs")
+	mustCLI(t, "", "create", "--type", "targz-ref", "--chunk-size", "0x10000", "--bootstrap", boot, "--blob-dir", blobs,
+		"--output-json", filepath.Join(dir, "out.json"), tgz)
+	var res createResult
+	j, _ := os.ReadFile(filepath.Join(dir, "out.json"))
+	if err := json.Unmarshal(j, &res); err != nil || res.Blob == "" {
+		t.Fatalf("output json %s: %v", j, err)
+	}
+	raw, _ := os.ReadFile(tgz)
+	stored, err := os.ReadFile(filepath.Join(blobs, res.Blob))
+	if err != nil || !bytes.Equal(raw, stored) || res.Blob != fmt.Sprintf("%x", sha256.Sum256(raw)) {
+		t.Fatalf("blob %s is not the tar.gz (%v)", res.Blob, err)
+	}
+	if out := mustCLI(t, "", "check", "--bootstrap", boot, "--blob-dir", blobs); !strings.Contains(out, "data OK") {
+		t.Errorf("check output: %s", out)
+	}
+	mustCLI(t, "", "unpack", "--bootstrap", boot, "--blob-dir", blobs, "--output", filepath.Join(dir, "out"))
+	sameMap(t, "unpack targz-ref", sample, readTree(t, filepath.Join(dir, "out")))
+	if code, _, errs := cli(t, "", "create", "--type", "targz-ref", "--fs-version", "5", "--bootstrap", boot, "--blob-dir", blobs, tgz); code == 0 || !strings.Contains(errs, "v6") {
+		t.Errorf("targz-ref with v5: exit %d, %q", code, errs)
 	}
 }
