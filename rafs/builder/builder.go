@@ -76,8 +76,13 @@ func (o *Options) norm() (Options, error) {
 		d := codec.Blake3
 		out.Digester = &d
 	}
-	if out.Zran != nil && out.Version != 6 {
-		return out, errors.New("builder: zran (--oci-ref) images need RAFS v6")
+	if out.Zran != nil {
+		if out.Version != 6 {
+			return out, errors.New("builder: zran (--oci-ref) images need RAFS v6")
+		}
+		// The data is the layer's gzip stream, whatever was asked for.
+		c := codec.Gzip
+		out.Compressor = &c
 	}
 	if !out.Compressor.Valid() || !out.Digester.Valid() {
 		return out, fmt.Errorf("builder: bad compressor %s or digester %s", out.Compressor, out.Digester)
