@@ -180,15 +180,20 @@ func (g *Group) Serve(ctx context.Context, f Filler, opts Options) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rec.wait(ev.Fd)
+			if rec.wait(ev.Fd) && opts.Trusted != nil && opts.Trusted(ev) {
+				opts.Journal.doneIf(slot)
+				g.respond(ev.Fd, unix.FAN_ALLOW, log)
+				unix.Close(ev.Fd)
+				return
+			}
 			select {
 			case sem <- struct{}{}:
 			case <-ctx.Done():
 				// Answer anyway: an event left unanswered would block
 				// its reader until the group closes (and Serve does not
 				// close it). The next Serve of the group does the work.
-				g.respond(ev.Fd, deny(unix.EIO), log)
 				opts.Journal.doneIf(slot)
+				g.respond(ev.Fd, deny(unix.EIO), log)
 				unix.Close(ev.Fd)
 				return
 			}
@@ -202,11 +207,16 @@ func (g *Group) Serve(ctx context.Context, f Filler, opts Options) error {
 	slots := make([]int, 0, 256)
 	var resp [8]byte
 	allow := func(ev Event, slot int) {
+		// Unjournal before answering, never after: a SIGKILL is acted on
+		// when a system call returns, so "answered but still journaled"
+		// is the likely state of a daemon killed here, and a successor
+		// answering that record would answer whichever event of its own
+		// got the number. Unjournaled but unanswered costs one EIO.
+		opts.Journal.doneIf(slot)
 		putResponse(&resp, ev.Fd, unix.FAN_ALLOW)
 		if _, err := unix.Write(g.fd, resp[:]); err != nil {
 			log.Error("fanotify response", "fd", ev.Fd, "err", err)
 		}
-		opts.Journal.doneIf(slot)
 		unix.Close(ev.Fd)
 	}
 	fds := []unix.PollFd{{Fd: int32(g.fd), Events: unix.POLLIN}, {Fd: int32(stop), Events: unix.POLLIN}}
@@ -319,8 +329,8 @@ func (g *Group) answer(ctx context.Context, f Filler, ev Event, slot int, opts O
 	}
 	// The kernel matches the response to the event by fd number, so answer
 	// before closing: a closed number can be reused by the next event.
+	opts.Journal.doneIf(slot) // first: see allow in Serve
 	g.respond(ev.Fd, resp, log)
-	opts.Journal.doneIf(slot)
 	if finished {
 		release()
 		file.Close()
@@ -386,7 +396,13 @@ func (g *Group) startRecovery(ctx context.Context, f Filler, opts Options, log *
 		}
 	}
 	if null >= 0 {
-		unix.Close(null)
+		// /dev/null itself may have got a recorded number (the lowest
+		// free one, as event fds do): then it is that number's holder.
+		if _, held := holders[null]; r.done[null] != nil && !held {
+			holders[null] = null
+		} else {
+			unix.Close(null)
+		}
 	}
 	var allowed, denied atomic.Int32
 	var all sync.WaitGroup
@@ -406,6 +422,11 @@ func (g *Group) startRecovery(ctx context.Context, f Filler, opts Options, log *
 			if err != nil {
 				resp = deny(ErrnoOf(err))
 				log.Error("fanotify: held event of the previous daemon failed", "fd", ev.Fd, "offset", ev.Offset, "count", ev.Count, "err", err)
+			}
+			// Off the journal first, as in Serve: should this daemon die
+			// now, its successor must not answer the number again.
+			if opts.Journal != nil {
+				opts.Journal.forget(ev)
 			}
 			_, werr := unix.Write(g.fd, encodeResponse(ev.Fd, resp))
 			close(r.done[ev.Fd])
@@ -451,14 +472,17 @@ func (r *recovery) pending(fd int) bool {
 	}
 }
 
-// wait blocks until the held event of number fd, if any, is answered.
-func (r *recovery) wait(fd int) {
+// wait blocks until the held event of number fd, if any, is answered,
+// and reports whether there was one.
+func (r *recovery) wait(fd int) bool {
 	if r == nil {
-		return
+		return false
 	}
-	if ch, ok := r.done[fd]; ok {
+	ch, ok := r.done[fd]
+	if ok {
 		<-ch
 	}
+	return ok
 }
 
 // DenyOrphans answers, with EIO, the events a dead daemon read from this

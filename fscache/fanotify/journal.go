@@ -182,6 +182,19 @@ func (j *Journal) Pending() []Event {
 	return out
 }
 
+// forget drops the held record of ev (before it is answered).
+func (j *Journal) forget(ev Event) {
+	le := binary.LittleEndian
+	for _, i := range j.stale {
+		s := j.slot(i)
+		if j.live(i) && int(int32(le.Uint32(s[4:]))) == ev.Fd && le.Uint64(s[8:]) == ev.Dev &&
+			le.Uint64(s[16:]) == ev.Ino && le.Uint64(s[24:]) == ev.Offset && le.Uint64(s[32:]) == ev.Count {
+			atomic.StoreUint32(j.state(i), 0)
+			return
+		}
+	}
+}
+
 // Forget drops the records Pending returns (once they are answered, or
 // for a stale file a fresh daemon reuses), freeing their slots.
 func (j *Journal) Forget() {

@@ -73,7 +73,9 @@ func median(ds []time.Duration) time.Duration {
 //   - warm-marked: the same with the mark kept (KeepMarks), so every
 //     readahead window is an event answered by the fast path;
 //   - fuse-cold / fuse-warm: rafsd's FUSE mode (rafs/fs) over the same kind
-//     of fetcher, its own fresh cache, read_ahead 1 MiB.
+//     of fetcher, its own fresh cache, read_ahead 1 MiB;
+//   - fill-only: the fetcher filling the whole blob in one EnsureChunks, no
+//     reader: what cold could reach without overlap.
 //
 // Each is the median of 3 reads (cold: 3 fresh caches). It reports MiB/s,
 // ratios to the kernel mount and to FUSE, and events per MiB.
@@ -85,7 +87,7 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	}
 	im := buildImage(b, src, 1<<20)
 	const reps = 3
-	var kernel, cold, warm, warmMarked, fuseCold, fuseWarm []time.Duration
+	var kernel, cold, warm, warmMarked, fuseCold, fuseWarm, fill []time.Duration
 	var coldEvents, markedEvents, warmEvents, ahead uint64
 	for range b.N {
 		var cacheFile string
@@ -172,6 +174,27 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 		<-done
 		g.Close()
 
+		// The fill path alone: every chunk fetched, verified and written
+		// by one EnsureChunks on a fresh cache (cold's ceiling without
+		// overlap with reading).
+		{
+			ff := newFetcher(b, im.blobDir, b.TempDir())
+			if err := ff.AddImage(im.img); err != nil {
+				b.Fatal(err)
+			}
+			l := im.img.BlobLayouts()[0]
+			if _, err := ff.CachePath(l.Blob); err != nil {
+				b.Fatal(err)
+			}
+			dropCache(b, im.blobPath())
+			start := time.Now()
+			if err := ff.EnsureChunks(context.Background(), l.Blob, l.Chunks); err != nil {
+				b.Fatal(err)
+			}
+			fill = append(fill, time.Since(start))
+			ff.Close()
+		}
+
 		// The FUSE mode over a fetcher with its own fresh cache.
 		ff := newFetcher(b, im.blobDir, b.TempDir())
 		if err := ff.AddImage(im.img); err != nil {
@@ -199,6 +222,7 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	b.ReportMetric(mibps(wm), "warm-marked-MiB/s")
 	b.ReportMetric(mibps(fc), "fuse-cold-MiB/s")
 	b.ReportMetric(mibps(fw), "fuse-warm-MiB/s")
+	b.ReportMetric(mibps(median(fill)), "fill-only-MiB/s")
 	b.ReportMetric(k.Seconds()/c.Seconds(), "cold/kernel")
 	b.ReportMetric(k.Seconds()/w.Seconds(), "warm/kernel")
 	b.ReportMetric(k.Seconds()/wm.Seconds(), "warm-marked/kernel")

@@ -175,11 +175,33 @@ func (s *supervisor) handle(c *net.UnixConn) {
 	s.state = state
 }
 
+// describeDiff says where got differs from want and whether the bad
+// bytes are zeros (holes read as data).
+func describeDiff(got, want []byte) string {
+	if len(got) != len(want) {
+		return fmt.Sprintf("%d bytes, want %d", len(got), len(want))
+	}
+	first, last, zeros := -1, -1, true
+	for i := range got {
+		if got[i] != want[i] {
+			if first < 0 {
+				first = i
+			}
+			last = i
+			if got[i] != 0 {
+				zeros = false
+			}
+		}
+	}
+	return fmt.Sprintf("bytes [%d,%d] differ, all zeros: %v", first, last, zeros)
+}
+
 type daemonProc struct {
 	guard int // pid of its guard, if any
 	// recovered and orphans: events of the previous daemon this one
 	// filled and allowed, and only denied, as it reported when ready.
 	recovered, orphans int
+	stderr             string
 	cmd                *exec.Cmd
 	done               chan struct{}
 	killed             atomic.Bool
@@ -217,7 +239,7 @@ func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool, e
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemonProc{cmd: cmd, done: make(chan struct{})}
+	d := &daemonProc{cmd: cmd, done: make(chan struct{}), stderr: stderr.Name()}
 	ready := make(chan string, 1)
 	go func() {
 		line, _ := bufio.NewReader(out).ReadString('\n')
@@ -264,11 +286,13 @@ func TestCrashRestartNeverZeros(t *testing.T) {
 	fstest.RequireRoot(t)
 	src := t.TempDir()
 	want := map[string][32]byte{}
+	wantData := map[string][]byte{}
 	for i := range 24 {
 		name := fmt.Sprintf("f%02d", i)
 		data := fstest.Bytes(int64(100+i), 1<<20+i*4099)
 		os.WriteFile(filepath.Join(src, name), data, 0o644)
 		want[name] = sha256.Sum256(data)
+		wantData[name] = data
 	}
 	im := buildImage(t, src, 64<<10)
 	sup := startSupervisor(t)
@@ -312,7 +336,7 @@ func TestCrashRestartNeverZeros(t *testing.T) {
 						}
 						if sha256.Sum256(data) != sum {
 							wrong.Add(1)
-							return fmt.Errorf("pass %d: %s: wrong bytes", pass, name)
+							return fmt.Errorf("pass %d: %s: wrong bytes: %s", pass, name, describeDiff(data, wantData[name]))
 						}
 						break
 					}
@@ -329,6 +353,15 @@ func TestCrashRestartNeverZeros(t *testing.T) {
 
 	const restarts = 5
 	var recovered, orphans int
+	all := []*daemonProc{d}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, p := range all {
+				b, _ := os.ReadFile(p.stderr)
+				t.Logf("daemon %d stderr:\n%s", p.cmd.Process.Pid, b)
+			}
+		}
+	})
 	for k := range restarts {
 		time.Sleep(time.Duration(150+k*60) * time.Millisecond)
 		mu.Lock()
@@ -336,6 +369,7 @@ func TestCrashRestartNeverZeros(t *testing.T) {
 		mu.Unlock()
 		time.Sleep(100 * time.Millisecond) // readers now block (the supervisor holds the group)
 		nd := startDaemon(t, sup, st, true)
+		all = append(all, nd)
 		recovered += nd.recovered
 		orphans += nd.orphans
 		mu.Lock()

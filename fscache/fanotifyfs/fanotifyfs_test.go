@@ -294,7 +294,17 @@ func TestCompleteFileIsUnmarked(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	// Events are counted once answered, after their reader moved on:
+	// let the count settle.
 	before := s.Stats().Events
+	for {
+		time.Sleep(50 * time.Millisecond)
+		if n := s.Stats().Events; n != before {
+			before = n
+			continue
+		}
+		break
+	}
 	for _, q := range []string{p, m.CacheFiles()[0]} {
 		fh, err := os.Open(q)
 		if err != nil {
