@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/blobmeta"
@@ -80,7 +81,14 @@ func sparse(h *tar.Header) bool {
 // finish scans the layer, places the chunks and describes the blob.
 func (z *zranState) finish(dig codec.Digester, chunkSize uint32) (*rafs.Blob, error) {
 	l := z.layer
-	ix, err := zran.Scan(io.NewSectionReader(l.R, 0, l.Size), l.Span)
+	// Checkpoints near chunk starts: a chunk read inflates little before
+	// its data.
+	starts := make([]int64, len(z.spans))
+	for i, s := range z.spans {
+		starts[i] = s.Off
+	}
+	slices.Sort(starts)
+	ix, err := zran.ScanFor(io.NewSectionReader(l.R, 0, l.Size), l.Span, slices.Compact(starts))
 	if err != nil {
 		return nil, fmt.Errorf("builder: layer %s: %w", l.ID, err)
 	}

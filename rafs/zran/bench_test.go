@@ -46,11 +46,15 @@ func BenchmarkZranScan(b *testing.B) {
 func BenchmarkZranChunkRead(b *testing.B) {
 	data := testData(22, 16<<20)
 	gz := goGzip(b, data, gzip.DefaultCompression)
-	ix, err := Scan(bytes.NewReader(gz), 0)
+	spans := tile(int64(len(data)), 1<<20)
+	var starts []int64
+	for _, s := range spans {
+		starts = append(starts, s.Off)
+	}
+	ix, err := ScanFor(bytes.NewReader(gz), 0, starts)
 	if err != nil {
 		b.Fatal(err)
 	}
-	spans := tile(int64(len(data)), 1<<20)
 	z, ext, err := ix.Place(bytes.NewReader(gz), int64(len(gz)), spans)
 	if err != nil {
 		b.Fatal(err)

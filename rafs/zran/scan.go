@@ -41,22 +41,49 @@ const DefaultSpan = 1 << 20
 // at any bit; about one in eight starts on a byte (and every one after a
 // stored block), so checkpoints are a few blocks further apart than span.
 func Scan(r io.Reader, span int64) (*Index, error) {
+	return ScanFor(r, span, nil)
+}
+
+// ScanFor is Scan that also puts a checkpoint at the last byte-aligned
+// block start at or before each offset of starts (sorted; the chunks'
+// first bytes), unless that is within span/2 of the previous checkpoint:
+// a chunk then inflates from close to its start instead of from up to a
+// span before it.
+func ScanFor(r io.Reader, span int64, starts []int64) (*Index, error) {
 	if span <= 0 {
 		span = DefaultSpan
 	}
+	var cand *Checkpoint // the last byte-aligned block start not taken
 	br := &bitReader{r: bufio.NewReaderSize(r, 64<<10)}
 	if err := br.gzipHeader(); err != nil {
 		return nil, err
 	}
 	ix := &Index{}
 	w := &window{buf: make([]byte, 0, windowCap)}
+	// consume passes the wanted offsets before out (the stream has gone
+	// past them): the candidate is the last aligned start at or before them.
+	consume := func(out int64) {
+		for len(starts) > 0 && starts[0] < out {
+			if n := len(ix.Checkpoints); cand != nil && n > 0 && cand.Out-ix.Checkpoints[n-1].Out >= span/2 {
+				ix.Checkpoints = append(ix.Checkpoints, *cand)
+			}
+			cand = nil
+			starts = starts[1:]
+		}
+	}
 	for {
 		start := Block{InBit: br.pos(), Out: w.total}
 		ix.Blocks = append(ix.Blocks, start)
+		consume(start.Out)
 		// Only byte-aligned block starts: compress/flate reads from a byte,
 		// and stored blocks later on depend on the stream's alignment.
-		if n := len(ix.Checkpoints); start.InBit%8 == 0 && (n == 0 || w.total-ix.Checkpoints[n-1].Out >= span) {
-			ix.Checkpoints = append(ix.Checkpoints, Checkpoint{Block: start, Dict: w.dict()})
+		if start.InBit%8 == 0 {
+			if n := len(ix.Checkpoints); n == 0 || w.total-ix.Checkpoints[n-1].Out >= span {
+				ix.Checkpoints = append(ix.Checkpoints, Checkpoint{Block: start, Dict: w.dict()})
+				cand = nil
+			} else if len(starts) > 0 {
+				cand = &Checkpoint{Block: start, Dict: w.dict()}
+			}
 		}
 		hdr, err := br.bits(3)
 		if err != nil {
@@ -81,6 +108,7 @@ func Scan(r io.Reader, span int64) (*Index, error) {
 	}
 	ix.EndBit = br.pos()
 	ix.Size = w.total
+	consume(w.total)
 	w.flush()
 	br.align()
 	var tr [8]byte

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os/exec"
+	"slices"
 	"testing"
 
 	"github.com/rafsd/rafsd/rafs"
@@ -70,7 +71,21 @@ func zlibGzip(t testing.TB, data []byte, level string) []byte {
 // reads every span back through rafs.DecodeChunkBytes.
 func checkAll(t *testing.T, data, gz []byte, span int64, spans []Span) {
 	t.Helper()
-	ix, err := Scan(bytes.NewReader(gz), span)
+	checkAllFor(t, data, gz, span, spans, false)
+}
+
+// checkAllFor is checkAll with ScanFor's checkpoints near the spans'
+// starts if near.
+func checkAllFor(t *testing.T, data, gz []byte, span int64, spans []Span, near bool) {
+	t.Helper()
+	var starts []int64
+	if near {
+		for _, s := range spans {
+			starts = append(starts, s.Off)
+		}
+		slices.Sort(starts)
+	}
+	ix, err := ScanFor(bytes.NewReader(gz), span, starts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +151,50 @@ func TestScanPlaceDecode(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			checkAll(t, data, tc.gz, 256<<10, tile(int64(len(data)), 64<<10))
 			checkAll(t, data, tc.gz, 128<<10, small)
+			checkAllFor(t, data, tc.gz, 0, tile(int64(len(data)), 256<<10), true)
+			checkAllFor(t, data, tc.gz, 256<<10, small, true)
 		})
+	}
+}
+
+// TestScanFor: checkpoints before chunk starts cut what a chunk read
+// fetches (and inflates) before its data.
+func TestScanFor(t *testing.T) {
+	data := testData(31, 8<<20)
+	for _, gz := range [][]byte{goGzip(t, data, 6), zlibGzip(t, data, "-6")} {
+		spans := tile(int64(len(data)), 1<<20)
+		var starts []int64
+		for _, s := range spans {
+			starts = append(starts, s.Off)
+		}
+		fetched := func(ix *Index) (n int64) {
+			_, ext, err := ix.Place(bytes.NewReader(gz), int64(len(gz)), spans)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range ext {
+				n += int64(e.Size)
+			}
+			return n
+		}
+		plain, err := Scan(bytes.NewReader(gz), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		near, err := ScanFor(bytes.NewReader(gz), 0, starts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fp, fn := fetched(plain), fetched(near)
+		t.Logf("fetched/layer: %.2f by span, %.2f near chunk starts (%d and %d checkpoints)",
+			float64(fp)/float64(len(gz)), float64(fn)/float64(len(gz)), len(plain.Checkpoints), len(near.Checkpoints))
+		if fn >= fp {
+			t.Errorf("checkpoints near chunk starts fetch %d bytes, by span %d", fn, fp)
+		}
+		if len(near.Checkpoints) > 2*len(plain.Checkpoints)+1 {
+			t.Errorf("%d checkpoints near starts, %d by span", len(near.Checkpoints), len(plain.Checkpoints))
+		}
+		checkAllFor(t, data, gz, 0, spans, true)
 	}
 }
 
