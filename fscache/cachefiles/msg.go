@@ -20,9 +20,14 @@
 // covering the range (whole chunks, so the kernel does not ask again for
 // the rest of a chunk) through the shared fetcher (rafs/storage), which
 // checks every chunk's digest, and writes them at their uncompressed
-// offsets. With prefetch enabled in the bind config, opening a blob object
-// also fills it in the background (prefetch_all, or the bootstrap's
-// prefetch list).
+// offsets, page-contiguous chunks with one write (the anon fd writes the
+// cache file with direct I/O). When a READ continues the previous one of
+// its object or starts a file, the file's next chunks (up to a window of
+// 4x the READ, at most 2 MiB, never past the file's end) are filled in the
+// background after the READ is answered, so a sequential reader's next
+// READs find them present (readahead.go). With prefetch enabled in the
+// bind config, opening a blob object also fills it in the background
+// (prefetch_all, or the bootstrap's prefetch list).
 //
 // Restart: the kernel lets one process hold /dev/cachefiles, and closing
 // it fails every mount on the cache, so a restart hands the still-bound fd
