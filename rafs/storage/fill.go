@@ -146,7 +146,16 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 		if w.mine {
 			wctx = context.WithoutCancel(ctx)
 		}
-		if err := wait(wctx, bs, w.st, w.cl, nil, 0); err != nil && first == nil {
+		err := wait(wctx, bs, w.st, w.cl, nil, 0)
+		if err == nil {
+			// The kernel reads the file: wait for the write too.
+			select {
+			case <-w.cl.written:
+			case <-wctx.Done():
+				err = fmt.Errorf("storage: chunk %d of blob %s: %w", w.cl.c.Index, b.ID, wctx.Err())
+			}
+		}
+		if err != nil && first == nil {
 			first = err
 		}
 	}

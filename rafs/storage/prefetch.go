@@ -121,7 +121,7 @@ func (f *Fetcher) Prefetch(ctx context.Context, img *rafs.Image) error {
 			}
 			for _, cl := range pending {
 				select {
-				case <-cl.done:
+				case <-cl.written:
 				case <-ctx.Done():
 					return
 				}

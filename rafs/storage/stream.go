@@ -44,10 +44,15 @@ const DefaultReadahead = 64 << 20
 
 // call is one chunk's in-flight fetch.
 type call struct {
-	c    *rafs.Chunk
+	c *rafs.Chunk
+	// done is closed when data or err is set: waiters get the verified
+	// bytes while they are still being written to the cache.
 	done chan struct{}
-	data []byte // verified uncompressed bytes
-	err  error
+	// written is closed when the chunk left flight: written to the cache
+	// (if it could be) or failed.
+	written chan struct{}
+	data    []byte // verified uncompressed bytes
+	err     error
 	// data comes from the buffer pool; refs counts who may still read it
 	// (the stream, and each waiter until it copied it out), and the last
 	// to let go returns it.
@@ -89,7 +94,7 @@ const (
 func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool, mark int) *stream {
 	st := &stream{bs: bs, prefetch: prefetch, items: make([]*call, len(group)), limit: len(group)}
 	for i, c := range group {
-		cl := &call{c: c, done: make(chan struct{}), st: st, idx: i}
+		cl := &call{c: c, done: make(chan struct{}), written: make(chan struct{}), st: st, idx: i}
 		cl.refs.Store(1)
 		st.items[i] = cl
 		bs.inflight[c.CompressedOffset] = cl
@@ -282,14 +287,19 @@ func (f *Fetcher) failFrom(st *stream, i int, err error) {
 	}
 }
 
-// finish publishes cl's result.
+// finish publishes cl's result (if not yet) and takes it out of flight.
 func (f *Fetcher) finish(bs *blobState, cl *call) {
+	select {
+	case <-cl.done:
+	default:
+		close(cl.done)
+	}
 	bs.mu.Lock()
 	if bs.inflight[cl.c.CompressedOffset] == cl {
 		delete(bs.inflight, cl.c.CompressedOffset)
 	}
 	bs.mu.Unlock()
-	close(cl.done)
+	close(cl.written)
 }
 
 // run fetches st's chunks with one range request, reopening it once from
@@ -448,6 +458,9 @@ func (f *Fetcher) deliver(ctx context.Context, st *stream, cl *call, stored []by
 		return
 	}
 	cl.data = data
+	// Waiters copy the bytes while they are written; the chunk stays in
+	// flight until they are, so nobody fetches it again meanwhile.
+	close(cl.done)
 	if bs.cacheable(c, f.compressed) {
 		w := blobcache.Write{Index: c.Index, Off: int64(c.UncompressedOffset), Data: data}
 		if f.compressed {
