@@ -327,7 +327,9 @@ func (f *Fetcher) run(st *stream) {
 		first, last := st.items[i].c, st.items[end-1].c
 		start := first.CompressedOffset
 		n := last.CompressedOffset + uint64(last.CompressedSize) - start
+		t0 := time.Now()
 		rc, err := backend.OpenRange(ctx, f.be, b.ID, int64(start), int64(n))
+		f.log.Debug("storage: stream", "blob", b.ID, "off", start, "len", n, "chunks", end-i, "prefetch", st.prefetch, "open", time.Since(t0), "err", err)
 		if err != nil {
 			f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", first.Index, "err", err)
 			f.failFrom(st, i, err)
