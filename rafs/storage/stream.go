@@ -226,7 +226,7 @@ func (f *Fetcher) window(bs *blobState, k int, batch int) (n int, seq bool) {
 	if hist == 0 {
 		return batch, false
 	}
-	return min(max(4*hist, batch), f.readahead), true
+	return min(max(raGrowth*hist, batch), f.readahead), true
 }
 
 // chunkIndex returns the position of c in bs.chunks, or -1. bs.mu is held.
@@ -501,3 +501,7 @@ func decode(b *rafs.Blob, c *rafs.Chunk, stored []byte) ([]byte, error) {
 	}
 	return data, nil
 }
+
+// raGrowth is how many times its history a sequential window is (the
+// kernel's ramp-up factor for small windows).
+const raGrowth = 4
