@@ -20,19 +20,23 @@
 // Read path: a cache hit is a pread (plus a digest check with
 // digest_validate / cache validate, or always in compressed-cache mode); a
 // miss joins the in-flight fetch of that chunk if there is one
-// (single-flight), or starts one that also takes the following missing
-// chunks of the blob, up to the batch size (rafs batch_size / amplify_io
-// for reads, the prefetch batch size / merging_size for prefetch), in one
-// backend range request. Each chunk is decompressed and verified; one that
-// fails is fetched again alone, and if it fails again the read fails with
-// an error wrapping syscall.EIO (counted in
-// rafsd_chunk_digest_failures_total and logged). Verified chunks are
-// written to the cache (data durable before the chunk is marked present).
+// (single-flight), or starts a stream: ONE backend range request for the
+// chunk and the missing chunks stored after it, up to the batch size
+// (rafs batch_size / amplify_io) or, for sequential reads, the read-ahead
+// window (see stream.go). A stream hands each chunk to its waiters as soon
+// as its bytes are in, decompressed and verified, while it writes it to
+// the cache and reads the next; one that fails its check is fetched again
+// alone, and if it fails again its readers get an error wrapping
+// syscall.EIO (counted in rafsd_chunk_digest_failures_total and logged).
+// A stream that breaks is reopened once where it stopped; the chunks it
+// then cannot deliver fail with EIO. Verified chunks are written to the
+// cache (data durable before the chunk is marked present).
 //
 // Prefetch: the image's prefetch list (files, directories recursively),
-// then with prefetch_all every chunk of its blobs, fetched by
-// threads_count workers, limited to bandwidth_rate bytes/s, and paused
-// while any on-demand read is in progress so it never gets ahead of one.
+// then with prefetch_all every chunk of its blobs, in streams of up to the
+// read-ahead window, at most threads_count at once, limited to
+// bandwidth_rate bytes/s, and paused while an on-demand read that does not
+// wait for them is in progress, so they never get ahead of one.
 package storage
 
 import (

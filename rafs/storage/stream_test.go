@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"path/filepath"
 	"sync"
@@ -411,5 +412,34 @@ func TestStreamSplit(t *testing.T) {
 	}
 	if r, n := f.CacheBlob(ti.img.Blobs[0]).Ready(); r != n {
 		t.Fatalf("%d/%d cached", r, n)
+	}
+}
+
+// TestPrefetchBandwidth: prefetch streams keep to bandwidth_rate (the
+// first second's worth is the burst).
+func TestPrefetchBandwidth(t *testing.T) {
+	ti := buildImage(t, makeContent(45, 3<<20), 128<<10, codec.None)
+	dir := t.TempDir()
+	ti.writeBlob(t, dir)
+	js := fmt.Sprintf(`{"device":{"backend":{"type":"localfs","config":{"dir":%q}},
+		"cache":{"type":"blobcache","config":{"work_dir":%q}}},
+		"mode":"direct","fs_prefetch":{"enable":true,"threads_count":2,"merging_size":1048576,"bandwidth_rate":2097152,"prefetch_all":true}}`,
+		dir, filepath.Join(dir, "cache"))
+	be := newStreamBackend(t, dir)
+	f, _ := newFetcher(t, parseConfig(t, js), WithBackend(be))
+	start := time.Now()
+	if err := f.Prefetch(context.Background(), ti.img); err != nil {
+		t.Fatal(err)
+	}
+	f.WaitPrefetch()
+	// 3 MiB at 2 MiB/s with a 2 MiB burst: at least half a second.
+	if took := time.Since(start); took < 400*time.Millisecond {
+		t.Fatalf("3 MiB prefetched in %s at 2 MiB/s", took)
+	}
+	if r, n := f.CacheBlob(ti.img.Blobs[0]).Ready(); r != n {
+		t.Fatalf("%d/%d cached", r, n)
+	}
+	if opens, reads := be.counts(); opens != 1 || reads != 0 {
+		t.Fatalf("prefetch_all of a 3 MiB blob: %d streams, %d reads; want one stream", opens, reads)
 	}
 }
