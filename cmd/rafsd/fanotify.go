@@ -78,7 +78,11 @@ func runFanotify(a *args, log *slog.Logger) error {
 	if err != nil {
 		return errors.Join(err, d.Close())
 	}
-	log.Info("fanotify mode ready", "apisock", a.apisock, "mounts", len(d.Mounts()))
+	guardPid := 0
+	if g := d.Guard(); g != nil {
+		guardPid = g.Pid()
+	}
+	log.Info("fanotify mode ready", "apisock", a.apisock, "mounts", len(d.Mounts()), "guard", guardPid)
 	var serveErr error
 	select {
 	case <-ctx.Done():

@@ -126,8 +126,13 @@ func (h *fanotifyAPI) daemon(w http.ResponseWriter, r *http.Request) {
 		coll[m.Mountpoint] = m
 	}
 	st := h.d.Server().Stats()
+	guard := 0
+	if g := h.d.Guard(); g != nil {
+		guard = g.Pid()
+	}
 	fanotifyJSON(w, map[string]any{
-		"id": h.id,
+		"guard_pid": guard,
+		"id":        h.id,
 		"version": api.BuildInfo{PackageVer: version.Version, GitCommit: version.GitCommit, BuildTime: version.BuildTime,
 			Profile: "release", Rustc: runtime.Version()},
 		"state":              "RUNNING",

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -28,10 +29,18 @@ func startFanotify(t *testing.T, mnts ...string) *proc {
 	d := &proc{t: t, apisock: apisock, out: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	full := []string{"fanotify", "--apisock", apisock, "--log-level", "debug"}
 	d.cmd = exec.Command(filepath.Join(binDir, "rafsd"), full...)
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	// A file, not a pipe: the guard child inherits it, and Wait would
+	// wait for a pipe's last writer.
+	logf, err := os.CreateTemp(t.TempDir(), "rafsd.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	output := func() string { b, _ := os.ReadFile(logf.Name()); return string(b) }
 	go func() { d.exitErr = d.cmd.Wait(); close(d.exited) }()
 	d.client = &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -55,7 +64,7 @@ func startFanotify(t *testing.T, mnts ...string) *proc {
 			_ = unix.Unmount(m, unix.MNT_DETACH)
 		}
 		if t.Failed() {
-			t.Logf("rafsd %v output:\n%s", full, d.out.String())
+			t.Logf("rafsd %v output:\n%s", full, output())
 		}
 	})
 	deadline := time.Now().Add(20 * time.Second)
@@ -65,11 +74,11 @@ func startFanotify(t *testing.T, mnts ...string) *proc {
 			return d
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("API socket not created\n%s", d.out.String())
+			t.Fatalf("API socket not created\n%s", output())
 		}
 		select {
 		case <-d.exited:
-			t.Fatalf("rafsd exited before its API socket appeared: %v\n%s", d.exitErr, d.out.String())
+			t.Fatalf("rafsd exited before its API socket appeared: %v\n%s", d.exitErr, output())
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
@@ -225,9 +234,61 @@ func TestFanotifyAPIMountUmount(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := d.waitExit(10 * time.Second); err != nil {
-		t.Fatalf("rafsd after SIGTERM: %v\n%s", err, d.out.String())
+		t.Fatalf("rafsd after SIGTERM: %v", err)
 	}
 	if mounted(mpA) || mounted(mpB) {
 		t.Fatal("mounts left after SIGTERM")
+	}
+}
+
+// Without a supervisor, a SIGKILLed `rafsd fanotify` leaves its guard,
+// which learned the API's mounts as they were made: it detaches them, and
+// a reader holding a file open gets EIO, never zeros.
+func TestFanotifyAPIGuardOnCrash(t *testing.T) {
+	requireRoot(t)
+	a := makeImage(t, "guarded")
+	mp := filepath.Join(t.TempDir(), "a")
+	d := startFanotify(t, mp)
+	body, _ := json.Marshal(map[string]any{"source": a.bootstrap, "fs_type": "fanotify", "config": blobcacheConfig(a.blobs, t.TempDir())})
+	d.mustCall("POST", "/api/v1/mount?mountpoint="+mp, string(body))
+	var info struct {
+		Guard int `json:"guard_pid"`
+	}
+	json.Unmarshal(d.mustCall("GET", "/api/v1/daemon", ""), &info)
+	if info.Guard <= 0 {
+		t.Fatal("no guard process reported")
+	}
+	t.Cleanup(func() { syscall.Kill(info.Guard, syscall.SIGKILL) })
+	fh, err := os.Open(filepath.Join(mp, "dir/big.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	want := a.files["dir/big.bin"]
+	p := make([]byte, 4096)
+	if _, err := fh.ReadAt(p, 0); err != nil || !bytes.Equal(p, want[:4096]) {
+		t.Fatalf("read while served: %v", err)
+	}
+	d.cmd.Process.Kill()
+	<-d.exited
+	deadline := time.Now().Add(10 * time.Second)
+	for mounted(mp) {
+		if time.Now().After(deadline) {
+			t.Fatal("guard did not detach the API mount")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	res := make(chan error, 1)
+	go func() { _, err := fh.ReadAt(p, 2<<20+777); res <- err }()
+	select {
+	case err = <-res:
+	case <-time.After(10 * time.Second):
+		t.Fatal("read after the daemon died still blocked after 10s")
+	}
+	if err == nil {
+		t.Fatalf("read after the daemon died succeeded (right bytes: %v)", bytes.Equal(p, want[2<<20+777:2<<20+777+4096]))
+	}
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read after the daemon died: %v, want EIO", err)
 	}
 }
