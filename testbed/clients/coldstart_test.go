@@ -320,7 +320,7 @@ func setupCold(tb testing.TB, mib int64, rate float64) *coldSetup {
 	}
 	cs := &coldSetup{f: &fixture{}, im: newColdImage(mib << 20)}
 	f, im := cs.f, cs.im
-	f.rafsd, f.rafsImage = BuildRafs(tb, tb.TempDir())
+	f.rafsd, f.rafsImage = rafsBinaries(tb)
 	reg := registrytest.Start(tb, registrytest.Options{})
 	total, st := im.sizes()
 	tb.Logf("image: %d files, %.0f MiB in %d gzip layers; startup set: %d files, %.1f MiB (%.1f%%); link %.0f MiB/s",

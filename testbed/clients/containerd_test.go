@@ -29,6 +29,40 @@ import (
 	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
+// built holds rafsd and rafs-image as built once for the whole test binary:
+// one build instead of one per test, and every test runs the same bytes.
+var built struct {
+	sync.Mutex
+	dir, rafsd, rafsImage string
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.dir != "" {
+		os.RemoveAll(built.dir)
+	}
+	os.Exit(code)
+}
+
+// rafsBinaries returns this tree's rafsd and rafs-image, building them on
+// first use (a failed build is tried again by the next test).
+func rafsBinaries(tb testing.TB) (rafsd, rafsImage string) {
+	tb.Helper()
+	built.Lock()
+	defer built.Unlock()
+	if built.rafsd == "" {
+		if built.dir == "" {
+			dir, err := os.MkdirTemp("", "rafs-clients-bin")
+			if err != nil {
+				tb.Fatal(err)
+			}
+			built.dir = dir
+		}
+		built.rafsd, built.rafsImage = BuildRafs(tb, built.dir)
+	}
+	return built.rafsd, built.rafsImage
+}
+
 // fixture is what every scenario shares: the registry, the OCI image and
 // its Nydus conversion, and this tree's rafsd and rafs-image.
 type fixture struct {
@@ -43,7 +77,7 @@ func setup(t *testing.T) *fixture {
 		t.Fatal("needs root: containerd, runc and FUSE mounts")
 	}
 	f := &fixture{img: newTestImage(t)}
-	f.rafsd, f.rafsImage = BuildRafs(t, t.TempDir())
+	f.rafsd, f.rafsImage = rafsBinaries(t)
 	reg := registrytest.Start(t, registrytest.Options{})
 	f.ociRef = reg.Addr + "/rafsd/clients:oci"
 	f.nydusRef = reg.Addr + "/rafsd/clients:nydus"
