@@ -229,6 +229,18 @@ func TestFanotifyAPIMountUmount(t *testing.T) {
 		t.Fatalf("mount again: %d %s", st, out)
 	}
 	diffR(t, a.src, mpA)
+	// The mount's EROFS bdi got the config's read_ahead_kb (the bdi is
+	// named by a counter, so look for the value among the EROFS ones).
+	bdis, _ := filepath.Glob("/sys/class/bdi/erofs*/read_ahead_kb")
+	found := false
+	for _, p := range bdis {
+		if v, _ := os.ReadFile(p); string(bytes.TrimSpace(v)) == "2048" {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no EROFS bdi has read_ahead_kb 2048 (%v)", bdis)
+	}
 
 	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
