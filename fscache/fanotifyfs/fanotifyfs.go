@@ -101,8 +101,10 @@ type Stats struct {
 	Recovered, Orphans uint64
 }
 
-// MaxAhead bounds the bytes filled ahead of a sequential reader.
-const MaxAhead = 8 << 20
+// MaxAhead bounds the bytes filled ahead of a sequential reader. Windows
+// of 8-16 MiB measured ~1.2 GiB/s cold where 4-8 MiB gave ~0.65 (two
+// parallel halves each way; 64 MiB read on 2 shared cores).
+const MaxAhead = 16 << 20
 
 // Server answers the pre-content events of one fanotify group for every
 // mount registered with it.
@@ -347,7 +349,7 @@ func (s *Server) Present(ev fanotify.Event) bool {
 // readAhead fills ahead of a sequential reader: the kernel asks for one
 // readahead window at a time and the reader waits on each, so without it
 // fetching and reading take turns. When [off,+n) starts where the last
-// event ended, the next min(max(4n, 4 MiB), MaxAhead) bytes are filled in
+// event ended, the next min(max(8n, 8 MiB), MaxAhead) bytes are filled in
 // the background, never past the end of the file being read (one such
 // fill per cache file at a time, counted in AheadBytes).
 func (s *Server) readAhead(bf *blobFile, off, n uint64) {
@@ -359,7 +361,7 @@ func (s *Server) readAhead(bf *blobFile, off, n uint64) {
 	if hi0 == 0 {
 		return
 	}
-	target := min(end+min(max(4*n, 4<<20), MaxAhead), bf.runEnd[hi0-1])
+	target := min(end+min(max(8*n, 8<<20), MaxAhead), bf.runEnd[hi0-1])
 	from := max(bf.aheadEnd.Load(), end)
 	if from >= target {
 		return
