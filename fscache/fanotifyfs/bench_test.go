@@ -70,9 +70,11 @@ func median(ds []time.Duration) time.Duration {
 //     that both see the same load (its median is over all those reads);
 //   - cold: this mode on an empty cache (every chunk fetched from a localfs
 //     backend, verified, written), read_ahead_kb 1024 on both sides;
-//   - warm: this mode on a complete cache: its mark is removed, so no events;
+//   - warm: this mode over the baseline's own complete blob file (same
+//     blocks): complete, so its mark is removed and no events come;
 //   - warm-marked: the same with the mark kept (KeepMarks), so every
-//     readahead window is an event answered by the fast path;
+//     readahead window is an event answered by the fast path (the
+//     baseline opened the file before the mark, so it raises none);
 //   - fuse-cold / fuse-warm: rafsd's FUSE mode (rafs/fs) over the same kind
 //     of fetcher, its own fresh cache, read_ahead 1 MiB;
 //   - fill-only: the fetcher filling the whole blob in one EnsureChunks, no
@@ -97,7 +99,8 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 		// overlap with reading). Its complete cache file is the
 		// baseline's blob device.
 		l := im.img.BlobLayouts()[0]
-		ff := newFetcher(b, im.blobDir, b.TempDir())
+		fillWork := b.TempDir()
+		ff := newFetcher(b, im.blobDir, fillWork)
 		if err := ff.AddImage(im.img); err != nil {
 			b.Fatal(err)
 		}
@@ -123,15 +126,13 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 			kernel = append(kernel, timedRead(b, kmnt+"/data"))
 		}
 
-		var cacheFile, workDir string
-		for r := range reps {
-			// Cold, then warm with the mark kept, on one fresh cache.
+		for range reps {
+			// Cold: a fresh cache.
 			g, err := fanotify.New()
 			if err != nil {
 				b.Fatal(err)
 			}
 			s := NewServer(g, nil)
-			s.keepMarks = true
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() {
@@ -141,26 +142,54 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 					}
 				}})
 			}()
-			workDir = b.TempDir()
-			f := newFetcher(b, im.blobDir, workDir)
+			f := newFetcher(b, im.blobDir, b.TempDir())
 			m, err := s.Mount(Options{Bootstrap: im.boot, Mountpoint: b.TempDir(), Fetcher: f})
 			if err != nil {
 				b.Fatal(err)
 			}
-			p := m.Mountpoint() + "/data"
-			cacheFile = m.CacheFiles()[0]
 			kread()
-			dropCache(b, im.blobPath(), cacheFile)
-			cold = append(cold, timedRead(b, p))
+			dropCache(b, im.blobPath(), m.CacheFiles()[0])
+			cold = append(cold, timedRead(b, m.Mountpoint()+"/data"))
 			coldEvents += s.Stats().Events
 			ahead += s.Stats().AheadBytes
-			if r == 0 {
-				for range reps {
-					kread()
-					dropCache(b, p, cacheFile)
-					before := s.Stats().Events
-					warmMarked = append(warmMarked, timedRead(b, p))
+			if err := m.Unmount(); err != nil {
+				b.Fatal(err)
+			}
+			cancel()
+			<-done
+			g.Close()
+			f.Close()
+		}
+
+		// Warm, with the mark kept and without: this mode over the
+		// baseline's own complete blob (same bytes, same disk blocks). The
+		// baseline opened it unmarked, so its reads raise no events.
+		for _, keep := range []bool{true, false} {
+			g, err := fanotify.New()
+			if err != nil {
+				b.Fatal(err)
+			}
+			s := NewServer(g, nil)
+			s.keepMarks = keep
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- s.Serve(ctx, fanotify.Options{}) }()
+			f := newFetcher(b, im.blobDir, fillWork)
+			m, err := s.Mount(Options{Bootstrap: im.boot, Mountpoint: b.TempDir(), Fetcher: f})
+			if err != nil {
+				b.Fatal(err)
+			}
+			for range reps {
+				kread()
+				dropCache(b, m.Mountpoint()+"/data", full)
+				before := s.Stats().Events
+				d := timedRead(b, m.Mountpoint()+"/data")
+				if keep {
+					warmMarked = append(warmMarked, d)
 					markedEvents += s.Stats().Events - before
+				} else {
+					warm = append(warm, d)
+					warmEvents += s.Stats().Events - before
 				}
 			}
 			if err := m.Unmount(); err != nil {
@@ -171,32 +200,6 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 			g.Close()
 			f.Close()
 		}
-
-		// Warm: a server over a complete cache leaves it unmarked.
-		g, err := fanotify.New()
-		if err != nil {
-			b.Fatal(err)
-		}
-		s := NewServer(g, nil)
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- s.Serve(ctx, fanotify.Options{}) }()
-		f := newFetcher(b, im.blobDir, workDir)
-		m, err := s.Mount(Options{Bootstrap: im.boot, Mountpoint: b.TempDir(), Fetcher: f})
-		if err != nil {
-			b.Fatal(err)
-		}
-		for range reps {
-			kread()
-			dropCache(b, m.Mountpoint()+"/data", cacheFile)
-			before := s.Stats().Events
-			warm = append(warm, timedRead(b, m.Mountpoint()+"/data"))
-			warmEvents += s.Stats().Events - before
-		}
-		m.Unmount()
-		cancel()
-		<-done
-		g.Close()
 
 		// The FUSE mode over a fetcher with its own fresh cache.
 		ff = newFetcher(b, im.blobDir, b.TempDir())
