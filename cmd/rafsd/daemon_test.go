@@ -5,6 +5,7 @@ package main
 // drive nydusd.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -32,6 +33,9 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
+	if path := os.Getenv(readerEnv); path != "" {
+		os.Exit(readerMain(path, os.Getenv(readerWantEnv)))
+	}
 	dir, err := os.MkdirTemp("", "rafsd-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -123,7 +127,13 @@ type proc struct {
 // waits for its API. Cleanup: SIGTERM, SIGKILL after 5 s, lazy unmount.
 func startDaemon(t *testing.T, mnt string, args ...string) *proc {
 	t.Helper()
-	apisock := filepath.Join(t.TempDir(), "api.sock")
+	return startDaemonAt(t, mnt, filepath.Join(t.TempDir(), "api.sock"), args...)
+}
+
+// startDaemonAt is startDaemon with a given API socket path: a daemon
+// restarted after a crash keeps its predecessor's command line.
+func startDaemonAt(t *testing.T, mnt, apisock string, args ...string) *proc {
+	t.Helper()
 	d := &proc{t: t, apisock: apisock, mnt: mnt, out: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	full := append([]string{"fuse", "--mountpoint", mnt, "--apisock", apisock, "--log-level", "debug"}, args...)
 	d.cmd = exec.Command(filepath.Join(binDir, "rafsd"), full...)
@@ -146,15 +156,22 @@ func startDaemon(t *testing.T, mnt string, args ...string) *proc {
 			t.Logf("rafsd %v output:\n%s", full, d.out.String())
 		}
 	})
+	// Connect rather than stat: a restarted daemon finds its crashed
+	// predecessor's socket file still there.
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if _, err := os.Stat(apisock); err == nil {
+		if c, err := net.Dial("unix", apisock); err == nil {
+			c.Close()
 			break
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("API socket not created\n%s", d.out.String())
 		}
-		time.Sleep(5 * time.Millisecond)
+		select {
+		case <-d.exited:
+			t.Fatalf("rafsd exited before its API socket appeared: %v\n%s", d.exitErr, d.out.String())
+		case <-time.After(5 * time.Millisecond):
+		}
 	}
 	d.socketAfter = time.Since(d.started)
 	return d
@@ -643,6 +660,9 @@ func (s *supervisor) receive(t *testing.T) <-chan error {
 			ch <- fmt.Errorf("got %d fds", len(fds))
 			return
 		}
+		if s.fd >= 0 {
+			unix.Close(s.fd) // the same connection, saved again
+		}
 		s.state, s.fd = state, fds[0]
 		ch <- nil
 	}()
@@ -731,4 +751,193 @@ func TestTakeoverNoErrors(t *testing.T) {
 	if mounted(mnt) {
 		t.Fatal("mount left behind")
 	}
+}
+
+// fetchStates is what nydus-snapshotter does once a daemon with a
+// supervisor is RUNNING: listen on the supervisor socket, ask the daemon
+// to send its state and /dev/fuse fd, keep them.
+func fetchStates(t *testing.T, sup *supervisor, d *proc) {
+	t.Helper()
+	recv := sup.receive(t)
+	d.mustCall("PUT", "/api/v1/daemon/fuse/sendfd", "")
+	if err := <-recv; err != nil {
+		t.Fatalf("supervisor receive: %v", err)
+	}
+}
+
+// TestFailoverAfterSIGKILL is nydus-snapshotter's recover_policy=failover
+// with nydusd's --failover-policy resend: the daemon is SIGKILLed while
+// readers loop, the supervisor keeps the connection alive, a new daemon
+// started with the same command line takes it over, and the requests the
+// dead daemon had taken are re-sent by the kernel (FUSE_NOTIFY_RESEND), so
+// the readers see no error and the mount never goes away. Each round kills
+// at a different point: mid-stream, right after the previous takeover, and
+// a daemon restarted with --upgrade instead of crash detection.
+func TestFailoverAfterSIGKILL(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "failover")
+	mnt := t.TempDir()
+	apisock := filepath.Join(t.TempDir(), "api.sock")
+	sup := &supervisor{path: filepath.Join(t.TempDir(), "sup.sock"), fd: -1}
+	t.Cleanup(func() {
+		if sup.fd >= 0 {
+			unix.Close(sup.fd)
+		}
+	})
+	args := []string{"--bootstrap", img.bootstrap, "--localfs-dir", img.blobs, "--supervisor", sup.path,
+		"--id", "d1", "--failover-policy", "resend", "--thread-num", "2"}
+	d := startDaemonAt(t, mnt, apisock, args...)
+	d.waitState("RUNNING")
+	fetchStates(t, sup, d)
+
+	big := startReaderProc(t, mnt, "dir/big.bin", img)
+	small := startReaderProc(t, mnt, "dir/sub/a.txt", img)
+	big.waitReads(t, 3)
+
+	for round, tc := range []struct {
+		name      string
+		killAfter int64 // more reads of big.bin before the SIGKILL
+		upgrade   bool
+	}{
+		{"mid-stream", 3, false},
+		{"right after takeover", 0, false},
+		{"restart with --upgrade", 2, true},
+	} {
+		n := big.reads.Load()
+		big.waitReads(t, n+tc.killAfter)
+		if err := d.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.waitExit(10 * time.Second); err == nil {
+			t.Fatalf("round %d (%s): daemon exited cleanly after SIGKILL", round, tc.name)
+		}
+		if !mounted(mnt) {
+			t.Fatalf("round %d (%s): the mount went away with the daemon", round, tc.name)
+		}
+		atKill := big.reads.Load() + small.reads.Load()
+		sent := sup.send(t)
+		next := args
+		if tc.upgrade {
+			next = append(append([]string(nil), args...), "--upgrade")
+		}
+		d = startDaemonAt(t, mnt, apisock, next...)
+		d.waitState("INIT")
+		d.mustCall("PUT", "/api/v1/daemon/fuse/takeover", "")
+		if err := <-sent; err != nil {
+			t.Fatalf("round %d (%s): supervisor send: %v", round, tc.name, err)
+		}
+		d.waitState("READY")
+		d.mustCall("PUT", "/api/v1/daemon/start", "")
+		d.waitState("RUNNING")
+		fetchStates(t, sup, d)
+		big.waitReads(t, big.reads.Load()+3)
+		small.waitReads(t, small.reads.Load()+3)
+		t.Logf("round %d (%s): %d reads before the kill, %d after", round, tc.name, atKill, big.reads.Load()+small.reads.Load()-atKill)
+	}
+	big.finish()
+	small.finish()
+	for _, r := range []*reader{big, small} {
+		if r.errs.Load() != 0 {
+			t.Fatalf("reader saw %d errors across the failovers: %v", r.errs.Load(), r.firstErr.Load())
+		}
+	}
+	checkTree(t, img, mnt)
+	if err := d.stop(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("last daemon SIGTERM: %v", err)
+	}
+	if mounted(mnt) {
+		t.Fatal("mount left behind")
+	}
+}
+
+// The failover test reads from a child process: a process holding files
+// of the mount open must not start the next daemon, since the fork copies
+// those descriptors and the exec closes them, each close a FUSE_FLUSH that
+// only the next daemon can answer (a deadlock; nydus-snapshotter, which
+// starts nydusd, holds no files of the mount).
+const (
+	readerEnv     = "RAFSD_TEST_READER"
+	readerWantEnv = "RAFSD_TEST_READER_WANT"
+)
+
+// readerMain loops O_DIRECT reads of path, checks them against the file
+// want, and prints "ok" or "err: ..." per read until killed.
+func readerMain(path, want string) int {
+	wantB, err := os.ReadFile(want)
+	if err != nil {
+		fmt.Println("err:", err)
+		return 1
+	}
+	buf, err := unix.Mmap(-1, 0, len(wantB)+1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		fmt.Println("err:", err)
+		return 1
+	}
+	w := bufio.NewWriter(os.Stdout)
+	for {
+		got, err := directRead(path, buf)
+		if err == nil && !bytes.Equal(got, wantB) {
+			err = fmt.Errorf("%s: wrong bytes (%d, want %d)", path, len(got), len(wantB))
+		}
+		if err != nil {
+			fmt.Fprintln(w, "err:", err)
+		} else {
+			fmt.Fprintln(w, "ok")
+		}
+		w.Flush()
+	}
+}
+
+// startReaderProc is startReader in a child process (see readerEnv).
+func startReaderProc(t *testing.T, mnt, rel string, img *image) *reader {
+	t.Helper()
+	r := &reader{stop: make(chan struct{}), done: make(chan struct{}), conn: mountDev(mnt)}
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), readerEnv+"="+filepath.Join(mnt, rel), readerWantEnv+"="+filepath.Join(img.src, rel))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan struct{})
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if l := sc.Text(); l == "ok" {
+				r.reads.Add(1)
+			} else {
+				r.errs.Add(1)
+				r.firstErr.CompareAndSwap(nil, errors.New(l))
+			}
+		}
+	}()
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	go func() {
+		defer close(r.done)
+		select {
+		case <-r.stop:
+		case <-exited:
+			r.errs.Add(1)
+			r.firstErr.CompareAndSwap(nil, errors.New("reader process exited"))
+			return
+		}
+		// SIGKILL ends a read still waiting to be sent; one the daemon
+		// took must be answered first, so a stuck one shows up here.
+		cmd.Process.Kill()
+		select {
+		case <-exited:
+		case <-time.After(15 * time.Second):
+			r.errs.Add(1)
+			r.firstErr.CompareAndSwap(nil, errors.New("read stuck: FUSE request never answered"))
+			abortConn(r.conn)
+			<-exited
+		}
+		<-lines
+	}()
+	t.Cleanup(r.finish)
+	return r
 }
