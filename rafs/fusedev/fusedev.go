@@ -95,6 +95,10 @@ type Server struct {
 	initDone chan struct{}
 	initOnce sync.Once
 
+	// inflight has one slot per reader, as nydusd keeps one per FUSE
+	// thread: what each is serving now (/api/v1/metrics/inflight).
+	inflight []inflightSlot
+
 	running  bool
 	stopping bool
 	wg       sync.WaitGroup
@@ -201,9 +205,12 @@ func (s *Server) Start() {
 	s.running = true
 	s.stopping = false
 	_ = s.dev.SetReadDeadline(time.Time{})
+	if len(s.inflight) != s.opts.Threads {
+		s.inflight = make([]inflightSlot, s.opts.Threads)
+	}
 	for i := 0; i < s.opts.Threads; i++ {
 		s.wg.Add(1)
-		go s.loop()
+		go s.loop(&s.inflight[i])
 	}
 }
 
@@ -351,7 +358,58 @@ func (s *Server) finish(err error) {
 	})
 }
 
-func (s *Server) loop() {
+// InflightOp is a FUSE request being served, in nydusd's
+// /api/v1/metrics/inflight form.
+type InflightOp struct {
+	Inode         uint64 `json:"inode"`
+	Opcode        uint32 `json:"opcode"`
+	Unique        uint64 `json:"unique"`
+	TimestampSecs int64  `json:"timestamp_secs"`
+}
+
+type inflightSlot struct {
+	mu sync.Mutex
+	op InflightOp
+	on bool
+}
+
+func (sl *inflightSlot) set(req []byte) {
+	sl.mu.Lock()
+	sl.op = InflightOp{
+		Opcode:        binary.LittleEndian.Uint32(req[4:8]),
+		Unique:        binary.LittleEndian.Uint64(req[8:16]),
+		Inode:         binary.LittleEndian.Uint64(req[16:24]),
+		TimestampSecs: time.Now().Unix(),
+	}
+	sl.on = true
+	sl.mu.Unlock()
+}
+
+func (sl *inflightSlot) clear() {
+	sl.mu.Lock()
+	sl.on = false
+	sl.mu.Unlock()
+}
+
+// Inflight returns the requests the readers are serving now, oldest
+// reader first (empty when idle).
+func (s *Server) Inflight() []InflightOp {
+	s.mu.Lock()
+	slots := s.inflight
+	s.mu.Unlock()
+	out := []InflightOp{}
+	for i := range slots {
+		sl := &slots[i]
+		sl.mu.Lock()
+		if sl.on {
+			out = append(out, sl.op)
+		}
+		sl.mu.Unlock()
+	}
+	return out
+}
+
+func (s *Server) loop(slot *inflightSlot) {
 	defer s.wg.Done()
 	in := make([]byte, s.opts.MaxWrite+4096)
 	out := make([]byte, s.opts.MaxWrite+4096)
@@ -381,7 +439,11 @@ func (s *Server) loop() {
 			s.initReq = append([]byte(nil), req...)
 			s.mu.Unlock()
 		}
+		if n >= inHeaderSize {
+			slot.set(req)
+		}
 		m, st := s.ps.HandleRequest([][]byte{req}, [][]byte{out})
+		slot.clear()
 		if st.Ok() && m > 0 {
 			if _, err := s.dev.Write(out[:m]); err != nil {
 				// ENOENT: the request was interrupted and is gone.

@@ -1,12 +1,15 @@
 package fusedev
 
 import (
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -108,4 +111,74 @@ func readAll(c *net.UnixConn) ([]byte, int, error) {
 		}
 	}
 	return data, fd, nil
+}
+
+// blockingFS parks every LOOKUP until release is closed.
+type blockingFS struct {
+	fuse.RawFileSystem
+	entered chan struct{}
+	release chan struct{}
+}
+
+// GetAttr answers for the root, which the kernel checks before a lookup.
+func (b *blockingFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	out.Ino, out.Mode, out.Nlink = 1, unix.S_IFDIR|0o755, 2
+	return fuse.OK
+}
+
+func (b *blockingFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	b.entered <- struct{}{}
+	<-b.release
+	return fuse.ENOENT
+}
+
+func TestInflightShowsRequestBeingServed(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a FUSE mount")
+	}
+	fs := &blockingFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), entered: make(chan struct{}, 1), release: make(chan struct{})}
+	s := New(fs, Options{Threads: 2, ReadAheadKB: -1})
+	mnt := t.TempDir()
+	if err := s.Mount(mnt); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	release := func() { once.Do(func() { close(fs.release) }) }
+	t.Cleanup(func() {
+		release()
+		if err := s.Unmount(); err != nil {
+			t.Error(err)
+		}
+	})
+	s.Start()
+	if got := s.Inflight(); len(got) != 0 {
+		t.Fatalf("inflight before any request: %+v", got)
+	}
+	statErr := make(chan error, 1)
+	go func() {
+		_, err := os.Stat(filepath.Join(mnt, "x"))
+		statErr <- err
+	}()
+	select {
+	case <-fs.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("LOOKUP never reached the filesystem")
+	}
+	got := s.Inflight()
+	if len(got) != 1 || got[0].Opcode != 1 /* FUSE_LOOKUP */ || got[0].Inode != 1 || got[0].Unique == 0 ||
+		time.Since(time.Unix(got[0].TimestampSecs, 0)) > time.Minute {
+		t.Fatalf("inflight while a LOOKUP of the root is served: %+v", got)
+	}
+	release()
+	select {
+	case err := <-statErr:
+		if !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("stat: %v, want ENOENT", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("stat not answered")
+	}
+	if got := s.Inflight(); len(got) != 0 {
+		t.Fatalf("inflight after the reply: %+v", got)
+	}
 }

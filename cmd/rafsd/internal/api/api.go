@@ -76,12 +76,9 @@ func New(d *daemon.Daemon, reg *prometheus.Registry, log *slog.Logger) *Server {
 	s.mux.HandleFunc("/api/v1/metrics", s.getter(func(r *http.Request) (any, error) { return d.FsMetrics(r.URL.Query().Get("id")) }))
 	s.mux.HandleFunc("/api/v1/metrics/backend", s.getter(func(r *http.Request) (any, error) { return d.BackendMetrics(r.URL.Query().Get("id")) }))
 	s.mux.HandleFunc("/api/v1/metrics/blobcache", s.getter(func(r *http.Request) (any, error) { return d.BlobcacheMetrics(r.URL.Query().Get("id")) }))
-	// Per-file, access-pattern and inflight accounting are not kept: an
-	// empty list, as nydusd answers when nothing was recorded.
-	empty := func(*http.Request) (any, error) { return []any{}, nil }
-	s.mux.HandleFunc("/api/v1/metrics/files", s.getter(empty))
-	s.mux.HandleFunc("/api/v1/metrics/pattern", s.getter(empty))
-	s.mux.HandleFunc("/api/v1/metrics/inflight", s.getter(func(*http.Request) (any, error) { return map[string]any{"values": []any{}}, nil }))
+	s.mux.HandleFunc("/api/v1/metrics/files", s.getter(func(r *http.Request) (any, error) { return d.FilesMetrics(r.URL.Query().Get("id")) }))
+	s.mux.HandleFunc("/api/v1/metrics/pattern", s.getter(func(r *http.Request) (any, error) { return d.AccessPatterns(r.URL.Query().Get("id")) }))
+	s.mux.HandleFunc("/api/v1/metrics/inflight", s.inflight)
 	s.mux.HandleFunc("/api/v1/config", s.config)
 	if reg != nil {
 		s.mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
@@ -344,4 +341,19 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request) {
 	default:
 		badMethod(w, r)
 	}
+}
+
+// inflight answers nydusd's way: 204 when no request is being served,
+// else the list.
+func (s *Server) inflight(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		badMethod(w, r)
+		return
+	}
+	ops := s.d.Inflight()
+	if len(ops) == 0 {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	writeJSON(w, ops)
 }

@@ -117,6 +117,9 @@ func (d *Daemon) openRafs(cmd MountCmd) (*instance, error) {
 	}
 	opts := rafsfs.DefaultOptions()
 	opts.Logger = d.log
+	if cfg.Rafs != nil {
+		opts.FilesAccount, opts.AccessPattern = cfg.Rafs.IOStatsFiles, cfg.Rafs.AccessPattern
+	}
 	fs := rafsfs.New(img, f, opts)
 	return &instance{cmd: cmd, fs: fs, rafs: fs, fetcher: f, cancel: cancel}, nil
 }

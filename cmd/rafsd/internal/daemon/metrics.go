@@ -1,7 +1,10 @@
 package daemon
 
 import (
+	"encoding/json"
 	"fmt"
+
+	"github.com/rafsd/rafsd/rafs/fusedev"
 
 	"github.com/rafsd/rafsd/rafs/storage"
 )
@@ -96,4 +99,64 @@ func (d *Daemon) rafsInstance(id string) (*instance, string, error) {
 		return nil, "", fmt.Errorf("%w: no rafs filesystem %q", ErrNotFound, id)
 	}
 	return nil, "", fmt.Errorf("%w: no rafs filesystem mounted", ErrNotFound)
+}
+
+// onlyRafs returns the RAFS mount id names, or with no id the only RAFS
+// mount: nydusd answers per-file metrics for one filesystem, never a sum.
+func (d *Daemon) onlyRafs(id string) (*instance, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if id != "" {
+		in, ok := d.mounts[id]
+		if !ok || in.rafs == nil {
+			return nil, fmt.Errorf("%w: no rafs filesystem %q", ErrNotFound, id)
+		}
+		return in, nil
+	}
+	var found *instance
+	for _, in := range d.mounts {
+		if in.rafs == nil {
+			continue
+		}
+		if found != nil {
+			return nil, fmt.Errorf("%w: several rafs filesystems mounted, name one with ?id=", ErrInvalid)
+		}
+		found = in
+	}
+	if found == nil {
+		return nil, fmt.Errorf("%w: no rafs filesystem mounted", ErrNotFound)
+	}
+	return found, nil
+}
+
+// FilesMetrics is GET /api/v1/metrics/files: per-inode counters of one
+// RAFS mount (an empty object unless its config sets iostats_files).
+func (d *Daemon) FilesMetrics(id string) (json.RawMessage, error) {
+	in, err := d.onlyRafs(id)
+	if err != nil {
+		return nil, err
+	}
+	return in.rafs.FilesJSON()
+}
+
+// AccessPatterns is GET /api/v1/metrics/pattern: files read so far with
+// their read count and first read time (empty unless access_pattern).
+func (d *Daemon) AccessPatterns(id string) (json.RawMessage, error) {
+	in, err := d.onlyRafs(id)
+	if err != nil {
+		return nil, err
+	}
+	return in.rafs.AccessPatternsJSON()
+}
+
+// Inflight is GET /api/v1/metrics/inflight: the FUSE requests being
+// served now.
+func (d *Daemon) Inflight() []fusedev.InflightOp {
+	d.mu.Lock()
+	srv := d.srv
+	d.mu.Unlock()
+	if srv == nil {
+		return nil
+	}
+	return srv.Inflight()
 }
