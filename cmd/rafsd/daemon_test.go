@@ -941,3 +941,84 @@ func startReaderProc(t *testing.T, mnt, rel string, img *image) *reader {
 	t.Cleanup(r.finish)
 	return r
 }
+
+// TestMetricsFilesPatternInflight checks nydusd's per-file endpoints: a
+// mount whose config sets iostats_files and access_pattern reports the
+// inode it served, one without reports nothing, and ?id= picks the mount.
+func TestMetricsFilesPatternInflight(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "metrics")
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt)
+	d.waitState("RUNNING")
+	cfg := map[string]any{}
+	json.Unmarshal([]byte(localfsConfig(img.blobs)), &cfg)
+	cfg["iostats_files"], cfg["access_pattern"] = true, true
+	acct, _ := json.Marshal(cfg)
+	for _, m := range []struct{ path, config string }{{"/acct", string(acct)}, {"/plain", localfsConfig(img.blobs)}} {
+		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": m.config})
+		d.mustCall("POST", "/api/v1/mount?mountpoint="+m.path, string(body))
+	}
+	checkTree(t, img, filepath.Join(mnt, "acct"))
+	checkTree(t, img, filepath.Join(mnt, "plain"))
+
+	var files map[string]struct {
+		DataRead  uint64   `json:"data_read"`
+		TotalFops uint64   `json:"total_fops"`
+		FopHits   []uint64 `json:"fop_hits"`
+	}
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/files?id=/acct", ""), &files); err != nil {
+		t.Fatal(err)
+	}
+	big := uint64(len(img.files["dir/big.bin"]))
+	var sawBig bool
+	for _, f := range files {
+		sawBig = sawBig || f.DataRead == big
+	}
+	if !sawBig {
+		t.Fatalf("metrics/files has no inode with %d bytes read: %+v", big, files)
+	}
+	var pattern []struct {
+		Ino    uint64 `json:"ino"`
+		NrRead uint64 `json:"nr_read"`
+		Secs   int64  `json:"first_access_time_secs"`
+	}
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/pattern?id=/acct", ""), &pattern); err != nil {
+		t.Fatal(err)
+	}
+	// hello.txt, big.bin, a.txt, c.txt were read; "empty" needs no READ.
+	if len(pattern) != 4 {
+		t.Fatalf("metrics/pattern: %d files, want 4: %+v", len(pattern), pattern)
+	}
+	for _, p := range pattern {
+		if p.NrRead == 0 || time.Since(time.Unix(p.Secs, 0)) > 10*time.Minute {
+			t.Fatalf("metrics/pattern entry %+v", p)
+		}
+	}
+	if b := d.mustCall("GET", "/api/v1/metrics/files?id=/plain", ""); strings.TrimSpace(string(b)) != "{}" {
+		t.Fatalf("files of a mount without iostats_files: %s", b)
+	}
+	if b := d.mustCall("GET", "/api/v1/metrics/pattern?id=/plain", ""); strings.TrimSpace(string(b)) != "[]" {
+		t.Fatalf("pattern of a mount without access_pattern: %s", b)
+	}
+	for _, tc := range []struct {
+		path string
+		want int
+	}{
+		{"/api/v1/metrics/files", 400}, // two RAFS mounts: nydusd wants an id
+		{"/api/v1/metrics/files?id=/nope", 404},
+		{"/api/v1/metrics/pattern?id=/nope", 404},
+	} {
+		if st, b := d.call("GET", tc.path, ""); st != tc.want {
+			t.Errorf("GET %s: %d %s, want %d", tc.path, st, b, tc.want)
+		}
+	}
+	// Nothing is being read: nydusd answers 204 with no body.
+	if st, b := d.call("GET", "/api/v1/metrics/inflight", ""); st != http.StatusNoContent {
+		t.Errorf("inflight while idle: %d %s", st, b)
+	}
+	d.mustCall("DELETE", "/api/v1/mount?mountpoint=/plain", "")
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/files", ""), &files); err != nil || len(files) == 0 {
+		t.Fatalf("files of the only RAFS mount without ?id=: %v %v", files, err)
+	}
+}
