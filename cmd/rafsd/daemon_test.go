@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/rafsd/rafsd/internal/testutil"
+	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 
 	"golang.org/x/sys/unix"
 )
@@ -1021,4 +1022,116 @@ func TestMetricsFilesPatternInflight(t *testing.T) {
 	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/files", ""), &files); err != nil || len(files) == 0 {
 		t.Fatalf("files of the only RAFS mount without ?id=: %v %v", files, err)
 	}
+}
+
+// TestBackendKilledMidRead serves an image from a real registry, kills the
+// registry in the middle of reading a file: the read fails with EIO after
+// the configured retries, the daemon stays up and serves what its blob
+// cache holds; with the registry back, the same read goes on and the
+// bytes are right.
+func TestBackendKilledMidRead(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "backend")
+	reg := registrytest.Start(t, registrytest.Options{})
+	blobs, err := os.ReadDir(img.blobs)
+	if err != nil || len(blobs) == 0 {
+		t.Fatalf("blobs: %v %v", blobs, err)
+	}
+	for _, b := range blobs {
+		data, err := os.ReadFile(filepath.Join(img.blobs, b.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id := reg.PushBlob(t, "test/backend", data); id != b.Name() {
+			t.Fatalf("pushed blob %s as %s", b.Name(), id)
+		}
+	}
+	cfg, _ := json.Marshal(map[string]any{
+		"device": map[string]any{
+			"backend": map[string]any{"type": "registry", "config": map[string]any{
+				"scheme": "http", "host": reg.Addr, "repo": "test/backend",
+				"timeout": 2, "connect_timeout": 1, "retry_limit": 2,
+			}},
+			"cache": map[string]any{"type": "blobcache", "config": map[string]any{"work_dir": t.TempDir()}},
+		},
+		"mode": "direct", "digest_validate": true, "amplify_io": 0,
+	})
+	cfgPath := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(cfgPath, cfg, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", cfgPath)
+	d.waitState("RUNNING")
+	small := filepath.Join(mnt, "dir/sub/a.txt")
+	if got, err := directRead(small, make([]byte, 1<<20)); err != nil || !bytes.Equal(got, img.files["dir/sub/a.txt"]) {
+		t.Fatalf("read before the kill: %v", err)
+	}
+
+	want := img.files["dir/big.bin"]
+	fd, err := unix.Open(filepath.Join(mnt, "dir/big.bin"), unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	buf, err := unix.Mmap(-1, 0, len(want)+1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(buf)
+	const piece = 256 << 10
+	off := 0
+	readPiece := func() error {
+		n, err := unix.Pread(fd, buf[off:off+piece], int64(off))
+		if err == nil {
+			off += n
+		}
+		return err
+	}
+	if err := readPiece(); err != nil {
+		t.Fatalf("first piece: %v", err)
+	}
+
+	reg.Kill()
+	start := time.Now()
+	var rerr error
+	for off < len(want) && rerr == nil {
+		rerr = readPiece()
+	}
+	failedAfter := time.Since(start)
+	if !errors.Is(rerr, unix.EIO) {
+		t.Fatalf("read with the registry gone: %v at offset %d, want EIO", rerr, off)
+	}
+	t.Logf("EIO at offset %d after %v", off, failedAfter)
+	if failedAfter > 30*time.Second {
+		t.Errorf("EIO took %v", failedAfter)
+	}
+	var be struct {
+		ReadErrors uint64 `json:"read_errors"`
+	}
+	// One attempt plus retry_limit retries, each a failed backend read.
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/backend", ""), &be); err != nil || be.ReadErrors != 3 {
+		t.Fatalf("backend metrics after the failed read: %+v %v, want 3 read errors (retry_limit 2)", be, err)
+	}
+	// The daemon is up: its API answers, cached data and metadata serve.
+	if st := d.state(); st != "RUNNING" {
+		t.Fatalf("state %s after backend errors", st)
+	}
+	if got, err := directRead(small, make([]byte, 1<<20)); err != nil || !bytes.Equal(got, img.files["dir/sub/a.txt"]) {
+		t.Fatalf("cached file with the registry gone: %v", err)
+	}
+	if _, err := os.ReadDir(filepath.Join(mnt, "dir/sub")); err != nil {
+		t.Fatalf("readdir with the registry gone: %v", err)
+	}
+
+	reg.Restart(t)
+	for off < len(want) {
+		if err := readPiece(); err != nil {
+			t.Fatalf("read at %d with the registry back: %v", off, err)
+		}
+	}
+	if n, _ := unix.Pread(fd, buf[off:off+1], int64(off)); n != 0 || !bytes.Equal(buf[:off], want) {
+		t.Fatalf("big.bin after the registry came back: %d bytes differ from the source", off)
+	}
+	checkTree(t, img, mnt)
 }
