@@ -1135,3 +1135,89 @@ func TestBackendKilledMidRead(t *testing.T) {
 	}
 	checkTree(t, img, mnt)
 }
+
+// TestTakeoverPassthroughKeepsNodes: after a live upgrade the kernel still
+// holds the old daemon's passthrough_fs node ids (cached dentries) and file
+// handles (open files); the new daemon must answer both.
+func TestTakeoverPassthroughKeepsNodes(t *testing.T) {
+	requireRoot(t)
+	shared := t.TempDir()
+	os.MkdirAll(filepath.Join(shared, "sub"), 0o755)
+	os.WriteFile(filepath.Join(shared, "sub/f.txt"), []byte("file f"), 0o644)
+	os.WriteFile(filepath.Join(shared, "sub/g.txt"), []byte("file g"), 0o644)
+	mnt := t.TempDir()
+	sup := &supervisor{path: filepath.Join(t.TempDir(), "sup.sock"), fd: -1}
+	t.Cleanup(func() {
+		if sup.fd >= 0 {
+			unix.Close(sup.fd)
+		}
+	})
+	a := startDaemon(t, mnt, "--shared-dir", shared, "--writable", "--supervisor", sup.path, "--id", "p1")
+	a.waitState("RUNNING")
+	f, err := os.OpenFile(filepath.Join(mnt, "sub/f.txt"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dir, err := os.Open(filepath.Join(mnt, "sub"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	var before unix.Stat_t
+	if err := unix.Stat(filepath.Join(mnt, "sub/g.txt"), &before); err != nil {
+		t.Fatal(err)
+	}
+
+	fetchStates(t, sup, a)
+	b := startDaemon(t, mnt, "--writable", "--supervisor", sup.path, "--id", "p1", "--upgrade")
+	b.waitState("INIT")
+	sent := sup.send(t)
+	b.mustCall("PUT", "/api/v1/daemon/fuse/takeover", "")
+	if err := <-sent; err != nil {
+		t.Fatalf("supervisor send: %v", err)
+	}
+	b.waitState("READY")
+	a.mustCall("PUT", "/api/v1/daemon/exit", "")
+	if err := a.waitExit(10 * time.Second); err != nil {
+		t.Fatalf("old daemon exit: %v", err)
+	}
+	b.mustCall("PUT", "/api/v1/daemon/start", "")
+	b.waitState("RUNNING")
+
+	// Open file handle: read and write through the old daemon's fh.
+	got := make([]byte, 64)
+	if n, err := f.ReadAt(got, 0); (err != nil && err != io.EOF) || string(got[:n]) != "file f" {
+		t.Fatalf("read through a handle opened before the takeover: %q %v", got[:n], err)
+	}
+	if _, err := f.WriteAt([]byte("F"), 0); err != nil {
+		t.Fatalf("write through a handle opened before the takeover: %v", err)
+	}
+	if h, _ := os.ReadFile(filepath.Join(shared, "sub/f.txt")); string(h) != "File f" {
+		t.Fatalf("write not on the host: %q", h)
+	}
+	// Cached dentry: open by the old node id, same inode number.
+	if g, err := os.ReadFile(filepath.Join(mnt, "sub/g.txt")); err != nil || string(g) != "file g" {
+		t.Fatalf("open of a file looked up before the takeover: %q %v", g, err)
+	}
+	var after unix.Stat_t
+	if err := unix.Stat(filepath.Join(mnt, "sub/g.txt"), &after); err != nil || after.Ino != before.Ino {
+		t.Fatalf("inode of g.txt %d -> %d (%v)", before.Ino, after.Ino, err)
+	}
+	// Open directory handle.
+	if _, err := dir.Seek(0, io.SeekStart); err != nil {
+		t.Fatal(err)
+	}
+	names, err := dir.Readdirnames(-1)
+	if err != nil || len(names) != 2 {
+		t.Fatalf("readdir through a handle opened before the takeover: %v %v", names, err)
+	}
+	f.Close()
+	dir.Close()
+	if err := b.stop(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("new daemon SIGTERM: %v", err)
+	}
+	if mounted(mnt) {
+		t.Fatal("mount left behind")
+	}
+}

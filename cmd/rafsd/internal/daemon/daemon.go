@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rafsd/rafsd/rafs/fusedev"
+	"github.com/rafsd/rafsd/rafs/passthrough"
 	"github.com/rafsd/rafsd/rafs/vfs"
 )
 
@@ -416,6 +417,9 @@ type savedMount struct {
 	Index uint32 `json:"index"`
 	Path  string `json:"path"`
 	MountCmd
+	// Passthrough is a passthrough_fs mount's node and handle tables, so
+	// the kernel's cached node ids and open files stay valid.
+	Passthrough *passthrough.State `json:"passthrough_state,omitempty"`
 }
 
 const stateVersion = 1
@@ -464,7 +468,16 @@ func (d *Daemon) SendFD() error {
 	st := savedState{Version: stateVersion, ID: d.opts.ID, Mountpoint: srv.Mountpoint(), Init: srv.InitRequest()}
 	for p, in := range d.mounts {
 		if _, idx, ok := d.vfs.Get(p); ok {
-			st.Mounts = append(st.Mounts, savedMount{Index: idx, Path: p, MountCmd: in.cmd})
+			m := savedMount{Index: idx, Path: p, MountCmd: in.cmd}
+			if in.pass != nil {
+				ps, err := in.pass.SaveState()
+				if err != nil {
+					d.mu.Unlock()
+					return fmt.Errorf("sendfd: %s: %w", p, err)
+				}
+				m.Passthrough = ps
+			}
+			st.Mounts = append(st.Mounts, m)
 		}
 	}
 	d.mu.Unlock()
@@ -514,6 +527,13 @@ func (d *Daemon) Takeover() error {
 		if err != nil {
 			dev.Close()
 			return fmt.Errorf("takeover: restore %s: %w", m.Path, err)
+		}
+		if m.Passthrough != nil && in.pass != nil {
+			if err := in.pass.RestoreState(m.Passthrough); err != nil {
+				in.close()
+				dev.Close()
+				return fmt.Errorf("takeover: restore %s: %w", m.Path, err)
+			}
 		}
 		if err := d.vfs.MountAt(m.Index, m.Path, in.fs); err != nil {
 			in.close()

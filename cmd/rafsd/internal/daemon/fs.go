@@ -41,6 +41,7 @@ type instance struct {
 	cmd     MountCmd
 	fs      fuse.RawFileSystem
 	rafs    *rafsfs.FS       // nil for passthrough
+	pass    *passthrough.FS  // nil for rafs
 	fetcher *storage.Fetcher // nil for passthrough
 	cancel  context.CancelFunc
 }
@@ -51,6 +52,9 @@ func (in *instance) close() {
 	}
 	if in.fetcher != nil {
 		_ = in.fetcher.Close()
+	}
+	if in.pass != nil {
+		_ = in.pass.Close()
 	}
 }
 
@@ -72,7 +76,7 @@ func (d *Daemon) openFS(cmd MountCmd) (*instance, error) {
 		if err != nil {
 			return nil, fmt.Errorf("passthrough_fs %s: %w", cmd.Source, err)
 		}
-		return &instance{cmd: cmd, fs: fs}, nil
+		return &instance{cmd: cmd, fs: fs, pass: fs}, nil
 	default:
 		return nil, fmt.Errorf("%w: unknown fs_type %q (want %q or %q)", ErrInvalid, cmd.FsType, FsTypeRafs, FsTypePassthrough)
 	}
