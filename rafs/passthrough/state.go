@@ -131,11 +131,23 @@ func (f *FS) RestoreState(st *State) error {
 		}
 		return fd, &s, true
 	}
-	dropped := 0
+	// Check everything before opening anything: a bad state is refused
+	// whole, not half restored.
+	ids, fhs := map[uint64]bool{}, map[uint64]bool{}
 	for _, sn := range st.Nodes {
-		if sn.ID <= 1 || f.nodes[sn.ID] != nil || sn.Refs == 0 {
+		if sn.ID <= 1 || ids[sn.ID] || f.nodes[sn.ID] != nil || sn.Refs == 0 {
 			return fmt.Errorf("passthrough: state node id %d duplicate or invalid", sn.ID)
 		}
+		ids[sn.ID] = true
+	}
+	for _, sh := range st.Handles {
+		if sh.Fh == 0 || fhs[sh.Fh] || f.handles[sh.Fh] != nil {
+			return fmt.Errorf("passthrough: state handle %d duplicate or invalid", sh.Fh)
+		}
+		fhs[sh.Fh] = true
+	}
+	dropped := 0
+	for _, sn := range st.Nodes {
 		key := devIno{sn.Dev, sn.Ino}
 		if f.byKey[key] != nil {
 			dropped++
@@ -151,10 +163,14 @@ func (f *FS) RestoreState(st *State) error {
 		f.nextID = max(f.nextID, n.id+1)
 	}
 	for _, sh := range st.Handles {
-		if sh.Fh == 0 || f.handles[sh.Fh] != nil {
-			return fmt.Errorf("passthrough: state handle %d duplicate or invalid", sh.Fh)
+		// Only flags that reopen what exists: never create, truncate
+		// or O_TMPFILE, whatever the state says.
+		flags := sh.Flags & (unix.O_ACCMODE | unix.O_APPEND | unix.O_DIRECT | unix.O_DIRECTORY |
+			unix.O_NOATIME | unix.O_SYNC | unix.O_DSYNC | unix.O_NONBLOCK | unix.O_LARGEFILE)
+		if flags&unix.O_ACCMODE == unix.O_ACCMODE {
+			dropped++
+			continue
 		}
-		flags := sh.Flags &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_PATH)
 		fd, _, ok := open(sh.Path, flags, sh.Dev, sh.Ino)
 		if !ok {
 			dropped++
