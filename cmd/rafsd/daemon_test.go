@@ -954,7 +954,7 @@ func TestMetricsFilesPatternInflight(t *testing.T) {
 	d.waitState("RUNNING")
 	cfg := map[string]any{}
 	json.Unmarshal([]byte(localfsConfig(img.blobs)), &cfg)
-	cfg["iostats_files"], cfg["access_pattern"] = true, true
+	cfg["iostats_files"], cfg["access_pattern"], cfg["latest_read_files"] = true, true, true
 	acct, _ := json.Marshal(cfg)
 	for _, m := range []struct{ path, config string }{{"/acct", string(acct)}, {"/plain", localfsConfig(img.blobs)}} {
 		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": m.config})
@@ -995,6 +995,13 @@ func TestMetricsFilesPatternInflight(t *testing.T) {
 		if p.NrRead == 0 || time.Since(time.Unix(p.Secs, 0)) > 10*time.Minute {
 			t.Fatalf("metrics/pattern entry %+v", p)
 		}
+	}
+	var latest [][]uint64
+	if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/files?id=/acct&latest=true", ""), &latest); err != nil || len(latest) == 0 {
+		t.Fatalf("files?latest=true after reads: %v %v", latest, err)
+	}
+	if b := d.mustCall("GET", "/api/v1/metrics/files?id=/acct&latest=true", ""); strings.TrimSpace(string(b)) != "[]" {
+		t.Fatalf("files?latest=true again (cleared by the first ask): %s", b)
 	}
 	if b := d.mustCall("GET", "/api/v1/metrics/files?id=/plain", ""); strings.TrimSpace(string(b)) != "{}" {
 		t.Fatalf("files of a mount without iostats_files: %s", b)

@@ -41,6 +41,9 @@ type Options struct {
 	// /metrics/pattern). Both cost a pointer per inode.
 	FilesAccount  bool
 	AccessPattern bool
+	// LatestReadFiles marks each file read since the last
+	// LatestReadFilesJSON (nydusd latest_read_files, /metrics/files?latest=true).
+	LatestReadFiles bool
 }
 
 // DefaultOptions are nydusd's defaults (entry_timeout and attr_timeout of
@@ -82,8 +85,11 @@ func New(img *rafs.Image, cr rafs.ChunkReader, opts Options) *FS {
 		l = slog.Default()
 	}
 	f := &FS{img: img, cr: cr, opts: opts, log: l, hasXattrs: img.HasXattrs()}
-	if opts.FilesAccount || opts.AccessPattern {
+	if opts.FilesAccount || opts.AccessPattern || opts.LatestReadFiles {
 		f.acct = newAccounting(len(img.Inodes), opts.FilesAccount, opts.AccessPattern)
+		if opts.LatestReadFiles {
+			f.acct.latest = make([]atomic.Uint64, len(img.Inodes)/64+1)
+		}
 	}
 	return f
 }

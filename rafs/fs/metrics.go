@@ -64,6 +64,7 @@ type AccessPattern struct {
 type accounting struct {
 	files    []atomic.Pointer[FileStats]
 	patterns []atomic.Pointer[AccessPattern]
+	latest   []atomic.Uint64 // bit ino%64 of word ino/64: read since last export
 }
 
 func newAccounting(n int, files, patterns bool) *accounting {
@@ -105,6 +106,9 @@ func (a *accounting) record(ino uint64, fop Fop, size int, ok bool) {
 			fs.DataRead.Add(uint64(size))
 			fs.BlockCountRead[sizeIndex(size)].Add(1)
 		}
+	}
+	if fop == FopRead && ok && ino/64 < uint64(len(a.latest)) {
+		a.latest[ino/64].Or(1 << (ino % 64))
 	}
 	if fop == FopRead {
 		if p := slot(a.patterns, ino); p != nil {
@@ -170,6 +174,41 @@ func (f *FS) AccessPatternsJSON() ([]byte, error) {
 			out = append(out, patternJSON{Ino: uint64(k + 1), NrRead: p.NrRead.Load(),
 				FirstAccessTimeSecs: t / 1e9, FirstAccessTimeNanos: t % 1e9})
 		}
+	}
+	return json.Marshal(out)
+}
+
+// LatestReadFilesJSON returns the files read since the previous call and
+// forgets them, as nydusd's /metrics/files?latest=true: inode ranges,
+// [first, last] or [ino] alone, ascending. It is [] unless
+// Options.LatestReadFiles is set.
+func (f *FS) LatestReadFilesJSON() ([]byte, error) {
+	out := [][]uint64{}
+	if f.acct != nil {
+		var start, last uint64
+		flush := func() {
+			if start == 0 {
+				return
+			}
+			if start == last {
+				out = append(out, []uint64{start})
+			} else {
+				out = append(out, []uint64{start, last})
+			}
+		}
+		for w := range f.acct.latest {
+			v := f.acct.latest[w].Swap(0)
+			for v != 0 {
+				ino := uint64(w)*64 + uint64(bits.TrailingZeros64(v))
+				v &= v - 1
+				if start == 0 || ino != last+1 {
+					flush()
+					start = ino
+				}
+				last = ino
+			}
+		}
+		flush()
 	}
 	return json.Marshal(out)
 }

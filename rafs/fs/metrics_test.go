@@ -1,6 +1,9 @@
 package fs
 
-import "testing"
+import (
+	"sync/atomic"
+	"testing"
+)
 
 // The buckets match nydusd's request_size_index (utils/src/metrics.rs).
 func TestSizeIndex(t *testing.T) {
@@ -13,5 +16,26 @@ func TestSizeIndex(t *testing.T) {
 		if got := sizeIndex(c.size); got != c.want {
 			t.Errorf("sizeIndex(%#x) = %d, want %d", c.size, got, c.want)
 		}
+	}
+}
+
+// Ranges as nydusd's InodeBitmap::bitmap_to_array_and_clear gives them
+// (its test's inode set), cleared by the export; failed reads not marked.
+func TestLatestReadFilesJSON(t *testing.T) {
+	f := &FS{acct: &accounting{latest: make([]atomic.Uint64, 40003/64+1)}}
+	for _, ino := range []uint64{1, 2, 5, 65, 66, 4000, 40001, 40002, 40003} {
+		f.acct.record(ino, FopRead, 4096, true)
+	}
+	f.acct.record(7, FopRead, 0, false)
+	f.acct.record(9, FopGetattr, 0, true)
+	f.acct.record(1<<40, FopRead, 1, true) // out of range: ignored
+	for _, want := range []string{`[[1,2],[5],[65,66],[4000],[40001,40003]]`, `[]`} {
+		b, err := f.LatestReadFilesJSON()
+		if err != nil || string(b) != want {
+			t.Fatalf("LatestReadFilesJSON = %s, %v; want %s", b, err, want)
+		}
+	}
+	if b, _ := (&FS{}).LatestReadFilesJSON(); string(b) != `[]` {
+		t.Fatalf("without accounting: %s", b)
 	}
 }

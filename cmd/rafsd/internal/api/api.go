@@ -76,7 +76,11 @@ func New(d *daemon.Daemon, reg *prometheus.Registry, log *slog.Logger) *Server {
 	s.mux.HandleFunc("/api/v1/metrics", s.getter(func(r *http.Request) (any, error) { return d.FsMetrics(r.URL.Query().Get("id")) }))
 	s.mux.HandleFunc("/api/v1/metrics/backend", s.getter(func(r *http.Request) (any, error) { return d.BackendMetrics(r.URL.Query().Get("id")) }))
 	s.mux.HandleFunc("/api/v1/metrics/blobcache", s.getter(func(r *http.Request) (any, error) { return d.BlobcacheMetrics(r.URL.Query().Get("id")) }))
-	s.mux.HandleFunc("/api/v1/metrics/files", s.getter(func(r *http.Request) (any, error) { return d.FilesMetrics(r.URL.Query().Get("id")) }))
+	s.mux.HandleFunc("/api/v1/metrics/files", s.getter(func(r *http.Request) (any, error) {
+		// nydusd: ?latest=true asks for the files read since the last ask.
+		latest := r.URL.Query().Get("latest") == "true"
+		return d.FilesMetrics(r.URL.Query().Get("id"), latest)
+	}))
 	s.mux.HandleFunc("/api/v1/metrics/pattern", s.getter(func(r *http.Request) (any, error) { return d.AccessPatterns(r.URL.Query().Get("id")) }))
 	s.mux.HandleFunc("/api/v1/metrics/inflight", s.inflight)
 	s.mux.HandleFunc("/api/v1/config", s.config)

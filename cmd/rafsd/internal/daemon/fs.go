@@ -123,6 +123,7 @@ func (d *Daemon) openRafs(cmd MountCmd) (*instance, error) {
 	opts.Logger = d.log
 	if cfg.Rafs != nil {
 		opts.FilesAccount, opts.AccessPattern = cfg.Rafs.IOStatsFiles, cfg.Rafs.AccessPattern
+		opts.LatestReadFiles = cfg.Rafs.LatestReadFiles
 	}
 	fs := rafsfs.New(img, f, opts)
 	return &instance{cmd: cmd, fs: fs, rafs: fs, fetcher: f, cancel: cancel}, nil

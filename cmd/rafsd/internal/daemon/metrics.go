@@ -130,11 +130,16 @@ func (d *Daemon) onlyRafs(id string) (*instance, error) {
 }
 
 // FilesMetrics is GET /api/v1/metrics/files: per-inode counters of one
-// RAFS mount (an empty object unless its config sets iostats_files).
-func (d *Daemon) FilesMetrics(id string) (json.RawMessage, error) {
+// RAFS mount (an empty object unless its config sets iostats_files), or
+// with latest the inode ranges read since the last such call
+// (latest_read_files).
+func (d *Daemon) FilesMetrics(id string, latest bool) (json.RawMessage, error) {
 	in, err := d.onlyRafs(id)
 	if err != nil {
 		return nil, err
+	}
+	if latest {
+		return in.rafs.LatestReadFilesJSON()
 	}
 	return in.rafs.FilesJSON()
 }
