@@ -84,6 +84,7 @@ func TestReadRandomRanges(t *testing.T) {
 					t.Errorf("%v cache hits without a cache", hits)
 				}
 				if mode.cache != "" {
+					settle(f) // the last chunks may still be being written
 					bm := f.BlobcacheMetrics()
 					if !bm.DataAllReady || bm.EntriesCount != uint64(ti.img.Blobs[0].ChunkCount) {
 						t.Errorf("blobcache metrics %+v", bm)
@@ -201,6 +202,7 @@ func TestCorruptCacheRefetched(t *testing.T) {
 			work := filepath.Join(dir, "cache")
 			f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", work, compressed, true, 0)))
 			ti.readAll(t, f)
+			settle(f) // corrupt the cache only once everything is in it
 			name := ti.id + blobcache.DataSuffix
 			off := int64(ti.file().Chunks[3].UncompressedOffset + 100)
 			if compressed {
@@ -342,6 +344,7 @@ func TestSharedStore(t *testing.T) {
 	f1, _ := newFetcher(t, cfg)
 	f2, reg2 := newFetcher(t, cfg)
 	ti.readAll(t, f1)
+	settle(f1)
 	if f1.CacheBlob(ti.img.Blobs[0]) != f2.CacheBlob(ti.img.Blobs[0]) {
 		t.Fatal("two fetchers of one work_dir hold different cache objects for one blob")
 	}
