@@ -302,9 +302,9 @@ func (f *Fetcher) finish(bs *blobState, cl *call) {
 	close(cl.written)
 }
 
-// run fetches st's chunks with one range request, reopening it once from
-// where it broke if it broke after some progress; the chunks it could not
-// fetch fail with EIO.
+// run fetches st's chunks with one range request, reopened where it broke
+// up to twice (through the backend's mirror failover and retries); the
+// chunks it could not fetch fail with EIO.
 func (f *Fetcher) run(st *stream) {
 	defer f.streams.Done()
 	if st.release != nil {
@@ -316,7 +316,7 @@ func (f *Fetcher) run(st *stream) {
 	}
 	b := st.bs.blob
 	ctx := f.ctx
-	reopened := false
+	reopens := 0
 	for i := 0; ; {
 		st.mu.Lock()
 		end := st.limit
@@ -338,14 +338,13 @@ func (f *Fetcher) run(st *stream) {
 		if st.prefetch {
 			f.stats.prefetchRequests.Add(1)
 		}
-		from := i
 		i, err = f.pump(ctx, st, rc, i)
 		rc.Close()
 		if err == nil {
 			return
 		}
-		if i > from && !reopened && ctx.Err() == nil {
-			reopened = true
+		if reopens < 2 && ctx.Err() == nil {
+			reopens++
 			f.log.Warn("storage: backend stream broke, reopening it where it stopped", "blob", b.ID, "chunk", st.items[i].c.Index, "err", err)
 			continue
 		}

@@ -306,7 +306,17 @@ func (r *Registry) OpenRange(ctx context.Context, id string, off, n int64) (io.R
 			cancel()
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		rc = newRangeReader(resp.Body, "registry", name, id, off, n, &r.hooks, start, cancel, idle)
+		rr := newRangeReader(resp.Body, "registry", name, id, off, n, &r.hooks, start, cancel, idle)
+		if e != nil && (e != r.proxy || e.pingURL != "") {
+			// A mirror (or polled proxy) that cuts a stream is failing: the
+			// reopening of the rest should go elsewhere once it is down.
+			rr.failed = func(err error) {
+				if ctx.Err() == nil {
+					r.mirrorFailed(e, err)
+				}
+			}
+		}
+		rc = rr
 		return nil
 	})
 	if err != nil {

@@ -57,6 +57,7 @@ type rangeReader struct {
 	cancel   context.CancelFunc
 	idle     time.Duration
 	timer    *time.Timer
+	failed   func(error) // tells the endpoint's health tracking of a cut
 
 	mu     sync.Mutex
 	err    error // first error seen
@@ -101,6 +102,9 @@ func (r *rangeReader) Read(p []byte) (int, error) {
 	if err != nil {
 		pos := r.total - r.n
 		r.err = &ReadError{Backend: r.backend, BlobID: r.id, Off: r.off + pos, Len: int(r.n), Err: fmt.Errorf("%s: stream cut after %d of %d bytes: %w", r.endpoint, pos, r.total, err)}
+		if r.failed != nil {
+			r.failed(err)
+		}
 		return k, r.err
 	}
 	return k, nil
