@@ -9,13 +9,10 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,100 +20,11 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/rafsd/rafsd/internal/capproxy"
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/storage"
 )
-
-// throttle is a token bucket shared by every connection of a proxy: the
-// registry->client direction may move at most rate bytes/s in total.
-type throttle struct {
-	mu     sync.Mutex
-	rate   float64
-	tokens float64
-	last   time.Time
-	burst  float64
-}
-
-func (t *throttle) wait(n int) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	now := time.Now()
-	t.tokens = min(t.burst, t.tokens+now.Sub(t.last).Seconds()*t.rate)
-	t.last = now
-	t.tokens -= float64(n)
-	if t.tokens < 0 {
-		// Sleeping under the lock serializes the connections, which is
-		// what one shared link does.
-		time.Sleep(time.Duration(-t.tokens / t.rate * float64(time.Second)))
-	}
-}
-
-// capProxy is a TCP proxy on 127.0.0.1 in front of upstream that caps the
-// download bandwidth and counts the bytes it moved.
-type capProxy struct {
-	Addr  string
-	bytes atomic.Int64
-}
-
-func startCapProxy(tb testing.TB, upstream string, rate float64) *capProxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	p := &capProxy{Addr: ln.Addr().String()}
-	th := &throttle{rate: rate, burst: 256 << 10, last: time.Now()}
-	var wg sync.WaitGroup
-	var conns sync.Map
-	tb.Cleanup(func() {
-		ln.Close()
-		conns.Range(func(k, _ any) bool { k.(net.Conn).Close(); return true })
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", upstream)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			conns.Store(c, nil)
-			conns.Store(u, nil)
-			wg.Add(2)
-			go func() { // client -> registry: requests, unthrottled
-				defer wg.Done()
-				io.Copy(u, c)
-				u.(*net.TCPConn).CloseWrite()
-			}()
-			go func() { // registry -> client: throttled and counted
-				defer wg.Done()
-				defer c.Close()
-				defer u.Close()
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := u.Read(buf)
-					if n > 0 {
-						th.wait(n)
-						p.bytes.Add(int64(n))
-						if _, werr := c.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	return p
-}
 
 // coldFile is one file of the benchmark image.
 type coldFile struct {
@@ -450,32 +358,32 @@ func BenchmarkColdStart(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Logf("converted with --oci-ref in %s: %d blobs uploaded, bootstrap %.1f KiB", time.Since(t0).Round(time.Millisecond), len(zres.Uploaded), float64(zres.Bootstrap.Size)/1024)
-	proxy := startCapProxy(b, reg.Addr, rate)
+	proxy := capproxy.Start(b, reg.Addr, rate)
 
 	var ociTime, rafsTime, preTime, zranTime time.Duration
 	var ociBytes, rafsBytes, preBytes, zranBytes int64
 	b.ResetTimer()
 	for i := range b.N {
 		dir := filepath.Join(work, "run"+strconv.Itoa(i))
-		proxy.bytes.Store(0)
+		proxy.Reset()
 		t := time.Now()
 		coldOCI(b, proxy.Addr+"/cold/app:oci", startup, filepath.Join(dir, "oci"))
-		ociTime, ociBytes = time.Since(t), proxy.bytes.Load()
+		ociTime, ociBytes = time.Since(t), proxy.Bytes()
 
-		proxy.bytes.Store(0)
+		proxy.Reset()
 		t = time.Now()
 		coldRAFS(b, proxy.Addr+"/cold/app:nydus", startup, filepath.Join(dir, "rafs"), false)
-		rafsTime, rafsBytes = time.Since(t), proxy.bytes.Load()
+		rafsTime, rafsBytes = time.Since(t), proxy.Bytes()
 
-		proxy.bytes.Store(0)
+		proxy.Reset()
 		t = time.Now()
 		coldRAFS(b, proxy.Addr+"/cold/app:nydus", startup, filepath.Join(dir, "rafs-prefetch"), true)
-		preTime, preBytes = time.Since(t), proxy.bytes.Load()
+		preTime, preBytes = time.Since(t), proxy.Bytes()
 
-		proxy.bytes.Store(0)
+		proxy.Reset()
 		t = time.Now()
 		coldRAFS(b, proxy.Addr+"/cold/app:nydus-oci-ref", startup, filepath.Join(dir, "zran"), false)
-		zranTime, zranBytes = time.Since(t), proxy.bytes.Load()
+		zranTime, zranBytes = time.Since(t), proxy.Bytes()
 		b.StopTimer()
 		os.RemoveAll(dir)
 		b.StartTimer()
