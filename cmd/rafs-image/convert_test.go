@@ -3,7 +3,6 @@ package main
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
 	"os"
@@ -11,9 +10,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/rafsd/rafsd/internal/testutil"
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/convert"
 	"github.com/rafsd/rafsd/rafs/storage"
@@ -30,30 +29,7 @@ func writeLayout(t *testing.T, dir string, files map[string]string) {
 		tw.Write([]byte(c))
 	}
 	tw.Close()
-	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
-	zw.Write(raw.Bytes())
-	zw.Close()
-	put := func(mt string, b []byte) ocispec.Descriptor {
-		d := digest.FromBytes(b)
-		os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755)
-		if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", d.Encoded()), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return ocispec.Descriptor{MediaType: mt, Digest: d, Size: int64(len(b))}
-	}
-	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}}
-	cfg.RootFS = ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.FromBytes(raw.Bytes())}}
-	cb, _ := json.Marshal(cfg)
-	man := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest, Config: put(ocispec.MediaTypeImageConfig, cb),
-		Layers: []ocispec.Descriptor{put(ocispec.MediaTypeImageLayerGzip, gz.Bytes())}}
-	man.SchemaVersion = 2
-	mb, _ := json.Marshal(man)
-	idx := ocispec.Index{MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{put(ocispec.MediaTypeImageManifest, mb)}}
-	idx.SchemaVersion = 2
-	ib, _ := json.Marshal(idx)
-	os.WriteFile(filepath.Join(dir, "index.json"), ib, 0o644)
-	os.WriteFile(filepath.Join(dir, ocispec.ImageLayoutFile), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644)
+	testutil.WriteOCILayout(t, dir, raw.Bytes())
 }
 
 func TestConvertCLI(t *testing.T) {

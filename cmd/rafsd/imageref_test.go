@@ -3,18 +3,14 @@ package main
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"encoding/base64"
-	"encoding/json"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
 
-	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-
+	"github.com/rafsd/rafsd/internal/testutil"
 	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
 
@@ -53,30 +49,7 @@ func writeOCILayout(t *testing.T, src, dir string) {
 		t.Fatal(err)
 	}
 	tw.Close()
-	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
-	zw.Write(raw.Bytes())
-	zw.Close()
-	put := func(mt string, b []byte) ocispec.Descriptor {
-		d := digest.FromBytes(b)
-		os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755)
-		if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", d.Encoded()), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return ocispec.Descriptor{MediaType: mt, Digest: d, Size: int64(len(b))}
-	}
-	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}}
-	cfg.RootFS = ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.FromBytes(raw.Bytes())}}
-	cb, _ := json.Marshal(cfg)
-	man := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest, Config: put(ocispec.MediaTypeImageConfig, cb),
-		Layers: []ocispec.Descriptor{put(ocispec.MediaTypeImageLayerGzip, gz.Bytes())}}
-	man.SchemaVersion = 2
-	mb, _ := json.Marshal(man)
-	idx := ocispec.Index{MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{put(ocispec.MediaTypeImageManifest, mb)}}
-	idx.SchemaVersion = 2
-	ib, _ := json.Marshal(idx)
-	os.WriteFile(filepath.Join(dir, "index.json"), ib, 0o644)
-	os.WriteFile(filepath.Join(dir, ocispec.ImageLayoutFile), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644)
+	testutil.WriteOCILayout(t, dir, raw.Bytes())
 }
 
 // pushNydus converts img's tree (as a one-layer OCI image) and pushes it
