@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/rafsd/rafsd/internal/testutil"
+	"github.com/rafsd/rafsd/rafs/fusedev"
 	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 
 	"golang.org/x/sys/unix"
@@ -635,36 +636,15 @@ func (s *supervisor) receive(t *testing.T) <-chan error {
 			return
 		}
 		defer c.Close()
-		uc := c.(*net.UnixConn)
-		buf, oob := make([]byte, 64<<10), make([]byte, 256)
-		var state []byte
-		fds := []int{}
-		for {
-			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
-			if oobn > 0 {
-				msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
-				for i := range msgs {
-					got, _ := unix.ParseUnixRights(&msgs[i])
-					fds = append(fds, got...)
-				}
-			}
-			state = append(state, buf[:n]...)
-			if errors.Is(err, io.EOF) || (err == nil && n == 0 && oobn == 0) {
-				break
-			}
-			if err != nil {
-				ch <- err
-				return
-			}
-		}
-		if len(fds) != 1 {
-			ch <- fmt.Errorf("got %d fds", len(fds))
+		state, fd, err := fusedev.ReadState(c.(*net.UnixConn))
+		if err != nil {
+			ch <- err
 			return
 		}
 		if s.fd >= 0 {
 			unix.Close(s.fd) // the same connection, saved again
 		}
-		s.state, s.fd = state, fds[0]
+		s.state, s.fd = state, fd
 		ch <- nil
 	}()
 	return ch
@@ -682,8 +662,7 @@ func (s *supervisor) send(t *testing.T) <-chan error {
 			return
 		}
 		defer c.Close()
-		_, _, err = c.(*net.UnixConn).WriteMsgUnix(s.state, unix.UnixRights(s.fd), nil)
-		ch <- err
+		ch <- fusedev.WriteState(c.(*net.UnixConn), s.state, s.fd)
 	}()
 	return ch
 }

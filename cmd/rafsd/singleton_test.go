@@ -3,10 +3,8 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -92,64 +90,6 @@ func FuzzParseHandover(f *testing.F) {
 	})
 }
 
-// testSupervisor is nydus-snapshotter's side: it listens, and receives a
-// daemon's state and fd or sends its own to the daemon connecting.
-func testSupervisor(t *testing.T, path string, send []byte, fd int) <-chan struct {
-	state []byte
-	fds   []int
-	err   error
-} {
-	t.Helper()
-	os.Remove(path)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	type result = struct {
-		state []byte
-		fds   []int
-		err   error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		defer l.Close()
-		l.SetDeadline(time.Now().Add(20 * time.Second))
-		c, err := l.AcceptUnix()
-		if err != nil {
-			ch <- result{err: err}
-			return
-		}
-		defer c.Close()
-		if send != nil {
-			_, _, err := c.WriteMsgUnix(send, unix.UnixRights(fd), nil)
-			ch <- result{err: err}
-			return
-		}
-		var r result
-		buf, oob := make([]byte, 64<<10), make([]byte, 256)
-		for {
-			n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
-			if oobn > 0 {
-				msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
-				for i := range msgs {
-					got, _ := unix.ParseUnixRights(&msgs[i])
-					r.fds = append(r.fds, got...)
-				}
-			}
-			r.state = append(r.state, buf[:n]...)
-			if errors.Is(err, io.EOF) || (err == nil && n == 0 && oobn == 0) {
-				break
-			}
-			if err != nil {
-				r.err = err
-				break
-			}
-		}
-		ch <- r
-	}()
-	return ch
-}
-
 // TestSingletonTakeoverAPI drives the takeover calls of the fscache mode
 // on the host, whose kernel has no on-demand cachefiles: /dev/null stands
 // in for the device fd (it is only passed around, never served). The
@@ -216,17 +156,19 @@ func TestSingletonTakeoverAPI(t *testing.T) {
 	}
 	defer null.Close()
 	fuseState := []byte(`{"version":1,"id":"x","mountpoint":"/m","fuse_init":"AAAA","mounts":[]}`)
-	sent := testSupervisor(t, sup, fuseState, int(null.Fd()))
+	sv := &supervisor{path: sup, state: fuseState, fd: int(null.Fd())}
+	sent := sv.send(t)
 	call("PUT", "/api/v1/daemon/fuse/takeover", 500)
-	if r := <-sent; r.err != nil {
-		t.Fatal(r.err)
+	if err := <-sent; err != nil {
+		t.Fatal(err)
 	}
 	stateIs("INIT")
 
-	sent = testSupervisor(t, sup, state, int(null.Fd()))
+	sv.state = state
+	sent = sv.send(t)
 	call("PUT", "/api/v1/daemon/fuse/takeover", 204)
-	if r := <-sent; r.err != nil {
-		t.Fatal(r.err)
+	if err := <-sent; err != nil {
+		t.Fatal(err)
 	}
 	stateIs("READY")
 	call("PUT", "/api/v1/daemon/fuse/takeover", 409)
@@ -236,19 +178,14 @@ func TestSingletonTakeoverAPI(t *testing.T) {
 	}
 
 	// sendfd gives the supervisor the same bindings and one fd.
-	recv := testSupervisor(t, sup, nil, -1)
+	sv.fd = -1 // null's own fd stays with null
+	recv := sv.receive(t)
 	call("PUT", "/api/v1/daemon/fuse/sendfd", 204)
-	r := <-recv
-	if r.err != nil {
-		t.Fatal(r.err)
+	if err := <-recv; err != nil {
+		t.Fatal(err)
 	}
-	for _, fd := range r.fds {
-		defer unix.Close(fd)
-	}
-	if len(r.fds) != 1 {
-		t.Fatalf("supervisor got %d fds, want 1", len(r.fds))
-	}
-	got, err := parseHandover(r.state)
+	defer unix.Close(sv.fd)
+	got, err := parseHandover(sv.state)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,7 +194,7 @@ func TestSingletonTakeoverAPI(t *testing.T) {
 		t.Fatalf("state handed on: %+v", got)
 	}
 	var a, b unix.Stat_t
-	unix.Fstat(r.fds[0], &a)
+	unix.Fstat(sv.fd, &a)
 	unix.Fstat(int(null.Fd()), &b)
 	if a.Rdev != b.Rdev || a.Ino != b.Ino {
 		t.Fatalf("the fd handed on is not the device received (rdev %x vs %x)", a.Rdev, b.Rdev)

@@ -22,6 +22,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsd/rafsd/rafs/fusedev"
+
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
 	"github.com/rafsd/rafsd/rafs/storage"
@@ -151,28 +153,12 @@ func (s *supervisor) handle(c *net.UnixConn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.fd >= 0 { // takeover: send state and a dup of the fd, keep ours
-		_, _, _ = c.WriteMsgUnix(s.state, unix.UnixRights(s.fd), nil)
+		_ = fusedev.WriteState(c, s.state, s.fd)
 		return
 	}
-	buf := make([]byte, 64<<10)
-	oob := make([]byte, unix.CmsgSpace(4))
-	var state []byte
-	for {
-		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
-		state = append(state, buf[:n]...)
-		if oobn > 0 {
-			msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
-			for i := range msgs {
-				if fds, err := unix.ParseUnixRights(&msgs[i]); err == nil && len(fds) > 0 {
-					s.fd = fds[0]
-				}
-			}
-		}
-		if err != nil || (n == 0 && oobn == 0) {
-			break
-		}
+	if state, fd, err := fusedev.ReadState(c); err == nil {
+		s.state, s.fd = state, fd
 	}
-	s.state = state
 }
 
 // describeDiff says where got differs from want and whether the bad

@@ -29,17 +29,8 @@ func SendState(sock string, state []byte, fd int, timeout time.Duration) error {
 	if timeout > 0 {
 		_ = conn.SetDeadline(time.Now().Add(timeout))
 	}
-	oob := unix.UnixRights(fd)
-	data := state
-	for len(data) > 0 || len(oob) > 0 {
-		n, oobn, err := conn.WriteMsgUnix(data, oob, nil)
-		if err != nil {
-			return fmt.Errorf("fusedev: send state to %s: %w", sock, err)
-		}
-		data = data[n:]
-		if oobn > 0 {
-			oob = nil
-		}
+	if err := WriteState(conn, state, fd); err != nil {
+		return fmt.Errorf("fusedev: send state to %s: %w", sock, err)
 	}
 	return nil
 }
@@ -55,6 +46,35 @@ func RecvState(sock string, timeout time.Duration) ([]byte, *os.File, error) {
 	if timeout > 0 {
 		_ = conn.SetDeadline(time.Now().Add(timeout))
 	}
+	state, fd, err := ReadState(conn)
+	if err != nil {
+		return nil, nil, fmt.Errorf("fusedev: receive state from supervisor %s: %w", sock, err)
+	}
+	return state, os.NewFile(uintptr(fd), "/dev/fuse"), nil
+}
+
+// WriteState writes one state message on c: state with fd attached. The
+// message ends when the writer closes c. A daemon's sendfd and a
+// supervisor's answer to a takeover are both such a message.
+func WriteState(c *net.UnixConn, state []byte, fd int) error {
+	oob := unix.UnixRights(fd)
+	for len(state) > 0 || len(oob) > 0 {
+		n, oobn, err := c.WriteMsgUnix(state, oob, nil)
+		if err != nil {
+			return err
+		}
+		state = state[n:]
+		if oobn > 0 {
+			oob = nil
+		}
+	}
+	return nil
+}
+
+// ReadState reads one state message from c until EOF: at most
+// MaxStateSize bytes and exactly one descriptor, which it returns
+// close-on-exec and the caller owns.
+func ReadState(c *net.UnixConn) ([]byte, int, error) {
 	var (
 		state []byte
 		fds   []int
@@ -67,7 +87,7 @@ func RecvState(sock string, timeout time.Duration) ([]byte, *os.File, error) {
 	buf := make([]byte, 256<<10)
 	oob := make([]byte, unix.CmsgSpace(4*8))
 	for {
-		n, oobn, flags, _, err := conn.ReadMsgUnix(buf, oob)
+		n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
 		if oobn > 0 {
 			if got, perr := parseRights(oob[:oobn]); perr == nil {
 				fds = append(fds, got...)
@@ -75,19 +95,19 @@ func RecvState(sock string, timeout time.Duration) ([]byte, *os.File, error) {
 		}
 		if flags&unix.MSG_CTRUNC != 0 {
 			closeFDs()
-			return nil, nil, errors.New("fusedev: state message: control data truncated")
+			return nil, -1, errors.New("state message: control data truncated")
 		}
 		state = append(state, buf[:n]...)
 		if len(state) > MaxStateSize {
 			closeFDs()
-			return nil, nil, fmt.Errorf("fusedev: state from %s larger than %d bytes", sock, MaxStateSize)
+			return nil, -1, fmt.Errorf("state message larger than %d bytes", MaxStateSize)
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				break
 			}
 			closeFDs()
-			return nil, nil, fmt.Errorf("fusedev: receive state from %s: %w", sock, err)
+			return nil, -1, err
 		}
 		if n == 0 && oobn == 0 {
 			break
@@ -95,10 +115,10 @@ func RecvState(sock string, timeout time.Duration) ([]byte, *os.File, error) {
 	}
 	if len(fds) != 1 {
 		closeFDs()
-		return nil, nil, fmt.Errorf("fusedev: supervisor %s sent %d descriptors, want 1", sock, len(fds))
+		return nil, -1, fmt.Errorf("state message has %d descriptors, want 1", len(fds))
 	}
 	unix.CloseOnExec(fds[0])
-	return state, os.NewFile(uintptr(fds[0]), "/dev/fuse"), nil
+	return state, fds[0], nil
 }
 
 func parseRights(oob []byte) ([]int, error) {

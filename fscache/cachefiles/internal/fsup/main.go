@@ -17,7 +17,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -28,6 +27,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rafsd/rafsd/rafs/fusedev"
 )
 
 type supervisor struct {
@@ -129,40 +130,16 @@ func (s *supervisor) wait(w http.ResponseWriter, r *http.Request) {
 // recv keeps what a daemon sends (its sendfd): state bytes until EOF and
 // one fd.
 func (s *supervisor) recv(c *net.UnixConn) error {
-	var (
-		state []byte
-		fds   []int
-	)
-	buf, oob := make([]byte, 256<<10), make([]byte, unix.CmsgSpace(4*8))
-	for {
-		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
-		if oobn > 0 {
-			msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
-			for i := range msgs {
-				got, _ := unix.ParseUnixRights(&msgs[i])
-				fds = append(fds, got...)
-			}
-		}
-		state = append(state, buf[:n]...)
-		if errors.Is(err, io.EOF) || (err == nil && n == 0 && oobn == 0) {
-			break
-		}
-		if err != nil {
-			return err
-		}
-	}
-	if len(fds) != 1 {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-		return fmt.Errorf("daemon sent %d fds, want 1", len(fds))
+	state, fd, err := fusedev.ReadState(c)
+	if err != nil {
+		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.fd >= 0 {
 		unix.Close(s.fd) // the same device again: a newer state replaces it
 	}
-	s.state, s.fd = state, fds[0]
+	s.state, s.fd = state, fd
 	s.log.Info("fsup: received state", "bytes", len(state))
 	return nil
 }
@@ -176,16 +153,8 @@ func (s *supervisor) send(c *net.UnixConn) error {
 	if fd < 0 {
 		return errors.New("no state held")
 	}
-	oob := unix.UnixRights(fd)
-	for len(state) > 0 || len(oob) > 0 {
-		n, oobn, err := c.WriteMsgUnix(state, oob, nil)
-		if err != nil {
-			return err
-		}
-		state = state[n:]
-		if oobn > 0 {
-			oob = nil
-		}
+	if err := fusedev.WriteState(c, state, fd); err != nil {
+		return err
 	}
 	s.log.Info("fsup: sent state", "bytes", len(s.state))
 	return nil
