@@ -155,6 +155,14 @@ func DecodeChunk(b *Blob, c *Chunk, read func(p []byte) error) ([]byte, error) {
 // DecodeChunkBytes decompresses (if c.Compressed, or inflates from its
 // checkpoint if b.Zran is set) and verifies the stored bytes raw of chunk c.
 func DecodeChunkBytes(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
+	return DecodeChunkInto(b, c, raw, nil)
+}
+
+// DecodeChunkInto is DecodeChunkBytes decompressing into dst when dst has
+// the chunk's uncompressed size (a pooled buffer of the caller's); else it
+// allocates. The result is dst, raw (a chunk stored as it is) or a new
+// slice (zran chunks, or dst unusable).
+func DecodeChunkInto(b *Blob, c *Chunk, raw, dst []byte) ([]byte, error) {
 	data := raw
 	if b.Zran != nil {
 		var err error
@@ -162,7 +170,10 @@ func DecodeChunkBytes(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
 			return nil, err
 		}
 	} else if c.Compressed {
-		data = make([]byte, c.UncompressedSize)
+		data = dst
+		if len(data) != int(c.UncompressedSize) {
+			data = make([]byte, c.UncompressedSize)
+		}
 		if err := codec.Decompress(b.Compressor, data, raw); err != nil {
 			return nil, fmt.Errorf("chunk %d of blob %s: %w", c.Index, b.ID, err)
 		}

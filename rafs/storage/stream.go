@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/rafsd/rafsd/rafs"
-	"github.com/rafsd/rafsd/rafs/codec"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
 	"github.com/rafsd/rafsd/rafs/storage/blobcache"
 )
@@ -480,25 +479,18 @@ func (f *Fetcher) deliver(ctx context.Context, st *stream, cl *call, stored []by
 
 // decode is rafs.DecodeChunkBytes into a pooled buffer: the verified
 // uncompressed bytes of a chunk from its stored bytes (which it returns
-// as they are for a chunk stored uncompressed).
+// as they are for a chunk stored uncompressed; zran chunks get a buffer
+// of their own).
 func decode(b *rafs.Blob, c *rafs.Chunk, stored []byte) ([]byte, error) {
-	data := stored
-	if c.Compressed {
-		data = getBuf(int(c.UncompressedSize))
-		if err := codec.Decompress(b.Compressor, data, stored); err != nil {
-			putBuf(data)
-			return nil, fmt.Errorf("chunk %d of blob %s: %w", c.Index, b.ID, err)
-		}
-	} else if len(stored) != int(c.UncompressedSize) {
-		return nil, fmt.Errorf("chunk %d of blob %s: raw chunk of %d bytes, want %d: %w", c.Index, b.ID, len(stored), c.UncompressedSize, rafs.ErrInvalid)
+	var buf []byte
+	if c.Compressed && b.Zran == nil {
+		buf = getBuf(int(c.UncompressedSize))
 	}
-	if err := b.Digester.Verify(data, c.Digest); err != nil {
-		if c.Compressed {
-			putBuf(data)
-		}
-		return nil, fmt.Errorf("chunk %d of blob %s: %w", c.Index, b.ID, err)
+	data, err := rafs.DecodeChunkInto(b, c, stored, buf)
+	if err != nil && buf != nil {
+		putBuf(buf)
 	}
-	return data, nil
+	return data, err
 }
 
 // raGrowth is how many times its history a sequential window is (the
