@@ -84,6 +84,9 @@ func (img *Image) ReadAt(ctx context.Context, cr ChunkReader, i *Inode, p []byte
 	if uint64(off) >= i.Size {
 		return 0, io.EOF
 	}
+	if len(i.Chunks) > 0 {
+		ctx = withFileEnd(ctx, img, i)
+	}
 	var n int
 	for _, s := range i.Spans(uint64(off), uint64(len(p))) {
 		dst := p[n : n+int(s.Len)]
@@ -104,6 +107,31 @@ func (img *Image) ReadAt(ctx context.Context, cr ChunkReader, i *Inode, p []byte
 		return n, io.EOF
 	}
 	return n, nil
+}
+
+// ReadEnd is where the file being read ends in a blob: the compressed end
+// of its last chunk. Image.ReadAt puts it in the context it passes to its
+// ChunkReader, so that a fetcher reading ahead stops at the file's end
+// instead of pulling in the files stored after it.
+type ReadEnd struct {
+	BlobID string
+	End    uint64
+}
+
+type readEndKey struct{}
+
+func withFileEnd(ctx context.Context, img *Image, i *Inode) context.Context {
+	last := i.Chunks[len(i.Chunks)-1]
+	if int(last.BlobIndex) >= len(img.Blobs) {
+		return ctx // Validate rejects this; reads of it fail on their own
+	}
+	return context.WithValue(ctx, readEndKey{}, ReadEnd{img.Blobs[last.BlobIndex].ID, last.CompressedOffset + uint64(last.CompressedSize)})
+}
+
+// ReadEndFrom returns the ReadEnd that Image.ReadAt put in ctx.
+func ReadEndFrom(ctx context.Context) (ReadEnd, bool) {
+	e, ok := ctx.Value(readEndKey{}).(ReadEnd)
+	return e, ok
 }
 
 // BlobChunkReader reads chunks straight from blob files with no cache: it

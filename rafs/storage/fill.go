@@ -128,7 +128,7 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 			run = append(run, n)
 			end += uint64(n.CompressedSize)
 		}
-		st := f.newStream(bs, run, false, noMark)
+		st := f.newStream(bs, run, false)
 		for _, cl := range st.items {
 			st.waiters.Add(1)
 			cl.refs.Add(1)

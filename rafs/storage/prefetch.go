@@ -190,7 +190,7 @@ func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, l
 	if it.all {
 		n = max(batch, f.readahead)
 	}
-	st := f.newStream(bs, f.plan(bs, c, n), true, noMark)
+	st := f.newStream(bs, f.plan(bs, c, n), true)
 	st.lim = lim
 	st.release = func() { <-slots }
 	bs.mu.Unlock()

@@ -44,6 +44,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -129,7 +130,7 @@ type blobState struct {
 	chunks []*rafs.Chunk
 	// marks are read-ahead markers: compressed offset of the marked chunk
 	// -> where the window it sits in ends (see touch).
-	marks  map[uint64]uint64
+	marks  map[uint64]readMark
 	nmarks atomic.Int32
 }
 
@@ -442,6 +443,10 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 	if k := bs.chunkIndex(c); k >= 0 {
 		n, seq = f.window(bs, k, batch)
 	}
+	stop := readStop(ctx, bs, c)
+	if seq && stop != math.MaxUint64 {
+		n = min(n, max(batch, int(stop-c.CompressedOffset)))
+	}
 	group := f.plan(bs, c, n)
 	mark := noMark
 	switch {
@@ -450,7 +455,8 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 	case len(group) > 1:
 		mark = markHalf
 	}
-	st := f.newStream(bs, group, false, mark)
+	st := f.newStream(bs, group, false)
+	bs.placeMark(group, mark, stop)
 	cl := st.items[0]
 	st.waiters.Add(1)
 	cl.refs.Add(1)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"math/bits"
 	"sort"
 	"sync"
@@ -88,9 +89,8 @@ const (
 )
 
 // newStream registers group (contiguous chunks, none cached or in flight)
-// as in flight and returns the stream that will fetch them, with a
-// read-ahead marker as mark says. bs.mu is held.
-func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool, mark int) *stream {
+// as in flight and returns the stream that will fetch them. bs.mu is held.
+func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool) *stream {
 	st := &stream{bs: bs, prefetch: prefetch, items: make([]*call, len(group)), limit: len(group)}
 	for i, c := range group {
 		cl := &call{c: c, done: make(chan struct{}), written: make(chan struct{}), st: st, idx: i}
@@ -98,21 +98,51 @@ func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool, m
 		st.items[i] = cl
 		bs.inflight[c.CompressedOffset] = cl
 	}
-	if mark != noMark && len(group) > 0 && bs.cache != nil {
-		last := group[len(group)-1]
-		m := group[0]
-		if mark == markHalf {
-			m = group[len(group)/2]
-		}
-		if bs.marks == nil {
-			bs.marks = map[uint64]uint64{}
-		}
-		if _, ok := bs.marks[m.CompressedOffset]; !ok {
-			bs.nmarks.Add(1)
-		}
-		bs.marks[m.CompressedOffset] = last.CompressedOffset + uint64(last.CompressedSize)
-	}
 	return st
+}
+
+// readMark is a read-ahead marker: the reader that gets the marked chunk
+// starts a window at end, which must stay below stop.
+type readMark struct{ end, stop uint64 }
+
+// placeMark puts a read-ahead marker on group as mark says, unless the
+// next window would start at or past stop (the end of the file being
+// read: what lies beyond belongs to other files). bs.mu is held.
+func (bs *blobState) placeMark(group []*rafs.Chunk, mark int, stop uint64) {
+	if mark == noMark || len(group) == 0 || bs.cache == nil {
+		return
+	}
+	last := group[len(group)-1]
+	end := last.CompressedOffset + uint64(last.CompressedSize)
+	if end >= stop {
+		return
+	}
+	m := group[0]
+	if mark == markHalf {
+		m = group[len(group)/2]
+	}
+	if bs.marks == nil {
+		bs.marks = map[uint64]readMark{}
+	}
+	if _, ok := bs.marks[m.CompressedOffset]; !ok {
+		bs.nmarks.Add(1)
+	}
+	bs.marks[m.CompressedOffset] = readMark{end, stop}
+}
+
+// readStop is where read-ahead for the read in ctx ends: the end of the
+// file's extent in bs's blob (rafs.ReadEnd), right after c if the file
+// ends before c there (deduplicated chunks out of order), or nowhere for
+// a read that says nothing (prefetch, tools).
+func readStop(ctx context.Context, bs *blobState, c *rafs.Chunk) uint64 {
+	e, ok := rafs.ReadEndFrom(ctx)
+	switch {
+	case !ok:
+		return math.MaxUint64
+	case e.BlobID != bs.blob.ID || e.End <= c.CompressedOffset:
+		return c.CompressedOffset + uint64(c.CompressedSize)
+	}
+	return e.End
 }
 
 // launch runs st in the background (or fails its chunks if the fetcher
@@ -245,7 +275,8 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 		return
 	}
 	bs.mu.Lock()
-	end, ok := bs.marks[c.CompressedOffset]
+	rm, ok := bs.marks[c.CompressedOffset]
+	end := rm.end
 	if !ok {
 		bs.mu.Unlock()
 		return
@@ -258,7 +289,12 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 		next := bs.chunks[k]
 		if _, busy := bs.inflight[end]; !busy && !bs.cached(next, f.compressed) {
 			n, _ := f.window(bs, k, f.readBatch)
-			st = f.newStream(bs, f.plan(bs, next, n), false, markFirst)
+			if rm.stop != math.MaxUint64 {
+				n = min(n, int(rm.stop-end))
+			}
+			group := f.plan(bs, next, n)
+			st = f.newStream(bs, group, false)
+			bs.placeMark(group, markFirst, rm.stop)
 		}
 	}
 	bs.mu.Unlock()

@@ -350,6 +350,31 @@ func TestReadahead(t *testing.T) {
 			t.Fatal("no read-ahead window counted")
 		}
 	})
+	t.Run("stops at the file's end", func(t *testing.T) {
+		// The first 40 chunks as a file of their own: the blob's other
+		// 56 chunks belong to files nobody reads.
+		file := *ti.file()
+		file.Chunks, file.Size = file.Chunks[:40], 40*chunk
+		be := newStreamBackend(t, dir)
+		f, _ := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(t.TempDir(), "cache"), false, false, chunk)), WithBackend(be), WithReadahead(1<<20))
+		f.AddImage(ti.img)
+		p := make([]byte, 16<<10)
+		for off := 0; off < int(file.Size); off += len(p) {
+			if _, err := ti.img.ReadAt(context.Background(), f, &file, p, int64(off)); err != nil || !bytes.Equal(p, ti.content[off:off+len(p)]) {
+				t.Fatalf("read at %d: %v", off, err)
+			}
+		}
+		settle(f)
+		end := int64(file.Chunks[39].CompressedOffset) + int64(file.Chunks[39].CompressedSize)
+		for _, o := range be.opens {
+			if o[0]+o[1] > end {
+				t.Fatalf("request [%d,+%d) reads past the file's end %d: %v", o[0], o[1], end, be.opens)
+			}
+		}
+		if len(be.opens) > 8 {
+			t.Fatalf("%d requests for 40 chunks read in order: %v", len(be.opens), be.opens)
+		}
+	})
 	t.Run("random", func(t *testing.T) {
 		be := newStreamBackend(t, dir)
 		f, _ := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(t.TempDir(), "cache"), false, false, chunk)), WithBackend(be), WithReadahead(1<<20))
