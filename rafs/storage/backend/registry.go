@@ -313,6 +313,11 @@ func (r *Registry) OpenRange(ctx context.Context, id string, off, n int64) (io.R
 			rr.failed = func(err error) {
 				if ctx.Err() == nil {
 					r.mirrorFailed(e, err)
+					to := "next"
+					if e == r.proxy {
+						to = "origin"
+					}
+					r.hooks.failover(e.name, to)
 				}
 			}
 		}
