@@ -44,16 +44,19 @@ func nextCommand(t *testing.T, peer int) string {
 func TestAdoptedDeviceRestoresOnServe(t *testing.T) {
 	f, peer := fakeDevice(t)
 	peerOpen := true
+	d, err := New(Config{Device: f, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		unix.Close(peer)
+		t.Fatal(err)
+	}
+	defer d.Close()
+	// Runs before d.Close: a read blocked on the socket returns only when
+	// our end closes, and Close waits for Serve.
 	defer func() {
 		if peerOpen {
 			unix.Close(peer)
 		}
 	}()
-	d, err := New(Config{Device: f, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
 	pfd := []unix.PollFd{{Fd: int32(peer), Events: unix.POLLIN}}
 	if n, _ := unix.Poll(pfd, 200); n != 0 {
 		t.Fatalf("adopting the device sent %q", nextCommand(t, peer))
