@@ -13,6 +13,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsd/rafsd/internal/testutil"
 	"github.com/rafsd/rafsd/vhostuser/virtqueue"
 )
 
@@ -141,8 +142,7 @@ func TestBrokenQueueIsolated(t *testing.T) {
 	q.availIdx += 1000
 	binary.LittleEndian.PutUint16(fe.mem[q.avail+2:], q.availIdx)
 	fe.kick(q)
-	fds := []unix.PollFd{{Fd: int32(q.errFd), Events: unix.POLLIN}}
-	if n, _ := unix.Poll(fds, 5000); n != 1 {
+	if !testutil.Readable(q.errFd, 5*time.Second) {
 		t.Fatal("error eventfd not signalled for a broken ring")
 	}
 	s2 := &session{t: t, fe: fe, q: 2}

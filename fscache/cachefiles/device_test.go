@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rafsd/rafsd/internal/testutil"
 )
 
 // fakeDevice is a SOCK_SEQPACKET pair standing in for /dev/cachefiles
@@ -25,8 +27,7 @@ func fakeDevice(t *testing.T) (*os.File, int) {
 // device ("" if none came).
 func nextCommand(t *testing.T, peer int) string {
 	t.Helper()
-	pfd := []unix.PollFd{{Fd: int32(peer), Events: unix.POLLIN}}
-	if n, err := unix.Poll(pfd, 5000); err != nil || n == 0 {
+	if !testutil.Readable(peer, 5*time.Second) {
 		return ""
 	}
 	buf := make([]byte, 256)
@@ -57,8 +58,7 @@ func TestAdoptedDeviceRestoresOnServe(t *testing.T) {
 			unix.Close(peer)
 		}
 	}()
-	pfd := []unix.PollFd{{Fd: int32(peer), Events: unix.POLLIN}}
-	if n, _ := unix.Poll(pfd, 200); n != 0 {
+	if testutil.Readable(peer, 200*time.Millisecond) {
 		t.Fatalf("adopting the device sent %q", nextCommand(t, peer))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
