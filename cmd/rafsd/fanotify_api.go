@@ -41,7 +41,7 @@ func newFanotifyAPI(d *fanotifyfs.Daemon, id, sup, defaultConfig string, exit fu
 	h.mux.HandleFunc("/api/v1/daemon/exit", h.put(func() error { exit(); return nil }))
 	h.mux.HandleFunc("/api/v1/daemon/fuse/sendfd", h.put(d.SendState))
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		fanotifyErr(w, http.StatusNotFound, fmt.Errorf("no endpoint %s in fanotify mode", r.URL.Path))
+		api.WriteError(w, http.StatusNotFound, fmt.Errorf("no endpoint %s in fanotify mode", r.URL.Path))
 	})
 	return h
 }
@@ -49,20 +49,6 @@ func newFanotifyAPI(d *fanotifyfs.Daemon, id, sup, defaultConfig string, exit fu
 func (h *fanotifyAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.log.Debug("api request", "method", r.Method, "path", r.URL.Path, "query", r.URL.RawQuery)
 	h.mux.ServeHTTP(w, r)
-}
-
-// fanotifyErr writes the {"code","message"} body nydus-snapshotter parses.
-func fanotifyErr(w http.ResponseWriter, status int, err error) {
-	code := map[int]string{
-		http.StatusBadRequest:          "INVALID_ARGUMENT",
-		http.StatusNotFound:            "NOT_FOUND",
-		http.StatusConflict:            "ALREADY_EXISTS",
-		http.StatusMethodNotAllowed:    "METHOD_NOT_ALLOWED",
-		http.StatusInternalServerError: "UNDEFINED",
-	}[status]
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(api.Error{Code: code, Message: err.Error()})
 }
 
 func fanotifyJSON(w http.ResponseWriter, v any) {
@@ -82,13 +68,13 @@ func (h *fanotifyAPI) fail(w http.ResponseWriter, r *http.Request, err error) {
 		st = http.StatusConflict
 	}
 	h.log.Warn("api request failed", "method", r.Method, "path", r.URL.Path, "status", st, "err", err)
-	fanotifyErr(w, st, err)
+	api.WriteError(w, st, err)
 }
 
 func (h *fanotifyAPI) put(f func() error) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPut {
-			fanotifyErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
+			api.WriteError(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
 			return
 		}
 		if err := f(); err != nil {
@@ -118,7 +104,7 @@ func (h *fanotifyAPI) mounts() []fanotifyMountInfo {
 
 func (h *fanotifyAPI) daemon(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet {
-		fanotifyErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
+		api.WriteError(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
 		return
 	}
 	coll := map[string]fanotifyMountInfo{}
@@ -162,7 +148,7 @@ func (h *fanotifyAPI) mount(w http.ResponseWriter, r *http.Request) {
 		return
 	case http.MethodPost, http.MethodDelete:
 	default:
-		fanotifyErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
+		api.WriteError(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
 		return
 	}
 	if mp == "" || !filepath.IsAbs(mp) {

@@ -394,34 +394,16 @@ func (h *singletonAPI) control(fn func() error) http.HandlerFunc {
 			return
 		}
 		if err := fn(); err != nil {
-			h.fail(w, r, statusOf(err), err)
+			h.fail(w, r, api.StatusOf(err), err)
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
 	}
 }
 
-func statusOf(err error) int {
-	switch {
-	case errors.Is(err, daemon.ErrInvalid):
-		return http.StatusBadRequest
-	case errors.Is(err, daemon.ErrState):
-		return http.StatusConflict
-	case errors.Is(err, daemon.ErrNotReady):
-		return http.StatusServiceUnavailable
-	}
-	return http.StatusInternalServerError
-}
-
 func (h *singletonAPI) fail(w http.ResponseWriter, r *http.Request, status int, err error) {
 	h.s.log.Warn("api request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
-	code := map[int]string{400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 409: "ALREADY_EXISTS", 503: "NOT_READY"}[status]
-	if code == "" {
-		code = "UNDEFINED"
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(api.Error{Code: code, Message: err.Error()})
+	api.WriteError(w, status, err)
 }
 
 func (h *singletonAPI) daemonInfo(w http.ResponseWriter, r *http.Request) {

@@ -88,7 +88,7 @@ func New(d *daemon.Daemon, reg *prometheus.Registry, log *slog.Logger) *Server {
 		s.mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	}
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeErr(w, http.StatusNotFound, fmt.Errorf("no endpoint %s", r.URL.Path))
+		WriteError(w, http.StatusNotFound, fmt.Errorf("no endpoint %s", r.URL.Path))
 	})
 	return s
 }
@@ -120,7 +120,10 @@ func writeJSON(w http.ResponseWriter, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-func writeErr(w http.ResponseWriter, status int, err error) {
+// WriteError writes err as nydusd's JSON error body ({"code","message"},
+// what nydus-snapshotter and Kata parse) with the HTTP status. Every mode's
+// API answers errors through it.
+func WriteError(w http.ResponseWriter, status int, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(Error{Code: codeOf(status), Message: err.Error()})
@@ -145,7 +148,9 @@ func codeOf(status int) string {
 }
 
 // statusOf maps daemon errors to HTTP status codes.
-func statusOf(err error) int {
+// StatusOf maps the daemon's errors (daemon.ErrInvalid, ErrNotFound, ...)
+// to HTTP statuses.
+func StatusOf(err error) int {
 	switch {
 	case errors.Is(err, daemon.ErrInvalid):
 		return http.StatusBadRequest
@@ -162,13 +167,13 @@ func statusOf(err error) int {
 }
 
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
-	st := statusOf(err)
+	st := StatusOf(err)
 	s.log.Warn("api request failed", "method", r.Method, "path", r.URL.Path, "status", st, "err", err)
-	writeErr(w, st, err)
+	WriteError(w, st, err)
 }
 
 func badMethod(w http.ResponseWriter, r *http.Request) {
-	writeErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
+	WriteError(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s", r.Method, r.URL.Path))
 }
 
 // decode reads a JSON body into v, refusing trailing data.
