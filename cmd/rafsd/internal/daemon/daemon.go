@@ -461,9 +461,23 @@ func (d *Daemon) SendFD() error {
 	}
 	d.mu.Lock()
 	srv := d.srv
+	d.mu.Unlock()
 	if srv == nil {
-		d.mu.Unlock()
 		return fmt.Errorf("%w: no FUSE connection", ErrNotReady)
+	}
+	// RUNNING comes before the kernel's FUSE_INIT has been answered, and a
+	// supervisor calls sendfd as soon as it sees RUNNING: the saved state
+	// needs that INIT, so wait for it a little rather than refuse.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	err := srv.WaitInit(ctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("%w: FUSE connection not initialized yet: %v", ErrNotReady, err)
+	}
+	d.mu.Lock()
+	if d.srv != srv {
+		d.mu.Unlock()
+		return fmt.Errorf("%w: FUSE connection replaced during sendfd", ErrNotReady)
 	}
 	st := savedState{Version: stateVersion, ID: d.opts.ID, Mountpoint: srv.Mountpoint(), Init: srv.InitRequest()}
 	for p, in := range d.mounts {
