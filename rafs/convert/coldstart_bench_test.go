@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -21,68 +20,14 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/rafsd/rafsd/internal/capproxy"
+	"github.com/rafsd/rafsd/internal/coldimage"
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/storage"
 )
 
-// coldFile is one file of the benchmark image.
-type coldFile struct {
-	name  string
-	size  int
-	seed  uint64
-	layer int
-}
-
-// fileData returns a file's bytes: blocks alternate between random and
-// text-like data, so the image compresses about 2:1 like real ones.
-func fileData(f coldFile) []byte {
-	r := rand.New(rand.NewPCG(f.seed, 7))
-	b := make([]byte, f.size)
-	for off := 0; off < len(b); off += 4096 {
-		end := min(off+4096, len(b))
-		if r.IntN(2) == 0 {
-			for i := off; i < end; i++ {
-				b[i] = byte(r.Uint32())
-			}
-		} else {
-			for i := off; i < end; i++ {
-				b[i] = "lorem ipsum dolor sit amet, consectetur\n"[(i+int(f.seed))%40]
-			}
-		}
-	}
-	return b
-}
-
-// coldImage plans an image of about total bytes in 3 layers and a startup
-// set of about 6% of its bytes (whole files spread over the layers, as a
-// trace of a container's start would list).
-func coldImage(total int64) (files []coldFile, startup []coldFile) {
-	r := rand.New(rand.NewPCG(42, 42))
-	var sum, st int64
-	for i := 0; sum < total; i++ {
-		// Mostly small files, a fifth of them large, like a distro
-		// image with a runtime and its libraries.
-		size := 4<<10 + r.IntN(256<<10)
-		if r.IntN(5) == 0 {
-			size = 256<<10 + r.IntN(8<<20)
-		}
-		f := coldFile{name: fmt.Sprintf("usr/share/app%d/file%05d", i%37, i), size: size, seed: uint64(i + 1), layer: i % 3}
-		files = append(files, f)
-		sum += int64(size)
-	}
-	for _, i := range r.Perm(len(files)) {
-		if st >= sum*6/100 {
-			break
-		}
-		startup = append(startup, files[i])
-		st += int64(files[i].size)
-	}
-	return files, startup
-}
-
 // pushColdImage writes the layers as tar.gz files and pushes the OCI image.
-func pushColdImage(b *testing.B, ref string, files []coldFile, work string) {
+func pushColdImage(b *testing.B, ref string, files []coldimage.File, work string) {
 	ctx := context.Background()
 	p, err := newPusher(ctx, ref, RegistryOptions{PlainHTTP: true})
 	if err != nil {
@@ -108,17 +53,17 @@ func pushColdImage(b *testing.B, ref string, files []coldFile, work string) {
 			tw := tar.NewWriter(io.MultiWriter(zw, dh))
 			dirs := map[string]bool{}
 			for _, f := range files {
-				if f.layer != l {
+				if f.Layer != l {
 					continue
 				}
-				for _, d := range []string{"usr/", "usr/share/", filepath.Dir(f.name) + "/"} {
+				for _, d := range []string{"usr/", "usr/share/", filepath.Dir(f.Name) + "/"} {
 					if !dirs[d] {
 						dirs[d] = true
 						tw.WriteHeader(&tar.Header{Name: d, Typeflag: tar.TypeDir, Mode: 0o755, ModTime: testEpoch})
 					}
 				}
-				tw.WriteHeader(&tar.Header{Name: f.name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(f.size), ModTime: testEpoch})
-				tw.Write(fileData(f))
+				tw.WriteHeader(&tar.Header{Name: f.Name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(f.Size), ModTime: testEpoch})
+				tw.Write(f.Data())
 			}
 			if err := tw.Close(); err != nil {
 				return err
@@ -154,7 +99,7 @@ func pushColdImage(b *testing.B, ref string, files []coldFile, work string) {
 // coldOCI is the classic start: pull every layer (3 at once, as
 // containerd does), gunzip and untar each into its own directory, then read
 // the startup set from the unpacked tree.
-func coldOCI(b *testing.B, ref string, startup []coldFile, work string) {
+func coldOCI(b *testing.B, ref string, startup []coldimage.File, work string) {
 	ctx := context.Background()
 	src := newRegistrySource(ref, RegistryOptions{PlainHTTP: true})
 	root, err := src.root(ctx)
@@ -188,9 +133,9 @@ func coldOCI(b *testing.B, ref string, startup []coldFile, work string) {
 		b.Fatal(err)
 	}
 	for _, f := range startup {
-		n, err := readAll(filepath.Join(work, strconv.Itoa(f.layer), f.name))
-		if err != nil || n != f.size {
-			b.Fatalf("%s: %d bytes, %v", f.name, n, err)
+		n, err := readAll(filepath.Join(work, strconv.Itoa(f.Layer), f.Name))
+		if err != nil || n != f.Size {
+			b.Fatalf("%s: %d bytes, %v", f.Name, n, err)
 		}
 	}
 }
@@ -240,7 +185,7 @@ func untar(r io.Reader, dir string) error {
 // coldRAFS is the lazy start: fetch the bootstrap, then read the startup
 // set through the chunk fetcher (registry backend, blob cache), which pulls
 // only the chunks those files use.
-func coldRAFS(b *testing.B, ref string, startup []coldFile, work string, prefetch bool) {
+func coldRAFS(b *testing.B, ref string, startup []coldimage.File, work string, prefetch bool) {
 	ctx := context.Background()
 	r, err := FetchBootstrap(ctx, ref, filepath.Join(work, "image.boot"), RegistryOptions{PlainHTTP: true})
 	if err != nil {
@@ -268,7 +213,7 @@ func coldRAFS(b *testing.B, ref string, startup []coldFile, work string, prefetc
 	}
 	buf := make([]byte, 1<<20)
 	for _, sf := range startup {
-		ino, err := lookupPath(r.Image, sf.name)
+		ino, err := lookupPath(r.Image, sf.Name)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -280,11 +225,11 @@ func coldRAFS(b *testing.B, ref string, startup []coldFile, work string, prefetc
 				break
 			}
 			if err != nil {
-				b.Fatalf("%s: %v", sf.name, err)
+				b.Fatalf("%s: %v", sf.Name, err)
 			}
 		}
-		if off != int64(sf.size) {
-			b.Fatalf("%s: read %d bytes, want %d", sf.name, off, sf.size)
+		if off != int64(sf.Size) {
+			b.Fatalf("%s: read %d bytes, want %d", sf.Name, off, sf.Size)
 		}
 	}
 }
@@ -318,20 +263,20 @@ func BenchmarkColdStart(b *testing.B) {
 	const rate = 100 << 20
 	reg := startRegistry(b)
 	work := b.TempDir()
-	files, startup := coldImage(mib << 20)
+	files, startup := coldimage.Plan(mib<<20, 3, "usr/share")
 	var total, st int64
 	for _, f := range files {
-		total += int64(f.size)
+		total += int64(f.Size)
 	}
 	for _, f := range startup {
-		st += int64(f.size)
+		st += int64(f.Size)
 	}
 	b.Logf("image: %d files, %.0f MiB in 3 layers; startup set: %d files, %.1f MiB (%.1f%%); link: %d MiB/s",
 		len(files), float64(total)/(1<<20), len(startup), float64(st)/(1<<20), 100*float64(st)/float64(total), rate>>20)
 	pushColdImage(b, reg.Addr+"/cold/app:oci", files, work)
 	var trace []string
 	for _, f := range startup {
-		trace = append(trace, "/"+f.name)
+		trace = append(trace, "/"+f.Name)
 	}
 	t0 := time.Now()
 	res, err := Convert(context.Background(), reg.Addr+"/cold/app:oci", reg.Addr+"/cold/app:nydus", Options{

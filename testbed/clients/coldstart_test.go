@@ -6,12 +6,10 @@ import (
 	"context"
 	"crypto/md5"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -29,70 +27,13 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/rafsd/rafsd/internal/capproxy"
+	"github.com/rafsd/rafsd/internal/coldimage"
 	"github.com/rafsd/rafsd/rafs/storage/registrytest"
 )
-
-// coldFile is one data file of the cold-start image.
-type coldFile struct {
-	name  string
-	size  int
-	seed  uint64
-	layer int
-}
-
-// data returns the file's bytes: 4 KiB blocks alternate at random between
-// noise and text, so layers compress about 2:1 as real ones do.
-func (f coldFile) data() []byte {
-	r := rand.New(rand.NewPCG(f.seed, 7))
-	b := make([]byte, f.size)
-	const text = "lorem ipsum dolor sit amet, consectetur\n"
-	for off := 0; off < len(b); off += 4096 {
-		blk := b[off:min(off+4096, len(b))]
-		if r.IntN(2) == 0 {
-			for i := 0; i+8 <= len(blk); i += 8 {
-				binary.LittleEndian.PutUint64(blk[i:], r.Uint64())
-			}
-			for i := len(blk) &^ 7; i < len(blk); i++ {
-				blk[i] = byte(r.Uint32())
-			}
-		} else {
-			for i := range blk {
-				blk[i] = text[(off+i+int(f.seed))%len(text)]
-			}
-		}
-	}
-	return b
-}
 
 // coldLayers is how many data layers the image has; busybox and the
 // entrypoint ride in the first.
 const coldLayers = 3
-
-// planColdImage lays out about total bytes of files over coldLayers layers
-// and picks a startup set of about 6% of the bytes: whole files spread over
-// the layers, as a trace of an application's start would list them.
-func planColdImage(total int64) (files, startup []coldFile) {
-	r := rand.New(rand.NewPCG(42, 11))
-	var sum, st int64
-	for i := 0; sum < total; i++ {
-		// Mostly small files, a fifth large, like a runtime with its
-		// libraries.
-		size := 4<<10 + r.IntN(256<<10)
-		if r.IntN(5) == 0 {
-			size = 256<<10 + r.IntN(8<<20)
-		}
-		files = append(files, coldFile{name: fmt.Sprintf("usr/lib/app%d/file%05d", i%37, i), size: size, seed: uint64(i + 1), layer: i % coldLayers})
-		sum += int64(size)
-	}
-	for _, i := range r.Perm(len(files)) {
-		if st >= sum*6/100 {
-			break
-		}
-		startup = append(startup, files[i])
-		st += int64(files[i].size)
-	}
-	return files, startup
-}
 
 // coldEntrypoint is the image's entrypoint: it reads every file of the
 // startup list and prints one line, the md5 of what it read, so the first
@@ -101,17 +42,17 @@ const coldEntrypoint = "#!/bin/sh\ncat $(cat /app/startup.list) | md5sum\n"
 
 // coldImage is the benchmark image as pushed.
 type coldImage struct {
-	files, startup []coldFile
+	files, startup []coldimage.File
 	// want is the entrypoint's first line.
 	want string
 }
 
 func newColdImage(total int64) *coldImage {
 	im := &coldImage{}
-	im.files, im.startup = planColdImage(total)
+	im.files, im.startup = coldimage.Plan(total, coldLayers, "usr/lib")
 	h := md5.New()
 	for _, f := range im.startup {
-		h.Write(f.data())
+		h.Write(f.Data())
 	}
 	im.want = hex.EncodeToString(h.Sum(nil)) + "  -"
 	return im
@@ -119,10 +60,10 @@ func newColdImage(total int64) *coldImage {
 
 func (im *coldImage) sizes() (total, startup int64) {
 	for _, f := range im.files {
-		total += int64(f.size)
+		total += int64(f.Size)
 	}
 	for _, f := range im.startup {
-		startup += int64(f.size)
+		startup += int64(f.Size)
 	}
 	return total, startup
 }
@@ -170,7 +111,7 @@ func (im *coldImage) writeLayer(l int, name string, busybox []byte) (ocispec.Des
 		}
 		var list strings.Builder
 		for _, f := range im.startup {
-			list.WriteString("/" + f.name + "\n")
+			list.WriteString("/" + f.Name + "\n")
 		}
 		for _, x := range []struct {
 			name string
@@ -183,10 +124,10 @@ func (im *coldImage) writeLayer(l int, name string, busybox []byte) (ocispec.Des
 		}
 	}
 	for _, f := range im.files {
-		if f.layer != l {
+		if f.Layer != l {
 			continue
 		}
-		if err := add(&tar.Header{Name: f.name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(f.size)}, f.data()); err != nil {
+		if err := add(&tar.Header{Name: f.Name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(f.Size)}, f.Data()); err != nil {
 			return ocispec.Descriptor{}, "", err
 		}
 	}
@@ -330,7 +271,7 @@ func setupCold(tb testing.TB, mib int64, rate float64) *coldSetup {
 	tb.Logf("OCI image built and pushed in %s", time.Since(t0).Round(time.Millisecond))
 	var list strings.Builder
 	for _, f := range im.startup {
-		list.WriteString("/" + f.name + "\n")
+		list.WriteString("/" + f.Name + "\n")
 	}
 	for _, c := range []struct {
 		tag   string
