@@ -1,17 +1,11 @@
 package convert
 
 import (
-	"bytes"
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 func isMounted(mnt string) bool {
@@ -57,39 +51,7 @@ func TestMountByReference(t *testing.T) {
 	}
 	mnt := filepath.Join(work, "mnt")
 	os.Mkdir(mnt, 0o755)
-	var out bytes.Buffer
-	cmd := exec.Command(filepath.Join(bin, "rafsd"), "fuse", "--mountpoint", mnt, "--bootstrap", r.BootstrapPath,
-		"--config", cfgPath, "--apisock", filepath.Join(work, "api.sock"), "--log-level", "warn")
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		unix.Unmount(mnt, unix.MNT_DETACH)
-		if t.Failed() {
-			t.Logf("rafsd output:\n%s", out.String())
-		}
-	})
-	for deadline := time.Now().Add(20 * time.Second); !isMounted(mnt); time.Sleep(20 * time.Millisecond) {
-		select {
-		case <-done:
-			t.Fatalf("rafsd exited: %s", out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("rafsd did not mount")
-		}
-	}
+	startRafsd(t, bin, mnt, nil, "--bootstrap", r.BootstrapPath, "--config", cfgPath, "--apisock", filepath.Join(work, "api.sock"))
 	want := filepath.Join(t.TempDir(), "want")
 	os.Mkdir(want, 0o755)
 	applyLayers(t, want, im.layers)

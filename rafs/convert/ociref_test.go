@@ -47,14 +47,22 @@ func buildRafsd(t *testing.T) string {
 
 // startRafsdImage runs `rafsd fuse --image ref` on mnt with its own image
 // directory (bootstrap, generated config, blob cache) and waits for the
-// mount. Cleanup: SIGTERM, SIGKILL after 5 s, lazy unmount.
+// mount.
 func startRafsdImage(t *testing.T, bin, ref, mnt string) {
 	t.Helper()
 	work := t.TempDir()
+	startRafsd(t, bin, mnt, []string{"RAFSD_IMAGE_DIR=" + filepath.Join(work, "images")},
+		"--image", ref, "--apisock", filepath.Join(work, "api.sock"))
+}
+
+// startRafsd runs `rafsd fuse --mountpoint mnt args...` with env added to
+// the environment and waits up to 30 s for the mount. Cleanup: SIGTERM,
+// SIGKILL after 5 s, lazy unmount; rafsd's output is logged on failure.
+func startRafsd(t *testing.T, bin, mnt string, env []string, args ...string) {
+	t.Helper()
 	out := &testutil.SyncBuffer{}
-	cmd := exec.Command(filepath.Join(bin, "rafsd"), "fuse", "--mountpoint", mnt, "--image", ref,
-		"--apisock", filepath.Join(work, "api.sock"), "--log-level", "warn")
-	cmd.Env = append(os.Environ(), "RAFSD_IMAGE_DIR="+filepath.Join(work, "images"))
+	cmd := exec.Command(filepath.Join(bin, "rafsd"), append([]string{"fuse", "--mountpoint", mnt, "--log-level", "warn"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
