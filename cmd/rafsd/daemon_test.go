@@ -615,56 +615,47 @@ type supervisor struct {
 	fd    int
 }
 
-func (s *supervisor) listen(t *testing.T) net.Listener {
+// accept listens on the supervisor socket, and serves the first daemon
+// that connects within 20 s with fn, reporting fn's error.
+func (s *supervisor) accept(t *testing.T, fn func(c *net.UnixConn) error) <-chan error {
 	os.Remove(s.path)
-	l, err := net.Listen("unix", s.path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return l
-}
-
-func (s *supervisor) receive(t *testing.T) <-chan error {
-	l := s.listen(t)
 	ch := make(chan error, 1)
 	go func() {
 		defer l.Close()
-		l.(*net.UnixListener).SetDeadline(time.Now().Add(20 * time.Second))
-		c, err := l.Accept()
+		l.SetDeadline(time.Now().Add(20 * time.Second))
+		c, err := l.AcceptUnix()
 		if err != nil {
 			ch <- err
 			return
 		}
 		defer c.Close()
-		state, fd, err := fusedev.ReadState(c.(*net.UnixConn))
+		ch <- fn(c)
+	}()
+	return ch
+}
+
+// receive keeps the state and fd a daemon sends (its sendfd).
+func (s *supervisor) receive(t *testing.T) <-chan error {
+	return s.accept(t, func(c *net.UnixConn) error {
+		state, fd, err := fusedev.ReadState(c)
 		if err != nil {
-			ch <- err
-			return
+			return err
 		}
 		if s.fd >= 0 {
 			unix.Close(s.fd) // the same connection, saved again
 		}
 		s.state, s.fd = state, fd
-		ch <- nil
-	}()
-	return ch
+		return nil
+	})
 }
 
+// send gives the kept state and fd to a daemon taking over.
 func (s *supervisor) send(t *testing.T) <-chan error {
-	l := s.listen(t)
-	ch := make(chan error, 1)
-	go func() {
-		defer l.Close()
-		l.(*net.UnixListener).SetDeadline(time.Now().Add(20 * time.Second))
-		c, err := l.Accept()
-		if err != nil {
-			ch <- err
-			return
-		}
-		defer c.Close()
-		ch <- fusedev.WriteState(c.(*net.UnixConn), s.state, s.fd)
-	}()
-	return ch
+	return s.accept(t, func(c *net.UnixConn) error { return fusedev.WriteState(c, s.state, s.fd) })
 }
 
 func TestTakeoverNoErrors(t *testing.T) {
