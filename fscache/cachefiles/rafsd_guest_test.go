@@ -90,21 +90,7 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	})
 	call := func(method, path, body string) (int, string) {
 		t.Helper()
-		argv := []string{"/bin/unixhttp", "/api.sock", method, path}
-		if body != "" {
-			argv = append(argv, body)
-		}
-		r, err := a.Exec(ctx, guest.ExecRequest{Argv: argv, TimeoutMS: 60000})
-		if err != nil {
-			t.Fatal(err)
-		}
-		code, rest, _ := strings.Cut(string(r.Stdout), "\n")
-		var status int
-		fmt.Sscan(code, &status)
-		if status == 0 {
-			return 0, string(r.Stderr)
-		}
-		return status, rest
+		return guestAPI(ctx, t, a, "/api.sock", method, path, body)
 	}
 	for deadline := time.Now().Add(60 * time.Second); ; {
 		if st, _ := call("GET", "/api/v1/daemon", ""); st == 200 {
