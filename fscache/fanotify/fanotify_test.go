@@ -53,14 +53,15 @@ func (p *patternFiller) Fill(ctx context.Context, f *os.File, ev Event) error {
 	return err
 }
 
-// serve marks a fresh sparse file and serves it with f until the test ends.
-func serve(t *testing.T, f Filler, opts Options) string {
+// markedFile creates a sparse file of size bytes and a group that marks
+// it for pre-content events.
+func markedFile(t *testing.T, size int64) (string, *Group) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "blob.cache")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Truncate(path, 1<<20); err != nil {
+	if err := os.Truncate(path, size); err != nil {
 		t.Fatal(err)
 	}
 	g, err := New()
@@ -70,6 +71,13 @@ func serve(t *testing.T, f Filler, opts Options) string {
 	if err := g.Mark(path); err != nil {
 		t.Fatal(err)
 	}
+	return path, g
+}
+
+// serve marks a fresh sparse file and serves it with f until the test ends.
+func serve(t *testing.T, f Filler, opts Options) string {
+	t.Helper()
+	path, g := markedFile(t, 1<<20)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- g.Serve(ctx, f, opts) }()
@@ -204,18 +212,7 @@ func FuzzParseEvents(f *testing.F) {
 // daemon serves blocks (no zeros) and is answered by the next daemon that
 // serves the same group.
 func TestHandoverKeepsReadersBlocked(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "blob.cache")
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	os.Truncate(path, 1<<16)
-	g, err := New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Mark(path); err != nil {
-		t.Fatal(err)
-	}
+	path, g := markedFile(t, 1<<16)
 	held, err := unix.Dup(g.FD()) // the supervisor's copy
 	if err != nil {
 		t.Fatal(err)
@@ -253,18 +250,7 @@ func TestHandoverKeepsReadersBlocked(t *testing.T) {
 // daemon cannot fill it (it does not know it), but DenyOrphans fails it
 // with EIO instead of leaving its reader blocked forever.
 func TestDenyOrphans(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "blob.cache")
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	os.Truncate(path, 1<<16)
-	g, err := New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Mark(path); err != nil {
-		t.Fatal(err)
-	}
+	path, g := markedFile(t, 1<<16)
 	held, err := unix.Dup(g.FD()) // the supervisor's copy
 	if err != nil {
 		t.Fatal(err)
