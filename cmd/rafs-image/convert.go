@@ -15,6 +15,7 @@ import (
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/codec"
 	"github.com/rafsd/rafsd/rafs/convert"
+	"github.com/rafsd/rafsd/rafs/storage/backend"
 )
 
 // convertResult is what `rafs-image convert` prints on stdout.
@@ -69,7 +70,7 @@ func runConvert(args []string, stdin io.Reader, stdout io.Writer) error {
 		ro.Username, ro.Password = u, p
 	} else {
 		// As docker, nerdctl and nydusify: logins from docker's config.json.
-		if ro.Credentials, err = convert.DockerCredentials(""); err != nil {
+		if ro.Credentials, err = backend.DockerCredentials(""); err != nil {
 			return err
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/reference"
 
 	"github.com/rafsd/rafsd/rafs/convert"
+	"github.com/rafsd/rafsd/rafs/storage/backend"
 )
 
 // imageDirEnv overrides where `--image` keeps fetched bootstraps, their
@@ -58,7 +59,7 @@ func useImage(a *args, log *slog.Logger) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("--image: %w", err)
 	}
-	creds, err := convert.DockerCredentials("")
+	creds, err := backend.DockerCredentials("")
 	if err != nil {
 		return fmt.Errorf("--image: %w", err)
 	}

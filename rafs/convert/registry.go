@@ -24,7 +24,7 @@ type RegistryOptions struct {
 	// Username and Password answer basic and token auth challenges.
 	Username, Password string
 	// Credentials answers for a registry host when Username is empty,
-	// e.g. DockerCredentials (docker's config.json). Nil: anonymous.
+	// e.g. backend.DockerCredentials (docker's config.json). Nil: anonymous.
 	Credentials func(host string) (user, password string, err error)
 }
 

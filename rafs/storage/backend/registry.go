@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,7 +13,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -172,42 +170,17 @@ func transport(tlsCfg *tls.Config, connectTimeout uint32, proxy func(*http.Reque
 }
 
 // credentials returns the user and secret from the config's auth field or,
-// failing that, the docker config.json entry of the registry host.
+// failing that, docker's config.json (auths, credsStore, credHelpers) for
+// the registry host.
 func credentials(cfg config.Registry) (string, string, error) {
 	if cfg.Auth != "" {
 		return decodeAuth(cfg.Auth)
 	}
-	path := os.Getenv("DOCKER_CONFIG")
-	if path == "" {
-		home, err := os.UserHomeDir()
-		if err != nil {
-			return "", "", nil
-		}
-		path = filepath.Join(home, ".docker")
-	}
-	data, err := os.ReadFile(filepath.Join(path, "config.json"))
+	creds, err := DockerCredentials("")
 	if err != nil {
-		return "", "", nil // no docker config: anonymous
+		return "", "", err
 	}
-	var dc struct {
-		Auths map[string]struct {
-			Auth     string `json:"auth"`
-			Username string `json:"username"`
-			Password string `json:"password"`
-		} `json:"auths"`
-	}
-	if err := json.Unmarshal(data, &dc); err != nil {
-		return "", "", fmt.Errorf("docker config %s: %w", filepath.Join(path, "config.json"), err)
-	}
-	for _, key := range []string{cfg.Host, "https://" + cfg.Host, "http://" + cfg.Host} {
-		if a, ok := dc.Auths[key]; ok {
-			if a.Auth != "" {
-				return decodeAuth(a.Auth)
-			}
-			return a.Username, a.Password, nil
-		}
-	}
-	return "", "", nil
+	return creds(cfg.Host)
 }
 
 func decodeAuth(s string) (string, string, error) {
