@@ -186,16 +186,41 @@ func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, l
 			return nil
 		}
 	}
-	n := batch
+	n, start := batch, c
 	if it.all {
 		n = max(batch, f.readahead)
+		start = f.runStart(bs, c, n/2)
 	}
-	st := f.newStream(bs, f.plan(bs, c, n), true)
+	st := f.newStream(bs, f.plan(bs, start, n), true)
 	st.lim = lim
 	st.release = func() { <-slots }
+	cl := bs.inflight[c.CompressedOffset]
 	bs.mu.Unlock()
 	f.launch(st)
-	return st.items[0]
+	return cl
+}
+
+// runStart returns the first chunk of the run of missing, not in-flight
+// chunks stored right before c, up to limit bytes back (c if there is none).
+// Workers take the queue's items concurrently: the one that got a later
+// item may get the lock first, and must not leave the chunks before it to
+// a second request. bs.mu is held.
+func (f *Fetcher) runStart(bs *blobState, c *rafs.Chunk, limit int) *rafs.Chunk {
+	k := bs.chunkIndex(c)
+	if k < 0 {
+		return c
+	}
+	for back := 0; k > 0; k-- {
+		p := bs.chunks[k-1]
+		back += int(p.CompressedSize)
+		if back > limit || p.CompressedOffset+uint64(p.CompressedSize) != bs.chunks[k].CompressedOffset {
+			break
+		}
+		if _, busy := bs.inflight[p.CompressedOffset]; busy || bs.cached(p, f.compressed) || !bs.cacheable(p, f.compressed) {
+			break
+		}
+	}
+	return bs.chunks[k]
 }
 
 func sortByCompressed(cs []*rafs.Chunk) {
