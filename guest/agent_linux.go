@@ -228,10 +228,7 @@ func (a *Agent) handle(ctx context.Context, req *Request) (any, error) {
 		if err := os.MkdirAll(filepath.Dir(r.Path), 0o755); err != nil {
 			return nil, fmt.Errorf("writefile: %w", err)
 		}
-		if err := os.WriteFile(r.Path, r.Data, mode); err != nil {
-			return nil, fmt.Errorf("writefile: %w", err)
-		}
-		return nil, os.Chmod(r.Path, mode)
+		return nil, writeFileAtomic(r.Path, r.Data, mode)
 	case OpStart:
 		var r StartRequest
 		if err := decodeArgs(req, &r); err != nil {
@@ -606,4 +603,30 @@ func dial(ctx context.Context, r *DialRequest) (*DialResult, error) {
 		return nil, fmt.Errorf("dial %s: read: %w", r.Addr, err)
 	}
 	return &DialResult{Data: data}, nil
+}
+
+// writeFileAtomic makes path appear whole with its final mode: guest
+// daemons poll for trigger files and may remove one the moment it exists,
+// so the file is written and chmod'ed under a temporary name first.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return fmt.Errorf("writefile: %w", err)
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("writefile %s: %w", path, err)
+	}
+	return nil
 }
