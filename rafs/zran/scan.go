@@ -3,8 +3,13 @@ package zran
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
 	"io"
 	"sort"
+
+	"github.com/rafsd/rafsd/rafs/zran/deflate"
 )
 
 // Block is where a deflate block starts.
@@ -54,12 +59,14 @@ func ScanFor(r io.Reader, span int64, starts []int64) (*Index, error) {
 		span = DefaultSpan
 	}
 	var cand *Checkpoint // the last byte-aligned block start not taken
-	br := &bitReader{r: bufio.NewReaderSize(r, 64<<10)}
-	if err := br.gzipHeader(); err != nil {
+	br := deflate.NewReader(bufio.NewReaderSize(r, 64<<10))
+	if err := gzipHeader(br); err != nil {
 		return nil, err
 	}
 	ix := &Index{}
-	w := &window{buf: make([]byte, 0, windowCap)}
+	w := deflate.NewWindow(nil)
+	var crc uint32
+	w.Sink = func(p []byte) { crc = crc32.Update(crc, crc32.IEEETable, p) }
 	// consume passes the wanted offsets before out (the stream has gone
 	// past them): the candidate is the last aligned start at or before them.
 	consume := func(out int64) {
@@ -72,63 +79,53 @@ func ScanFor(r io.Reader, span int64, starts []int64) (*Index, error) {
 		}
 	}
 	for {
-		start := Block{InBit: br.pos(), Out: w.total}
+		start := Block{InBit: br.Pos(), Out: w.Total}
 		ix.Blocks = append(ix.Blocks, start)
 		consume(start.Out)
 		// Only byte-aligned block starts: compress/flate reads from a byte,
 		// and stored blocks later on depend on the stream's alignment.
 		if start.InBit%8 == 0 {
-			if n := len(ix.Checkpoints); n == 0 || w.total-ix.Checkpoints[n-1].Out >= span {
-				ix.Checkpoints = append(ix.Checkpoints, Checkpoint{Block: start, Dict: w.dict()})
+			if n := len(ix.Checkpoints); n == 0 || w.Total-ix.Checkpoints[n-1].Out >= span {
+				ix.Checkpoints = append(ix.Checkpoints, Checkpoint{Block: start, Dict: w.Dict()})
 				cand = nil
 			} else if len(starts) > 0 {
-				cand = &Checkpoint{Block: start, Dict: w.dict()}
+				cand = &Checkpoint{Block: start, Dict: w.Dict()}
 			}
 		}
-		hdr, err := br.bits(3)
+		final, err := br.Block(w)
 		if err != nil {
+			if errors.Is(err, deflate.ErrFormat) {
+				return nil, fmt.Errorf("%w: %v", ErrFormat, err)
+			}
 			return nil, err
 		}
-		switch hdr >> 1 {
-		case 0:
-			err = br.stored(w)
-		case 1:
-			err = br.codes(w, fixedLit, fixedDist)
-		case 2:
-			err = br.dynamic(w)
-		default:
-			err = formatErr("block type 3 at bit %d", start.InBit)
-		}
-		if err != nil {
-			return nil, err
-		}
-		if hdr&1 != 0 {
+		if final {
 			break
 		}
 	}
-	ix.EndBit = br.pos()
-	ix.Size = w.total
-	consume(w.total)
-	w.flush()
-	br.align()
+	ix.EndBit = br.Pos()
+	ix.Size = w.Total
+	consume(w.Total)
+	w.Flush()
+	br.Align()
 	var tr [8]byte
 	for i := range tr {
-		v, err := br.bits(8)
+		v, err := br.Bits(8)
 		if err != nil {
 			return nil, formatErr("truncated gzip trailer")
 		}
 		tr[i] = byte(v)
 	}
-	if crc := binary.LittleEndian.Uint32(tr[:4]); crc != w.crc {
-		return nil, formatErr("CRC-32 %08x, stream says %08x", w.crc, crc)
+	if c := binary.LittleEndian.Uint32(tr[:4]); c != crc {
+		return nil, formatErr("CRC-32 %08x, stream says %08x", crc, c)
 	}
-	if isize := binary.LittleEndian.Uint32(tr[4:]); isize != uint32(w.total) {
-		return nil, formatErr("size %d, stream says %d (mod 2^32)", w.total, isize)
+	if isize := binary.LittleEndian.Uint32(tr[4:]); isize != uint32(w.Total) {
+		return nil, formatErr("size %d, stream says %d (mod 2^32)", w.Total, isize)
 	}
 	// A second member (concatenated gzip files) would restart the stream;
 	// layers are one member. Trailing zeros are tolerated, as gzip does.
 	for {
-		c, err := br.r.ReadByte()
+		c, err := br.ReadByte()
 		if err == io.EOF {
 			break
 		}
@@ -142,10 +139,10 @@ func ScanFor(r io.Reader, span int64, starts []int64) (*Index, error) {
 	return ix, nil
 }
 
-func (b *bitReader) gzipHeader() error {
+func gzipHeader(b *deflate.Reader) error {
 	var h [10]byte
 	for i := range h {
-		v, err := b.bits(8)
+		v, err := b.Bits(8)
 		if err != nil {
 			return formatErr("truncated gzip header")
 		}
@@ -159,13 +156,13 @@ func (b *bitReader) gzipHeader() error {
 		return formatErr("reserved gzip flags %#x", flg)
 	}
 	if flg&4 != 0 { // FEXTRA
-		n, err := b.bits(16)
+		n, err := b.Bits(16)
 		if err != nil {
-			return err
+			return formatErr("truncated gzip header")
 		}
 		for range n {
-			if _, err := b.bits(8); err != nil {
-				return err
+			if _, err := b.Bits(8); err != nil {
+				return formatErr("truncated gzip header")
 			}
 		}
 	}
@@ -174,9 +171,9 @@ func (b *bitReader) gzipHeader() error {
 			continue
 		}
 		for {
-			c, err := b.bits(8)
+			c, err := b.Bits(8)
 			if err != nil {
-				return err
+				return formatErr("truncated gzip header")
 			}
 			if c == 0 {
 				break
@@ -184,161 +181,11 @@ func (b *bitReader) gzipHeader() error {
 		}
 	}
 	if flg&2 != 0 { // FHCRC
-		if _, err := b.bits(16); err != nil {
-			return err
+		if _, err := b.Bits(16); err != nil {
+			return formatErr("truncated gzip header")
 		}
 	}
 	return nil
-}
-
-func (b *bitReader) stored(w *window) error {
-	b.align()
-	v, err := b.bits(32)
-	if err != nil {
-		return err
-	}
-	n, nn := v&0xffff, v>>16
-	if n != ^nn&0xffff {
-		return formatErr("stored block length %d / %d", n, nn)
-	}
-	w.room(int(n))
-	for range n {
-		c, err := b.bits(8)
-		if err != nil {
-			return err
-		}
-		w.buf = append(w.buf, byte(c))
-	}
-	w.total += int64(n)
-	return nil
-}
-
-func (b *bitReader) dynamic(w *window) error {
-	v, err := b.bits(14)
-	if err != nil {
-		return err
-	}
-	nlen, ndist, ncode := int(v&31)+257, int(v>>5&31)+1, int(v>>10)+4
-	if nlen > 286 || ndist > 30 {
-		return formatErr("dynamic block with %d/%d codes", nlen, ndist)
-	}
-	var cl [19]uint8
-	for i := range ncode {
-		x, err := b.bits(3)
-		if err != nil {
-			return err
-		}
-		cl[clOrder[i]] = uint8(x)
-	}
-	ch, err := newHuffman(cl[:])
-	if err != nil {
-		return err
-	}
-	lengths := make([]uint8, nlen+ndist)
-	for i := 0; i < len(lengths); {
-		sym, err := b.decode(ch)
-		if err != nil {
-			return err
-		}
-		if sym < 16 {
-			lengths[i] = uint8(sym)
-			i++
-			continue
-		}
-		var rep uint32
-		var val uint8
-		switch sym {
-		case 16:
-			if i == 0 {
-				return formatErr("repeat with no previous length")
-			}
-			val = lengths[i-1]
-			x, err := b.bits(2)
-			if err != nil {
-				return err
-			}
-			rep = 3 + x
-		case 17:
-			x, err := b.bits(3)
-			if err != nil {
-				return err
-			}
-			rep = 3 + x
-		default:
-			x, err := b.bits(7)
-			if err != nil {
-				return err
-			}
-			rep = 11 + x
-		}
-		if i+int(rep) > len(lengths) {
-			return formatErr("code lengths overflow")
-		}
-		for range rep {
-			lengths[i] = val
-			i++
-		}
-	}
-	if lengths[256] == 0 {
-		return formatErr("no end-of-block code")
-	}
-	lh, err := newHuffman(lengths[:nlen])
-	if err != nil {
-		return err
-	}
-	dh, err := newHuffman(lengths[nlen:])
-	if err != nil {
-		return err
-	}
-	return b.codes(w, lh, dh)
-}
-
-func (b *bitReader) codes(w *window, lh, dh *huffman) error {
-	for {
-		sym, err := b.decode(lh)
-		if err != nil {
-			return err
-		}
-		if sym < 256 {
-			w.room(1)
-			w.buf = append(w.buf, byte(sym))
-			w.total++
-			continue
-		}
-		if sym == 256 {
-			return nil
-		}
-		sym -= 257
-		if sym >= 29 {
-			return formatErr("length code %d", sym+257)
-		}
-		x, err := b.bits(uint(lenExtra[sym]))
-		if err != nil {
-			return err
-		}
-		n := int(lenBase[sym]) + int(x)
-		ds, err := b.decode(dh)
-		if err != nil {
-			return err
-		}
-		if ds >= 30 {
-			return formatErr("distance code %d", ds)
-		}
-		x, err = b.bits(uint(dstExtra[ds]))
-		if err != nil {
-			return err
-		}
-		d := int(dstBase[ds]) + int(x)
-		if int64(d) > w.total {
-			return formatErr("distance %d before the start of the stream", d)
-		}
-		w.room(n)
-		p := len(w.buf) - d
-		for k := range n {
-			w.buf = append(w.buf, w.buf[p+k])
-		}
-		w.total += int64(n)
-	}
 }
 
 // checkpointFor is the last checkpoint at or before uncompressed off.
