@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -21,7 +22,7 @@ import (
 // pair serves an Agent on one end of an in-memory pipe and returns the
 // Client on the other. The VM tests in package testbed run the same code
 // over a real virtio-serial port.
-func pair(t *testing.T) (*Client, *Agent, *bytes.Buffer) {
+func pair(t *testing.T) (*Client, *Agent, *syncBuffer) {
 	t.Helper()
 	h, g := net.Pipe()
 	console := &syncBuffer{}
@@ -38,7 +39,7 @@ func pair(t *testing.T) (*Client, *Agent, *bytes.Buffer) {
 		g.Close()
 		<-served
 	})
-	return c, a, &console.Buffer
+	return c, a, console
 }
 
 type syncBuffer struct {
@@ -50,6 +51,35 @@ func (b *syncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.Buffer.Write(p)
+}
+
+// String is safe to call while the agent writes.
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.Buffer.String()
+}
+
+// waitUntil polls cond until it holds; the deadline is for a loaded CI box,
+// the condition (not the time) is what orders the test.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+// exited reports whether pid has exited (a zombie or already reaped).
+func exited(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	// The state follows the parenthesised command name, which may hold spaces.
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
 }
 
 func TestExec(t *testing.T) {
@@ -183,14 +213,28 @@ func TestBackgroundProcess(t *testing.T) {
 		{"trapped term needs kill", []string{"/bin/sh", "-c", "trap '' TERM; echo started; while :; do sleep 0.1; done"}, "TERM", true, -1, "SIGKILL"},
 		{"already exited", []string{"/bin/sh", "-c", "echo started; exit 7"}, "", false, 7, ""},
 	}
-	for _, tt := range tests {
+	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			s, err := c.Start(ctx, StartRequest{Name: "bg", Argv: tt.argv})
 			if err != nil {
 				t.Fatal(err)
 			}
-			time.Sleep(300 * time.Millisecond)
-			r, err := c.StopProcess(ctx, StopRequest{Handle: s.Handle, Signal: tt.signal, GraceMS: 500})
+			// The signal must come after the shell's echo (and its trap),
+			// and in "already exited" after its exit: wait for those, not
+			// for a fixed time, which a loaded box overruns.
+			waitUntil(t, "the process's output on the console", func() bool {
+				return strings.Count(console.String(), "[bg] started\n") == i+1
+			})
+			if tt.exit >= 0 {
+				waitUntil(t, "the process to exit", func() bool { return exited(s.PID) })
+			}
+			// A process that obeys SIGTERM gets a grace a starved box
+			// cannot overrun; the trapping one must wait it out.
+			grace := int64(10000)
+			if tt.killed {
+				grace = 500
+			}
+			r, err := c.StopProcess(ctx, StopRequest{Handle: s.Handle, Signal: tt.signal, GraceMS: grace})
 			if err != nil {
 				t.Fatal(err)
 			}
