@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -64,10 +65,11 @@ type DaemonOptions struct {
 	Logger  *slog.Logger
 	// FetcherOptions are passed to storage.New for every mount.
 	FetcherOptions []storage.Option
-	// Guard, without a supervisor, starts a guard process (StartGuard)
-	// before mounting, so that the daemon's death fails reads with EIO
-	// instead of letting them see holes. The binary must call
-	// MaybeRunGuard first thing in main.
+	// Guard, without a supervisor, starts a guard process before
+	// mounting, so that the daemon's death fails reads with EIO instead of
+	// letting them see holes (see guard.go). A daemon with a guard takes
+	// over the groups of a crashed daemon's guard in a cache directory it
+	// mounts from. The binary must call MaybeRunGuard first thing in main.
 	Guard bool
 	// JournalPath is where a fresh daemon with a supervisor journals the
 	// events it holds (default: rafsd-fanotify-<pid>.journal in
@@ -90,10 +92,19 @@ type Daemon struct {
 	g       *fanotify.Group
 	srv     *Server
 	journal *fanotify.Journal
-	guard   *Guard
+	guard   atomic.Pointer[Guard]
+	// ino, with a guard, is the inotify instance watching the roots of
+	// the daemon's mounts (-1 without a guard): the guard's exit condition.
+	ino int
 
 	mu     sync.Mutex
 	mounts []*daemonMount
+	// adopted are groups taken over from a crashed daemon's guard,
+	// served until no mount reads through them any more.
+	adopted []*adoptedGroup
+	// dirs are the cache directories of every mount made, where the
+	// guard listens for a successor.
+	dirs []string
 	// lingering fetchers serve mounts detached lazily while busy.
 	lingering []*storage.Fetcher
 	closed    bool
@@ -133,7 +144,7 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Daemon{opts: opts, log: log, served: make(chan error, 1)}
+	d := &Daemon{opts: opts, log: log, served: make(chan error, 1), ino: -1}
 	var state savedState
 	if opts.Upgrade {
 		if opts.Supervisor == "" {
@@ -187,13 +198,14 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 		d.startServing(nil, nil)
 	}
 	if opts.Guard && opts.Supervisor == "" {
-		var mps []string
-		for _, ms := range opts.Mounts {
-			mps = append(mps, ms.Mountpoint)
+		if d.ino, err = unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK); err != nil {
+			return nil, fmt.Errorf("fanotifyfs: guard: inotify: %w", err)
 		}
-		if d.guard, err = StartGuard(d.g, mps); err != nil {
+		gd, err := startGuard([]holding{{d.g, d.ino}}, guardUpdate{})
+		if err != nil {
 			return nil, err
 		}
+		d.guard.Store(gd)
 	}
 	if opts.Upgrade {
 		for _, ms := range state.Mounts {
@@ -212,12 +224,19 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 			if err := d.sendState(); err != nil {
 				return nil, err
 			}
-		} else if d.guard == nil {
+		} else if gd := d.guard.Load(); gd != nil {
+			d.mu.Lock()
+			err := gd.update(d.guardUpdate())
+			d.mu.Unlock()
+			if err != nil {
+				return nil, err
+			}
+		} else {
 			log.Warn("fanotifyfs: no supervisor and no guard: if this daemon dies, readers of its mounts see holes (zeros)")
 		}
 	}
 	if opts.Ready != nil {
-		opts.Ready(d.srv, d.guard)
+		opts.Ready(d.srv, d.guard.Load())
 	}
 	return d, nil
 }
@@ -262,8 +281,9 @@ func (d *Daemon) startServing(held []fanotify.Event, done func(allowed, denied i
 // Server is the daemon's event server.
 func (d *Daemon) Server() *Server { return d.srv }
 
-// Guard is the daemon's guard process, if it started one.
-func (d *Daemon) Guard() *Guard { return d.guard }
+// Guard is the daemon's guard process, if it started one. The daemon
+// replaces it when it takes groups over or drops one, so ask again.
+func (d *Daemon) Guard() *Guard { return d.guard.Load() }
 
 // Done delivers Serve's result if it stops before Close (a failed group).
 func (d *Daemon) Done() <-chan error { return d.served }
@@ -347,6 +367,17 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 	if err != nil {
 		return fmt.Errorf("fanotifyfs: mount %s: %w: config: %w", ms.Mountpoint, ErrInvalid, err)
 	}
+	var dir string
+	if wd := cfg.Cache.WorkDir(); wd != "" && !adopt {
+		if dir, err = filepath.Abs(wd); err != nil {
+			return fmt.Errorf("fanotifyfs: mount %s: %w: %w", ms.Mountpoint, ErrInvalid, err)
+		}
+		// Before the fetcher opens a cache file: a dead daemon's guard
+		// would deny its I/O.
+		if err := d.takeOverGuards(dir); err != nil {
+			return fmt.Errorf("fanotifyfs: mount %s: %w", ms.Mountpoint, err)
+		}
+	}
 	f, err := storage.New(cfg, append([]storage.Option{storage.WithLogger(d.log)}, d.opts.FetcherOptions...)...)
 	if err != nil {
 		return fmt.Errorf("fanotifyfs: mount %s: %w", ms.Mountpoint, err)
@@ -363,6 +394,14 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 		return err
 	}
 	d.mounts = append(d.mounts, &daemonMount{spec: ms, m: m, f: f})
+	if d.ino >= 0 {
+		if err := watchRoot(d.ino, ms.Mountpoint); err != nil {
+			d.log.Error("fanotifyfs: mount not watched; if the daemon dies its guard may exit while the mount is still read", "err", err)
+		}
+		if dir != "" && !slices.Contains(d.dirs, dir) {
+			d.dirs = append(d.dirs, dir)
+		}
+	}
 	return nil
 }
 
@@ -408,8 +447,11 @@ func (d *Daemon) changed() {
 	for _, ms := range d.Mounts() {
 		mps = append(mps, ms.Mountpoint)
 	}
-	if d.guard != nil {
-		if err := d.guard.SetMounts(mps); err != nil {
+	if gd := d.guard.Load(); gd != nil {
+		d.mu.Lock()
+		u := d.guardUpdate()
+		d.mu.Unlock()
+		if err := gd.update(u); err != nil {
 			d.log.Error("fanotifyfs: guard not told of the mounts; if the daemon dies they are not detached", "err", err)
 		}
 	}
@@ -465,18 +507,224 @@ func (d *Daemon) Close() error {
 		d.stopServing()
 		err = <-d.served
 	}
+	d.mu.Lock()
+	adopted := d.adopted
+	d.adopted = nil
+	d.mu.Unlock()
+	for _, a := range adopted {
+		a.cancel()
+		<-a.done
+	}
 	for _, dm := range mounts {
 		dm.f.Close()
 	}
 	for _, f := range d.lingering {
 		f.Close()
 	}
-	// Last, once the mounts are gone.
-	if d.guard != nil {
-		d.guard.Stop()
+	// Last, once the mounts are gone. A mount detached lazily and still
+	// read is left to the guard, as if the daemon had died: it fails the
+	// mount's reads with EIO (nobody fills them any more) and exits once
+	// the last reader closes; without it they would read holes.
+	if gd := d.guard.Load(); gd != nil {
+		live := 0
+		for _, ino := range append([]int{d.ino}, inos(adopted)...) {
+			n, _ := watchCount(ino)
+			live += n
+		}
+		if live > 0 {
+			d.log.Warn("fanotifyfs: closing with mounts still read; the guard fails their reads with EIO until they close", "guard", gd.Pid(), "mounts", live)
+			gd.letGo()
+		} else {
+			gd.Stop()
+		}
+	}
+	for _, a := range adopted {
+		a.g.Close()
+		unix.Close(a.ino)
+	}
+	if d.ino >= 0 {
+		unix.Close(d.ino)
 	}
 	if d.journal != nil {
 		err = errors.Join(err, d.journal.Close(true))
 	}
 	return errors.Join(err, d.g.Close())
+}
+
+// adoptedGroup is a group taken over from a crashed daemon's guard.
+type adoptedGroup struct {
+	holding
+	cancel context.CancelFunc
+	done   chan struct{} // Serve returned
+}
+
+func inos(as []*adoptedGroup) []int {
+	var out []int
+	for _, a := range as {
+		out = append(out, a.ino)
+	}
+	return out
+}
+
+// holdings are the groups the guard must hold, the daemon's own first;
+// d.mu is held.
+func (d *Daemon) holdings() []holding {
+	hs := []holding{{d.g, d.ino}}
+	for _, a := range d.adopted {
+		hs = append(hs, a.holding)
+	}
+	return hs
+}
+
+// guardUpdate is what the guard is to know now; d.mu is held.
+func (d *Daemon) guardUpdate() guardUpdate {
+	u := guardUpdate{Dirs: slices.Clone(d.dirs)}
+	for _, dm := range d.mounts {
+		u.Mounts = append(u.Mounts, dm.spec.Mountpoint)
+	}
+	return u
+}
+
+// replaceGuard starts a guard holding the current holdings and stops the
+// old one; d.mu is held. The new one holds its copies before the old
+// lets go, so no group is ever held by the daemon alone.
+func (d *Daemon) replaceGuard() error {
+	gd, err := startGuard(d.holdings(), d.guardUpdate())
+	if err != nil {
+		return err
+	}
+	if old := d.guard.Swap(gd); old != nil {
+		old.Stop()
+	}
+	return nil
+}
+
+// takeOverGuards asks every guard listening in cache directory dir and
+// takes the groups of those whose daemon is gone; d.mu is held. Their
+// marks are on the cache files this mount will use, so until then the
+// fetcher's I/O and this mount's reads would be denied.
+func (d *Daemon) takeOverGuards(dir string) error {
+	for _, p := range guardSocks(dir) {
+		rep, holds, conn, err := askGuard(p, d.ino >= 0)
+		if err != nil {
+			d.log.Warn("fanotifyfs: guard socket in the cache directory did not answer", "socket", p, "err", err)
+			continue
+		}
+		switch {
+		case rep.Guard == 0: // a stale socket, removed
+			continue
+		case rep.Alive:
+			d.log.Warn("fanotifyfs: cache directory shared with a live daemon; each serves the other's events", "dir", dir, "daemon", rep.Daemon)
+			continue
+		case d.ino < 0:
+			return fmt.Errorf("cache directory %s is still guarded by guard %d of crashed daemon %d (a detached mount of it is still read): only a daemon without a supervisor takes such a guard over", dir, rep.Guard, rep.Daemon)
+		case len(holds) == 0:
+			continue
+		}
+		// This process's own cache I/O now raises events in these groups
+		// (they marked the files before the fetcher opens them) and, the
+		// files being opened while marked, in its own group too.
+		d.srv.trustSelf.Store(true)
+		for _, h := range holds {
+			d.serveAdopted(h)
+		}
+		if err := d.replaceGuard(); err != nil {
+			// No acknowledgement: the old guard keeps guarding them.
+			conn.Close()
+			d.dropAdoptedLocked(holds)
+			return fmt.Errorf("take over guard %d: %w", rep.Guard, err)
+		}
+		_, err = conn.Write([]byte{guardAck})
+		conn.Close()
+		if err != nil {
+			d.log.Error("fanotifyfs: guard not told of the take-over; it keeps denying events beside this daemon", "guard", rep.Guard, "err", err)
+		}
+		d.log.Warn("fanotifyfs: took over the groups of a crashed daemon's guard; serving the reads of its detached mounts", "dir", dir, "daemon", rep.Daemon, "guard", rep.Guard, "groups", len(holds))
+	}
+	return nil
+}
+
+// serveAdopted serves an adopted group with the daemon's Server until no
+// mount reads through it any more; d.mu is held. Its events name the
+// same cache files as the daemon's own, so the Server fills them; events
+// of files no mount of this daemon uses are denied with EIO.
+func (d *Daemon) serveAdopted(h holding) {
+	ctx, cancel := context.WithCancel(context.Background())
+	a := &adoptedGroup{holding: h, cancel: cancel, done: make(chan struct{})}
+	d.adopted = append(d.adopted, a)
+	s := d.srv
+	go func() {
+		defer close(a.done)
+		err := a.g.Serve(ctx, s, fanotify.Options{
+			Timeout: d.opts.Timeout, Workers: d.opts.Workers, Logger: d.log,
+			// The group marked the cache files before this process
+			// opened them: its own I/O raises events in it.
+			Trusted: fanotify.SelfPid,
+			Observe: func(ev fanotify.Event, err error, took time.Duration) {
+				s.events.Add(1)
+				if err != nil {
+					s.failures.Add(1)
+				}
+			},
+		})
+		if err != nil {
+			d.log.Error("fanotifyfs: serving an adopted group", "err", err)
+		}
+	}()
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if n, err := watchCount(a.ino); err == nil && n == 0 {
+				d.dropAdopted(a)
+				return
+			}
+		}
+	}()
+}
+
+// dropAdopted stops serving and closes an adopted group once no mount
+// reads through it: the guard lets go of it first, then the daemon, and
+// with the last copy its marks go.
+func (d *Daemon) dropAdopted(a *adoptedGroup) {
+	d.mu.Lock()
+	if d.closed || !slices.Contains(d.adopted, a) {
+		d.mu.Unlock()
+		return
+	}
+	d.adopted = slices.DeleteFunc(d.adopted, func(x *adoptedGroup) bool { return x == a })
+	if err := d.replaceGuard(); err != nil {
+		d.adopted = append(d.adopted, a)
+		d.mu.Unlock()
+		d.log.Error("fanotifyfs: adopted group kept (guard not replaced)", "err", err)
+		return
+	}
+	d.mu.Unlock()
+	a.cancel()
+	<-a.done
+	a.g.Close()
+	unix.Close(a.ino)
+	d.log.Info("fanotifyfs: the mounts of an adopted group are gone; group closed")
+}
+
+// dropAdoptedLocked undoes serveAdopted for holds after a failed
+// take-over (the old guard still holds them); d.mu is held.
+func (d *Daemon) dropAdoptedLocked(holds []holding) {
+	for _, h := range holds {
+		k := slices.IndexFunc(d.adopted, func(a *adoptedGroup) bool { return a.g == h.g })
+		if k < 0 {
+			continue
+		}
+		a := d.adopted[k]
+		d.adopted = slices.Delete(d.adopted, k, k+1)
+		a.cancel()
+		<-a.done
+		a.g.Close()
+		unix.Close(a.ino)
+	}
 }
