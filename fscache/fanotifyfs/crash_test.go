@@ -28,6 +28,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
 	"github.com/rafsd/rafsd/rafs/storage"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
+	"github.com/rafsd/rafsd/rafs/storage/blobcache"
 )
 
 const roleEnv = "FANOTIFYFS_TEST_ROLE"
@@ -225,6 +226,13 @@ func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool, e
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// Registered before the daemon's own cleanups, so it runs after them:
+	// whatever guard is left then is a failure to clean up, killed here.
+	t.Cleanup(func() {
+		for _, pid := range guardsOf(cmd.Process.Pid) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
 	d := &daemonProc{cmd: cmd, done: make(chan struct{}), stderr: stderr.Name()}
 	ready := make(chan string, 1)
 	go func() {
@@ -452,9 +460,108 @@ func TestTakeoverCompletesReadInFlight(t *testing.T) {
 	}
 }
 
+// guardsOf lists the live guard processes of daemon pid (each guard has
+// the daemon's pid in its environment; a daemon replaces its guard when it
+// takes groups over or drops one).
+func guardsOf(daemon int) []int {
+	want := []byte(guardEnv + "=" + fmt.Sprint(daemon) + "\x00")
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		var pid int
+		if _, err := fmt.Sscan(e.Name(), &pid); err != nil || procGone(pid) {
+			continue
+		}
+		env, _ := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if bytes.Contains(env, want) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// procGone reports whether pid has exited (absent, or a zombie nobody
+// reaped: an orphaned guard's parent is whatever pid 1 is here).
+func procGone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	k := bytes.LastIndexByte(b, ')')
+	return k < 0 || k+2 >= len(b) || b[k+2] == 'Z'
+}
+
+// waitGone waits up to d for every pid to exit.
+func waitGone(t *testing.T, d time.Duration, what string, pids ...int) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		var left []int
+		for _, p := range pids {
+			if !procGone(p) {
+				left = append(left, p)
+			}
+		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: pids %v still running after %v", what, left, d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitDetached waits until mp is no mountpoint any more.
+func waitDetached(t *testing.T, mp string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mounted, _ := os.ReadFile("/proc/self/mountinfo")
+		if !bytes.Contains(mounted, []byte(" "+mp+" ")) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still mounted 10s after the daemon died", mp)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// fanotifyFDs counts the fanotify groups process pid holds.
+func fanotifyFDs(pid int) int {
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	n := 0
+	for _, e := range ents {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); l == "anon_inode:[fanotify]" {
+			n++
+		}
+	}
+	return n
+}
+
+// cacheDataFile is the blob cache data file of im in workDir.
+func cacheDataFile(t *testing.T, im *image, workDir string) string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(workDir, im.img.Blobs[0].ID+"*"+blobcache.DataSuffix))
+	if len(m) != 1 {
+		t.Fatalf("cache data files of blob %s in %s: %v", im.img.Blobs[0].ID, workDir, m)
+	}
+	return m[0]
+}
+
+// readDirect reads path in this process, outside any mount: while a
+// guard holds a group marking it, the guard denies the read.
+func readDirect(path string) error {
+	_, err := os.ReadFile(path)
+	return err
+}
+
 // Without a supervisor, the guard makes a daemon's death loud: a reader
 // holding a file open gets EIO for data not yet fetched, never zeros, and
-// the mount is detached.
+// the mount is detached. Once that reader closes, the detached superblock
+// goes, and the guard exits: its marks no longer deny reads of the cache
+// file, and no guard process is left.
 func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 	fstest.RequireRoot(t)
 	src := t.TempDir()
@@ -466,9 +573,6 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 	t.Cleanup(func() {
 		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
 		d.kill()
-		if d.guard > 0 {
-			syscall.Kill(d.guard, syscall.SIGKILL)
-		}
 	})
 	if d.guard == 0 {
 		t.Fatal("daemon started no guard")
@@ -485,17 +589,7 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 	t.Log("served read ok")
 	d.kill()
 	// The guard notices, detaches the mount and fails reads.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mounted, _ := os.ReadFile("/proc/self/mountinfo")
-		if !bytes.Contains(mounted, []byte(" "+st.Mountpoint+" ")) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("guard did not detach the mount")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitDetached(t, st.Mountpoint)
 	t.Log("mount detached")
 	res := make(chan error, 1)
 	go func() { _, err := fh.ReadAt(p, 1<<20+12345); res <- err }()
@@ -506,5 +600,195 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 	}
 	if !errors.Is(err, syscall.EIO) {
 		t.Fatalf("read after the daemon died: %v (zeros: %v), want EIO", err, bytes.Equal(p, make([]byte, len(p))))
+	}
+	cache := cacheDataFile(t, im, st.WorkDir)
+	if err := readDirect(cache); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("direct read of the cache file while the guard lives: %v, want EIO (the guard's mark)", err)
+	}
+	if procGone(d.guard) {
+		t.Fatal("guard exited while a reader still holds a file of the detached mount")
+	}
+	// The last reader closes: the superblock goes, so does the guard.
+	fh.Close()
+	start := time.Now()
+	waitGone(t, 5*time.Second, "guard after the last reader closed", d.guard)
+	t.Logf("guard exited %v after the last reader closed", time.Since(start).Round(time.Millisecond))
+	if left := guardsOf(d.cmd.Process.Pid); len(left) > 0 {
+		t.Fatalf("guard processes left: %v", left)
+	}
+	if err := readDirect(cache); err != nil {
+		t.Fatalf("direct read of the cache file after the guard exited: %v (its marks should be gone)", err)
+	}
+	if socks := guardSocks(st.WorkDir); len(socks) > 0 {
+		t.Fatalf("guard sockets left in the cache directory: %v", socks)
+	}
+}
+
+// A read whose fill is in progress when a daemon without a supervisor is
+// SIGKILLed gets EIO from the guard (it answers the events the dead daemon
+// held), not a hang; then, with no file left open, the guard exits.
+func TestGuardDeniesReadInFlightAtKill(t *testing.T) {
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	os.WriteFile(src+"/f", fstest.Bytes(6, 3<<20), 0o644)
+	im := buildImage(t, src, 64<<10)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+	d := startDaemon(t, nil, st, false, "FANOTIFYFS_HANG=1")
+	t.Cleanup(func() {
+		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		d.kill()
+	})
+	res := make(chan error, 1)
+	go func() {
+		b, err := os.ReadFile(st.Mountpoint + "/f")
+		if err == nil {
+			err = fmt.Errorf("read %d bytes against a hung backend", len(b))
+		}
+		res <- err
+	}()
+	time.Sleep(500 * time.Millisecond)
+	select {
+	case err := <-res:
+		t.Fatalf("read finished against a hung backend: %v", err)
+	default:
+	}
+	d.kill()
+	select {
+	case err := <-res:
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("read in flight at the kill: %v, want EIO", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("read in flight at the kill still blocked 10s later")
+	}
+	waitDetached(t, st.Mountpoint)
+	waitGone(t, 5*time.Second, "guard with no reader left", d.guard)
+}
+
+// A daemon without a supervisor is SIGKILLed while readers hold files of
+// its mount open, and a new one is started on the same cache directory and
+// mountpoint (what systemd does), three times over. Each new daemon takes
+// the groups over from the dead one's guard, which exits at once: the new
+// mount reads the whole tree right (its fetcher and readers are not
+// denied by the old guard's marks), and the readers of the old, detached
+// mounts read the right bytes again, served by the new daemon. When those
+// readers close, the new daemon drops the old groups; when the last daemon
+// stops, no guard is left.
+func TestRestartOnSameCacheWithoutSupervisor(t *testing.T) {
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	wantData := map[string][]byte{}
+	for i := range 6 {
+		name := fmt.Sprintf("f%d", i)
+		wantData[name] = fstest.Bytes(int64(40+i), 1<<20+i*7919)
+		os.WriteFile(filepath.Join(src, name), wantData[name], 0o644)
+	}
+	os.MkdirAll(src+"/d/e", 0o755)
+	wantData["d/e/g"] = fstest.Bytes(77, 300<<10)
+	os.WriteFile(src+"/d/e/g", wantData["d/e/g"], 0o644)
+	im := buildImage(t, src, 64<<10)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+
+	var mu sync.Mutex
+	d := startDaemon(t, nil, st, false)
+	t.Cleanup(func() {
+		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		mu.Lock()
+		d.kill()
+		mu.Unlock()
+	})
+	type held struct {
+		fh   *os.File
+		name string
+	}
+	var holders []held
+	t.Cleanup(func() {
+		for _, h := range holders {
+			h.fh.Close()
+		}
+	})
+	checkHeld := func(when string) {
+		t.Helper()
+		for _, h := range holders {
+			want := wantData[h.name]
+			got := make([]byte, len(want))
+			// From the cache file, not the page cache: through events.
+			unix.Fadvise(int(h.fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+			if _, err := h.fh.ReadAt(got, 0); err != nil && err != io.EOF {
+				t.Fatalf("%s: reader of an old mount, %s: %v", when, h.name, err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("%s: reader of an old mount, %s: %s", when, h.name, describeDiff(got, want))
+			}
+		}
+	}
+	const kills = 3
+	for k := range kills {
+		// A reader opens a file and reads its first page only: the rest
+		// of it is not fetched when the daemon dies.
+		name := fmt.Sprintf("f%d", k)
+		fh, err := os.Open(filepath.Join(st.Mountpoint, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		holders = append(holders, held{fh, name})
+		if _, err := fh.ReadAt(make([]byte, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+		oldGuards := guardsOf(d.cmd.Process.Pid)
+		mu.Lock()
+		d.kill()
+		mu.Unlock()
+		waitDetached(t, st.Mountpoint)
+		// The old guard fails the held file's reads that miss the page
+		// cache (the last round's tree check read the whole file).
+		unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+		if _, err := fh.ReadAt(make([]byte, 4096), 1<<20-4096); !errors.Is(err, syscall.EIO) {
+			t.Fatalf("kill %d: read of a held file after the kill: %v, want EIO", k, err)
+		}
+		nd := startDaemon(t, nil, st, false)
+		mu.Lock()
+		d = nd
+		mu.Unlock()
+		// The old guard handed its groups over and exited.
+		waitGone(t, 5*time.Second, fmt.Sprintf("kill %d: old guard after the take-over", k), oldGuards...)
+		// The new mount reads right: every file, against the source tree.
+		fstest.CompareTrees(t, src, st.Mountpoint)
+		// So do the readers of the old mounts, through the new daemon.
+		checkHeld(fmt.Sprintf("after restart %d", k+1))
+		t.Logf("kill %d: new daemon %d took over from guards %v; new mount and %d old readers read right", k, nd.cmd.Process.Pid, oldGuards, len(holders))
+	}
+	// The old readers close: their detached superblocks go, and the daemon
+	// drops the old groups (and replaces its guard without them).
+	for _, h := range holders {
+		h.fh.Close()
+	}
+	holders = nil
+	deadline := time.Now().Add(5 * time.Second)
+	for n := fanotifyFDs(d.cmd.Process.Pid); n != 1; n = fanotifyFDs(d.cmd.Process.Pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon holds %d fanotify groups 5s after the old readers closed, want its own only", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fstest.CompareTrees(t, src, st.Mountpoint)
+	// A clean end: unmount, kill the daemon; its guard finds no mount
+	// left and exits at once.
+	if err := unix.Unmount(st.Mountpoint, 0); err != nil {
+		t.Fatalf("unmount the last mount: %v", err)
+	}
+	guards := guardsOf(d.cmd.Process.Pid)
+	if len(guards) == 0 {
+		t.Fatal("the last daemon has no guard")
+	}
+	mu.Lock()
+	d.kill()
+	mu.Unlock()
+	waitGone(t, 5*time.Second, "the last daemon's guard", guards...)
+	if socks := guardSocks(st.WorkDir); len(socks) > 0 {
+		t.Fatalf("guard sockets left in the cache directory: %v", socks)
+	}
+	if err := readDirect(cacheDataFile(t, im, st.WorkDir)); err != nil {
+		t.Fatalf("direct read of the cache file with every guard gone: %v", err)
 	}
 }
