@@ -57,12 +57,14 @@ func kataBinary(t *testing.T, name string) string {
 }
 
 // kataClient talks to the API socket the way Kata's NydusClient does:
-// the socket is waited for with 3 stat()s 100 ms apart, success is
-// exactly 204, anything else must be a JSON {"code","message"} body.
+// success is exactly 204, anything else must be a JSON {"code","message"}
+// body.
 type kataClient struct{ hc *http.Client }
 
 var errKataSocket = errors.New("API socket not ready after 3 stat()s 100 ms apart")
 
+// newKataClient is Kata's NewNydusClient: it stats the socket up to 3
+// times 100 ms apart before building the transport.
 func newKataClient(sock string) (*kataClient, error) {
 	var err error
 	for i := 0; i < 3; i++ {
@@ -86,6 +88,33 @@ func newKataClient(sock string) (*kataClient, error) {
 		},
 	}
 	return &kataClient{hc: &http.Client{Timeout: 30 * time.Second, Transport: tr}}, nil
+}
+
+// waitKataAPIReady is Kata's nydusd.waitUntilNydusAPIServerReady, run
+// right after the daemon is started: up to 20 attempts (retry-go, 20 ms
+// base delay) of NewNydusClient plus GET /api/v1/daemon until the state
+// is RUNNING. The delay is kept fixed at its base, retry-go's backoff only
+// waits longer, so a daemon passing this passes Kata.
+func waitKataAPIReady(sock string) (*kataClient, error) {
+	var err error
+	for i := 0; i < 20; i++ {
+		if i > 0 {
+			time.Sleep(20 * time.Millisecond)
+		}
+		var c *kataClient
+		if c, err = newKataClient(sock); err != nil {
+			continue
+		}
+		var info kataDaemonInfo
+		if info, err = c.checkStatus(); err != nil {
+			continue
+		}
+		if info.State == "RUNNING" {
+			return c, nil
+		}
+		err = fmt.Errorf("daemon state %q, want RUNNING", info.State)
+	}
+	return nil, fmt.Errorf("API server not ready after 20 attempts: %w", err)
 }
 
 type kataDaemonInfo struct {
@@ -276,9 +305,10 @@ func TestKataVirtioFSNydus(t *testing.T) {
 
 	start := time.Now()
 	d := startKataDaemon(t, apisock, sock, kataExtraArgs(t)...)
-	// Start() -> setupShareDirFn(): the client waits for the socket as
-	// Kata does and mounts the shared dir right away.
-	c, err := newKataClient(apisock)
+	// Start() -> waitUntilNydusAPIServerReady() -> setupShareDirFn(): the
+	// client waits for the API as Kata does and mounts the shared dir
+	// right away.
+	c, err := waitKataAPIReady(apisock)
 	if err != nil {
 		t.Fatalf("%v (after %s)", err, time.Since(start).Round(time.Millisecond))
 	}
