@@ -192,7 +192,7 @@ func DecodeChunkBytes(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
 // slice (zran chunks, or dst unusable).
 func DecodeChunkInto(b *Blob, c *Chunk, raw, dst []byte) ([]byte, error) {
 	data := raw
-	if b.Zran != nil {
+	if b.IsZran() {
 		var err error
 		if data, err = decodeZran(b, c, raw); err != nil {
 			return nil, err

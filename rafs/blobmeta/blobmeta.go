@@ -163,8 +163,20 @@ func (h *Header) check() error {
 	if h.CICompressor == codec.None && h.CICompressedSize != h.CIUncompressedSize {
 		return fmt.Errorf("%w: uncompressed table stored in %d bytes for %d", ErrFormat, h.CICompressedSize, h.CIUncompressedSize)
 	}
+	if h.Features&FeatureZran != 0 {
+		// nydus's validate_header: the zran region follows the entries,
+		// lies inside the table and holds its 40-byte contexts.
+		if h.CIZranOffset != need || h.CIZranSize > h.CIUncompressedSize-need ||
+			h.CIZranCount > h.CIEntries || uint64(h.CIZranCount)*ZranContextSize > h.CIZranSize {
+			return fmt.Errorf("%w: zran region at %d size %d with %d contexts, table of %d bytes for %d entries",
+				ErrFormat, h.CIZranOffset, h.CIZranSize, h.CIZranCount, h.CIUncompressedSize, h.CIEntries)
+		}
+	}
 	return nil
 }
+
+// ZranContextSize is the on-disk size of nydus's ZranInflateContext.
+const ZranContextSize = 40
 
 // ChunkInfo is one entry of the ci table: where a chunk's stored bytes
 // are in the blob and where its uncompressed bytes go in the blob's cache.
@@ -287,7 +299,21 @@ func DecodeTable(b []byte, n uint32, v2 bool) ([]ChunkInfo, error) {
 type Meta struct {
 	Header Header
 	Chunks []ChunkInfo
+	// Table is the whole uncompressed ci table: the chunk entries and,
+	// for zran blobs, the context and dictionary tables after them
+	// (CIZranOffset/CIZranSize; see rafs/zran.DecodeContexts).
+	Table []byte
 }
+
+// ZranChunk reports whether a v2 entry is a zran chunk, and its zran
+// context index and its offset in that context's output (the v2 misc
+// word, chunk_info_v2.rs set_zran_index/set_zran_offset).
+func (c *ChunkInfo) ZranChunk() (zran bool, index, offset uint32) {
+	return c.Flags&flagZran != 0, uint32(c.Data >> 32), uint32(c.Data)
+}
+
+// ZranFlag is the v2 flag bit of a zran chunk, for ChunkInfo.Flags.
+const ZranFlag = flagZran
 
 // Write appends the ci table for infos (compressed with c when that makes
 // it smaller, as nydus-image does) and the header to w, which is at blob
@@ -391,5 +417,32 @@ func Decode(h Header, raw []byte) (*Meta, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Meta{Header: h, Chunks: chunks}, nil
+	return &Meta{Header: h, Chunks: chunks, Table: table}, nil
+}
+
+// DecodeCacheFile decodes a blob meta in the form nydusd caches it as
+// <blob id>.blob.meta (and nydus-snapshotter packs it beside image.boot):
+// the uncompressed ci table, zeros up to a 4 KiB boundary, then the
+// header (storage/src/meta/mod.rs, BlobCompressionContextInfo::new).
+func DecodeCacheFile(b []byte) (*Meta, error) {
+	if len(b) < HeaderSize {
+		return nil, fmt.Errorf("%w: cache file of %d bytes", ErrFormat, len(b))
+	}
+	var h Header
+	if err := h.UnmarshalBinary(b[len(b)-HeaderSize:]); err != nil {
+		return nil, err
+	}
+	aligned := (h.CIUncompressedSize + 0xfff) &^ 0xfff
+	if aligned+HeaderSize != uint64(len(b)) {
+		return nil, fmt.Errorf("%w: cache file of %d bytes for a %d-byte table", ErrFormat, len(b), h.CIUncompressedSize)
+	}
+	if err := h.check(); err != nil {
+		return nil, err
+	}
+	table := b[:h.CIUncompressedSize:h.CIUncompressedSize]
+	chunks, err := DecodeTable(table, h.CIEntries, h.V2())
+	if err != nil {
+		return nil, err
+	}
+	return &Meta{Header: h, Chunks: chunks, Table: table}, nil
 }

@@ -15,7 +15,7 @@ import (
 )
 
 // ErrUnsupported is wrapped by errors about valid nydus features this
-// package does not implement (tarfs mode, encryption, batch and zran blobs).
+// package does not implement (tarfs mode, encryption, batch chunks, nydus 2.1 zran blobs).
 var ErrUnsupported = errors.New("rafs v6: unsupported feature")
 
 // maxInMemory bounds the bootstraps Read loads whole; larger ones are
@@ -211,8 +211,12 @@ func (d *decoder) readBlobs(ext *extSuperBlock) error {
 			return invalid("blob %s: compressor %d, digester %d", e.ID, e.Compressor, e.Digester)
 		case e.CipherAlgo != 0 || e.Features&BlobFeatureEncrypted != 0:
 			return fmt.Errorf("%w: blob %s is encrypted", ErrUnsupported, e.ID)
-		case e.Features&BlobFeatureBatch != 0 || (e.Features&BlobFeatureZran != 0 && e.ZranSize == 0):
-			return fmt.Errorf("%w: blob %s has features %#x (batch, or zran with its table in a separate blob meta)", ErrUnsupported, e.ID, e.Features)
+		case e.Features&BlobFeatureBatch != 0:
+			return fmt.Errorf("%w: blob %s has features %#x (batch chunks)", ErrUnsupported, e.ID, e.Features)
+		case e.Features&BlobFeatureZran != 0 && e.ZranSize == 0 && e.Features&BlobFeatureSeparate == 0:
+			// nydus 2.1's zran blobs kept their blob meta in the bootstrap's
+			// own blob (inlined fs meta), named by the bootstrap's file name.
+			return fmt.Errorf("%w: zran blob %s has features %#x (blob meta not in a separate blob)", ErrUnsupported, e.ID, e.Features)
 		case e.UncompressedSize > 1<<44 || e.CompressedSize > 1<<40:
 			return invalid("blob %s: sizes %d/%d", e.ID, e.CompressedSize, e.UncompressedSize)
 		}
