@@ -57,6 +57,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
 	"github.com/rafsd/rafsd/rafs/storage/blobcache"
+	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 // Option configures New.
@@ -265,8 +266,13 @@ func (f *Fetcher) state(b *rafs.Blob) (*blobState, error) {
 }
 
 // AddImage indexes img's chunks so that a read can merge a chunk with the
-// chunks following it in the blob into one backend request.
+// chunks following it in the blob into one backend request. Zran blobs
+// (--oci-ref images) first get their contexts from their separate blob
+// meta through the backend, as nydusd reads them (rafs/zran.Resolve).
 func (f *Fetcher) AddImage(img *rafs.Image) error {
+	if err := zran.Resolve(f.ctx, img, f.be); err != nil {
+		return fmt.Errorf("storage: %w", err)
+	}
 	per := make(map[uint32]map[uint64]*rafs.Chunk)
 	for _, in := range img.Inodes {
 		for _, fc := range in.Chunks {
