@@ -90,6 +90,11 @@ func newKataClient(sock string) (*kataClient, error) {
 	return &kataClient{hc: &http.Client{Timeout: 30 * time.Second, Transport: tr}}, nil
 }
 
+// kataAPIPatience is the least time Kata's waitKataAPIReady waits for a
+// socket that never appears: 20 attempts of 3 stat()s 100 ms apart, 20 ms
+// between attempts (retry-go's backoff and jitter only add to it).
+const kataAPIPatience = 20*200*time.Millisecond + 19*20*time.Millisecond
+
 // waitKataAPIReady is Kata's nydusd.waitUntilNydusAPIServerReady, run
 // right after the daemon is started: up to 20 attempts (retry-go, 20 ms
 // base delay) of NewNydusClient plus GET /api/v1/daemon until the state
