@@ -26,7 +26,11 @@ import (
 // none); with --bootstrap one mount is made at start. With --supervisor the
 // group and the mounts are handed to the supervisor, and --upgrade takes
 // them back after a restart (answering the events the dead daemon held);
-// without one a guard process fails reads with EIO if the daemon dies.
+// without one a guard process fails reads with EIO if the daemon dies, and
+// exits once the last reader of its detached mounts closes. A daemon
+// restarted without a supervisor takes the group over from that guard when
+// it mounts from the same cache directory (fscache/fanotifyfs/guard.go):
+// its mount reads right, and so do the readers of the old detached mounts.
 func runFanotify(a *args, log *slog.Logger) error {
 	if a.upgrade && a.supervisor == "" {
 		return errors.New("--upgrade needs --supervisor")

@@ -253,15 +253,42 @@ func TestFanotifyAPIMountUmount(t *testing.T) {
 	}
 }
 
+// pidGone reports whether pid has exited (absent or an unreaped zombie).
+func pidGone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	k := bytes.LastIndexByte(b, ')')
+	return k < 0 || k+2 >= len(b) || b[k+2] == 'Z'
+}
+
+func waitPidGone(t *testing.T, pid int, what string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !pidGone(pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s (pid %d) still running after 5s", what, pid)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // Without a supervisor, a SIGKILLed `rafsd fanotify` leaves its guard,
 // which learned the API's mounts as they were made: it detaches them, and
-// a reader holding a file open gets EIO, never zeros.
+// a reader holding a file open gets EIO, never zeros. A new `rafsd
+// fanotify` mounting the same image with the same cache directory (what a
+// restart by systemd and a re-mount by the client do) takes the group over
+// from the old guard, which exits: the new mount diffs equal, and the old
+// reader reads the right bytes again. When the new daemon stops after the
+// reader closed, its guard exits too.
 func TestFanotifyAPIGuardOnCrash(t *testing.T) {
 	requireRoot(t)
 	a := makeImage(t, "guarded")
 	mp := filepath.Join(t.TempDir(), "a")
 	d := startFanotify(t, mp)
-	body, _ := json.Marshal(map[string]any{"source": a.bootstrap, "fs_type": "fanotify", "config": blobcacheConfig(a.blobs, t.TempDir())})
+	work := t.TempDir()
+	body, _ := json.Marshal(map[string]any{"source": a.bootstrap, "fs_type": "fanotify", "config": blobcacheConfig(a.blobs, work)})
 	d.mustCall("POST", "/api/v1/mount?mountpoint="+mp, string(body))
 	var info struct {
 		Guard int `json:"guard_pid"`
@@ -302,5 +329,49 @@ func TestFanotifyAPIGuardOnCrash(t *testing.T) {
 	}
 	if !errors.Is(err, syscall.EIO) {
 		t.Fatalf("read after the daemon died: %v, want EIO", err)
+	}
+
+	d2 := startFanotify(t, mp)
+	d2.mustCall("POST", "/api/v1/mount?mountpoint="+mp, string(body))
+	waitPidGone(t, info.Guard, "the dead daemon's guard after the take-over")
+	diffR(t, a.src, mp)
+	unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+	got := make([]byte, len(want))
+	if _, err := fh.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("old reader after the take-over: %v (right bytes: %v)", err, bytes.Equal(got, want))
+	}
+	guardOf := func() int {
+		var info struct {
+			Guard int `json:"guard_pid"`
+		}
+		json.Unmarshal(d2.mustCall("GET", "/api/v1/daemon", ""), &info)
+		return info.Guard
+	}
+	g2 := guardOf()
+	if g2 <= 0 {
+		t.Fatal("the new daemon reports no guard")
+	}
+	fh.Close()
+	// The old mount is gone: the daemon drops the old group and replaces
+	// its guard with one that holds its own group only.
+	deadline = time.Now().Add(5 * time.Second)
+	g3 := guardOf()
+	for ; g3 == g2; g3 = guardOf() {
+		if time.Now().After(deadline) {
+			t.Fatal("the new daemon kept the old group 5s after the old reader closed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Cleanup(func() { syscall.Kill(g3, syscall.SIGKILL) })
+	waitPidGone(t, g2, "the guard replaced when the old group was dropped")
+	if err := d2.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.waitExit(10 * time.Second); err != nil {
+		t.Fatalf("new rafsd after SIGTERM: %v", err)
+	}
+	waitPidGone(t, g3, "the new daemon's guard after a clean stop")
+	if mounted(mp) {
+		t.Fatal("mount left after SIGTERM")
 	}
 }
