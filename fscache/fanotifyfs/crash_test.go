@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -91,7 +92,10 @@ func runDaemon() error {
 	if os.Getenv("FANOTIFYFS_HANG") == "1" {
 		be = hungBackend{inner}
 	}
-	return RunDaemon(context.Background(), DaemonOptions{
+	// SIGTERM closes the daemon cleanly (Close).
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	return RunDaemon(ctx, DaemonOptions{
 		Mounts:         []MountSpec{{Bootstrap: st.Bootstrap, Mountpoint: st.Mountpoint, Config: string(cfgJSON), ReadAheadKB: 256}},
 		Supervisor:     os.Getenv("FANOTIFYFS_SUPERVISOR"),
 		Upgrade:        os.Getenv("FANOTIFYFS_TAKEOVER") == "1",
@@ -261,6 +265,20 @@ func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool, e
 		t.Fatalf("daemon not ready in 30s\n%s", fileText(stderr))
 	}
 	return d
+}
+
+// term stops the daemon with SIGTERM (a clean Close), and reports
+// whether it exited within 10s (it is SIGKILLed otherwise).
+func (d *daemonProc) term() bool {
+	d.killed.Store(true)
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+		return d.cmd.ProcessState.Success()
+	case <-time.After(10 * time.Second):
+		d.kill()
+		return false
+	}
 }
 
 func (d *daemonProc) kill() {
@@ -791,4 +809,56 @@ func TestRestartOnSameCacheWithoutSupervisor(t *testing.T) {
 	if err := readDirect(cacheDataFile(t, im, st.WorkDir)); err != nil {
 		t.Fatalf("direct read of the cache file with every guard gone: %v", err)
 	}
+}
+
+// A daemon closing cleanly (SIGTERM) while a reader still holds a file of
+// its mount detaches the mount lazily; the group must not close under that
+// reader, or its reads would see the holes. The guard takes it over as if
+// the daemon had died: the reader gets EIO, and when it closes the guard
+// exits.
+func TestCloseLeavesBusyMountToGuard(t *testing.T) {
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	data := fstest.Bytes(8, 2<<20)
+	os.WriteFile(src+"/f", data, 0o644)
+	im := buildImage(t, src, 64<<10)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+	d := startDaemon(t, nil, st, false)
+	t.Cleanup(func() {
+		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		d.kill()
+	})
+	fh, err := os.Open(st.Mountpoint + "/f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	p := make([]byte, 4096)
+	if _, err := fh.ReadAt(p, 0); err != nil || !bytes.Equal(p, data[:4096]) {
+		t.Fatalf("read while served: %v", err)
+	}
+	if !d.term() {
+		t.Fatalf("daemon did not exit cleanly on SIGTERM:\n%s", textOf(d.stderr))
+	}
+	waitDetached(t, st.Mountpoint)
+	res := make(chan error, 1)
+	go func() { _, err := fh.ReadAt(p, 1<<20+4321); res <- err }()
+	select {
+	case err = <-res:
+	case <-time.After(10 * time.Second):
+		t.Fatal("read after the daemon closed still blocked after 10s")
+	}
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read of a lazily detached mount after the daemon closed: %v (zeros: %v), want EIO", err, bytes.Equal(p, make([]byte, len(p))))
+	}
+	if procGone(d.guard) {
+		t.Fatal("guard gone while a reader still holds a file of the detached mount")
+	}
+	fh.Close()
+	waitGone(t, 5*time.Second, "guard after the last reader closed", d.guard)
+}
+
+func textOf(path string) string {
+	b, _ := os.ReadFile(path)
+	return string(b)
 }

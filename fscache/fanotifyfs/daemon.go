@@ -443,17 +443,16 @@ func splitTuning(cfg string) (string, Tuning, error) {
 // failure is logged, not returned: the mount change itself is done, and
 // the caller can retry the hand-over (SendState, PUT .../fuse/sendfd).
 func (d *Daemon) changed() {
-	var mps []string
-	for _, ms := range d.Mounts() {
-		mps = append(mps, ms.Mountpoint)
+	// Under d.mu: replaceGuard swaps the guard under it, and an update
+	// written to the guard it stopped would be lost.
+	d.mu.Lock()
+	var err error
+	if gd := d.guard.Load(); gd != nil && !d.closed {
+		err = gd.update(d.guardUpdate())
 	}
-	if gd := d.guard.Load(); gd != nil {
-		d.mu.Lock()
-		u := d.guardUpdate()
-		d.mu.Unlock()
-		if err := gd.update(u); err != nil {
-			d.log.Error("fanotifyfs: guard not told of the mounts; if the daemon dies they are not detached", "err", err)
-		}
+	d.mu.Unlock()
+	if err != nil {
+		d.log.Error("fanotifyfs: guard not told of the mounts; if the daemon dies they are not detached", "err", err)
 	}
 	if d.opts.Supervisor != "" {
 		if err := d.sendState(); err != nil {
