@@ -218,6 +218,12 @@ func (gp *guardProc) run() {
 			for _, h := range gp.holds {
 				fds = append(fds, unix.PollFd{Fd: int32(h.g.FD()), Events: unix.POLLIN})
 			}
+			// Woken by IN_IGNORED, so it exits at once; the timeout
+			// covers a watch that went while another process read the
+			// shared instance.
+			for _, h := range gp.holds {
+				fds = append(fds, unix.PollFd{Fd: int32(h.ino), Events: unix.POLLIN})
+			}
 		}
 		timeout := -1
 		if gp.gone {
@@ -239,6 +245,14 @@ func (gp *guardProc) run() {
 			for i, h := range gp.holds {
 				if fds[gAt+i].Revents&unix.POLLIN != 0 {
 					denyAll(h.g, buf, gp.log)
+				}
+				if fds[gAt+len(gp.holds)+i].Revents&unix.POLLIN != 0 {
+					// Drained only to sleep again: fdinfo is the truth.
+					for {
+						if _, err := unix.Read(h.ino, buf); !errors.Is(err, unix.EINTR) && err != nil {
+							break
+						}
+					}
 				}
 			}
 		}
