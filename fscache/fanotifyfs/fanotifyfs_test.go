@@ -357,3 +357,71 @@ func TestPresentAllocatesNothing(t *testing.T) {
 		t.Fatalf("Present allocates %.1f times per event", allocs)
 	}
 }
+
+// Filling ahead writes a sequential reader's next chunks with O_DIRECT
+// past the fetcher: the reader gets the source bytes, the chunks are in
+// the fetcher's chunk map, and a new fetcher over the same cache serves
+// the file from it without the backend. Chunks of every kind go through
+// it: incompressible (stored as is), compressible (decoded into the
+// aligned buffer) and a file tail that ends off a block boundary.
+func TestFillAheadWritesDirect(t *testing.T) {
+	if !DirectFill {
+		t.Fatal("DirectFill is off")
+	}
+	src := t.TempDir()
+	want := append(fstest.Bytes(3, 10<<20), bytes.Repeat([]byte("compressible "), 6<<20/13)...)
+	want = append(want, fstest.Bytes(4, 5<<20+4321)...)
+	if err := os.WriteFile(src+"/data", want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(src+"/after", []byte("next file"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im := buildImage(t, src, 1<<20)
+	work := t.TempDir()
+	s := startServer(t, 10*time.Second)
+	f := newFetcher(t, im.blobDir, work)
+	m := mount(t, s, im, f, Options{})
+	got, err := os.ReadFile(m.Mountpoint() + "/data")
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read: %v, bytes equal %v", err, bytes.Equal(got, want))
+	}
+	st := s.Stats()
+	t.Logf("%+v", st)
+	if st.DirectBytes < 8<<20 {
+		t.Fatalf("only %d bytes were filled ahead with O_DIRECT, want most of the %d read", st.DirectBytes, len(want))
+	}
+	// The cache file holds what the chunk map says: read it through a
+	// fresh fetcher over the same directory, whose backend is gone.
+	if err := m.Unmount(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	empty := t.TempDir()
+	f2 := newFetcher(t, empty, work)
+	if err := f2.AddImage(im.img); err != nil {
+		t.Fatal(err)
+	}
+	l := im.img.BlobLayouts()[0]
+	for _, c := range l.Chunks {
+		if c.UncompressedOffset >= uint64(len(want)) {
+			break
+		}
+		if !f2.Cached(l.Blob, c) {
+			continue // fetched by an event or not read: only direct ones matter here
+		}
+		p := make([]byte, c.UncompressedSize)
+		if err := f2.ReadChunkAt(context.Background(), l.Blob, c, p, 0); err != nil {
+			t.Fatalf("chunk %d from the cache: %v", c.Index, err)
+		}
+	}
+	s2 := startServer(t, 10*time.Second)
+	m2 := mount(t, s2, im, f2, Options{})
+	got, err = os.ReadFile(m2.Mountpoint() + "/data")
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read from the cache: %v, bytes equal %v", err, bytes.Equal(got, want))
+	}
+	if n := f2.BackendMetrics().ReadAmountTotal; n != 0 {
+		t.Fatalf("a complete cache still read %d bytes from the backend", n)
+	}
+}
