@@ -23,6 +23,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsd/rafsd/fscache/fanotify"
 	"github.com/rafsd/rafsd/rafs/fusedev"
 
 	"github.com/rafsd/rafsd/rafs/config"
@@ -861,4 +862,66 @@ func TestCloseLeavesBusyMountToGuard(t *testing.T) {
 func textOf(path string) string {
 	b, _ := os.ReadFile(path)
 	return string(b)
+}
+
+// A guard listens in cache directories whose socket path is longer than
+// sockaddr_un holds (through /proc/self/fd of the directory), and a client
+// reaches it there; a guard whose daemon lives says so and hands nothing
+// over.
+func TestGuardSocketLongPath(t *testing.T) {
+	fstest.RequireRoot(t)
+	g, err := fanotify.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	ino, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(ino)
+	dir := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 60))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	gp := &guardProc{log: testLogger(t), daemon: 4242, msg: -1, lns: map[string]int{}, holds: []holding{{g, ino}}}
+	gp.listen([]string{dir})
+	t.Cleanup(func() {
+		for path, fd := range gp.lns {
+			os.Remove(path)
+			unix.Close(fd)
+		}
+	})
+	socks := guardSocks(dir)
+	if len(socks) != 1 || len(socks[0]) < 108 {
+		t.Fatalf("guard sockets %v, want one with a path longer than sockaddr_un", socks)
+	}
+	type answer struct {
+		rep   guardReply
+		holds []holding
+		err   error
+	}
+	res := make(chan answer, 1)
+	go func() {
+		rep, holds, conn, err := askGuard(socks[0], true)
+		if conn != nil {
+			conn.Close()
+		}
+		res <- answer{rep, holds, err}
+	}()
+	// One accept, as the guard's loop would on POLLIN.
+	for _, fd := range gp.lns {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		if n, _ := unix.Poll(p, 10000); n != 1 {
+			t.Fatal("no client reached the guard's socket")
+		}
+		gp.serveConn(fd)
+	}
+	a := <-res
+	if a.err != nil {
+		t.Fatal(a.err)
+	}
+	if !a.rep.Alive || a.rep.Daemon != 4242 || a.rep.Guard != os.Getpid() || len(a.holds) != 0 {
+		t.Fatalf("reply %+v with %d groups, want the daemon alive and nothing handed over", a.rep, len(a.holds))
+	}
 }
