@@ -265,10 +265,10 @@ func pidGone(pid int) bool {
 
 func waitPidGone(t *testing.T, pid int, what string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for !pidGone(pid) {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s (pid %d) still running after 5s", what, pid)
+			t.Fatalf("%s (pid %d) still running after 10s", what, pid)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -354,11 +354,11 @@ func TestFanotifyAPIGuardOnCrash(t *testing.T) {
 	fh.Close()
 	// The old mount is gone: the daemon drops the old group and replaces
 	// its guard with one that holds its own group only.
-	deadline = time.Now().Add(5 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
 	g3 := guardOf()
 	for ; g3 == g2; g3 = guardOf() {
 		if time.Now().After(deadline) {
-			t.Fatal("the new daemon kept the old group 5s after the old reader closed")
+			t.Fatal("the new daemon kept the old group 10s after the old reader closed")
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -783,10 +783,10 @@ func TestRestartOnSameCacheWithoutSupervisor(t *testing.T) {
 		h.fh.Close()
 	}
 	holders = nil
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for n := fanotifyFDs(d.cmd.Process.Pid); n != 1; n = fanotifyFDs(d.cmd.Process.Pid) {
 		if time.Now().After(deadline) {
-			t.Fatalf("daemon holds %d fanotify groups 5s after the old readers closed, want its own only", n)
+			t.Fatalf("daemon holds %d fanotify groups 10s after the old readers closed, want its own only", n)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -924,4 +924,44 @@ func TestGuardSocketLongPath(t *testing.T) {
 	if !a.rep.Alive || a.rep.Daemon != 4242 || a.rep.Guard != os.Getpid() || len(a.holds) != 0 {
 		t.Fatalf("reply %+v with %d groups, want the daemon alive and nothing handed over", a.rep, len(a.holds))
 	}
+}
+
+// A daemon with a supervisor cannot hold an adopted group across its own
+// death (the supervisor protocol carries one fd), so it refuses, with a
+// clear error, a cache directory that a crashed daemon's guard still
+// guards, instead of having its fills denied by that guard.
+func TestSupervisedDaemonRefusesGuardedCache(t *testing.T) {
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	os.WriteFile(src+"/f", fstest.Bytes(9, 1<<20), 0o644)
+	im := buildImage(t, src, 64<<10)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+	d := startDaemon(t, nil, st, false)
+	t.Cleanup(func() {
+		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		d.kill()
+	})
+	fh, err := os.Open(st.Mountpoint + "/f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	d.kill()
+	waitDetached(t, st.Mountpoint)
+	sup := startSupervisor(t)
+	raw, _ := json.Marshal(st)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), roleEnv+"=daemon", "FANOTIFYFS_SUPERVISOR="+sup.sock(), "FANOTIFYFS_STATE="+string(raw))
+	out, err := cmd.CombinedOutput()
+	unix.Unmount(st.Mountpoint, unix.MNT_DETACH) // had it mounted after all
+	if err == nil || !strings.Contains(string(out), "still guarded by guard") {
+		t.Fatalf("supervised daemon on a guarded cache: %v, want a refusal naming the guard\n%s", err, out)
+	}
+	if procGone(d.guard) {
+		t.Fatal("the old guard exited while its reader still holds a file")
+	}
+	fh.Close()
+	waitGone(t, 5*time.Second, "old guard after its reader closed", d.guard)
 }
