@@ -397,15 +397,21 @@ type piece struct {
 	err error
 }
 
-// pump reads st's chunks from rc starting at index i, and has each
-// verified, cached and handed out while the next is read (a two-stage
-// pipeline: network | decode+digest+cache write). It returns the index of
-// the first chunk it did not deliver and, if it stopped short of the
-// stream's limit, why.
+// pumpDepth is how many chunks each stage of a stream's pipeline may
+// hold ahead of the next: enough that a slow hash or cache write does not
+// stop the socket from being read, bounded so a stream holds a few MiB.
+const pumpDepth = 4
+
+// pump reads st's chunks from rc starting at index i in a three-stage
+// pipeline, so that the socket is always being read: network (read each
+// chunk's stored bytes into a pooled buffer) | verify (decode, digest
+// check, hand out to waiters) | cache write (then the chunk leaves
+// flight). It returns the index of the first chunk it did not deliver
+// and, if it stopped short of the stream's limit, why. Every chunk it
+// delivered has left flight when it returns.
 func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (int, error) {
-	pieces := make(chan piece, 3)
+	pieces := make(chan piece, pumpDepth)
 	stop := make(chan struct{})
-	defer close(stop)
 	go func() {
 		defer close(pieces)
 		for j := i; ; j++ {
@@ -426,12 +432,28 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 			select {
 			case pieces <- piece{j, raw, err}:
 			case <-stop:
+				if raw != nil {
+					putBuf(raw)
+				}
 				return
 			}
 			if err != nil {
 				return
 			}
 		}
+	}()
+	writes := make(chan verified, pumpDepth)
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		for v := range writes {
+			f.keep(st.bs, v)
+		}
+	}()
+	defer func() {
+		close(stop)
+		close(writes)
+		<-written
 	}()
 	next := i
 	for p := range pieces {
@@ -441,7 +463,9 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 			}
 			return p.i, p.err
 		}
-		f.deliver(ctx, st, st.items[p.i], p.raw)
+		if v, ok := f.verify(ctx, st, st.items[p.i], p.raw); ok {
+			writes <- v
+		}
 		next = p.i + 1
 	}
 	return next, nil
@@ -466,10 +490,19 @@ func (f *Fetcher) pace(ctx context.Context, st *stream, c *rafs.Chunk) error {
 	return ctx.Err()
 }
 
-// deliver verifies one chunk's stored bytes (refetching it alone once if
-// they fail), caches it and publishes the result. stored is a pooled
-// buffer it takes over.
-func (f *Fetcher) deliver(ctx context.Context, st *stream, cl *call, stored []byte) {
+// verified is a chunk handed out to its readers and waiting to be
+// written to the cache.
+type verified struct {
+	cl     *call
+	stored []byte // as fetched (compressed cache)
+	data   []byte
+}
+
+// verify verifies one chunk's stored bytes (refetching it alone once if
+// they fail) and publishes the result. stored is a pooled buffer it
+// takes over. ok reports that the chunk was handed out and must now be
+// passed to keep; otherwise it failed and left flight.
+func (f *Fetcher) verify(ctx context.Context, st *stream, cl *call, stored []byte) (v verified, ok bool) {
 	bs, b, c := st.bs, st.bs.blob, cl.c
 	if st.prefetch {
 		f.m.prefetchBytes.Add(float64(len(stored)))
@@ -491,23 +524,30 @@ func (f *Fetcher) deliver(ctx context.Context, st *stream, cl *call, stored []by
 		cl.err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, err)
 		f.finish(bs, cl)
 		cl.release()
-		return
+		return verified{}, false
 	}
 	cl.data = data
 	// Waiters copy the bytes while they are written; the chunk stays in
 	// flight until they are, so nobody fetches it again meanwhile.
 	close(cl.done)
+	return verified{cl, stored, data}, true
+}
+
+// keep writes a verified chunk to the cache (if it can be cached) and
+// takes it out of flight.
+func (f *Fetcher) keep(bs *blobState, v verified) {
+	cl, c := v.cl, v.cl.c
 	if bs.cacheable(c, f.compressed) {
-		w := blobcache.Write{Index: c.Index, Off: int64(c.UncompressedOffset), Data: data}
+		w := blobcache.Write{Index: c.Index, Off: int64(c.UncompressedOffset), Data: v.data}
 		if f.compressed {
-			w.Off, w.Data = int64(c.CompressedOffset), stored
+			w.Off, w.Data = int64(c.CompressedOffset), v.stored
 		}
 		if werr := bs.cache.WriteChunks([]blobcache.Write{w}); werr != nil {
-			f.log.Warn("storage: caching chunk failed", "blob", b.ID, "chunk", c.Index, "err", werr)
+			f.log.Warn("storage: caching chunk failed", "blob", bs.blob.ID, "chunk", c.Index, "err", werr)
 		}
 	}
 	if cl.pooled && c.Compressed {
-		putBuf(stored) // data is a buffer of its own
+		putBuf(v.stored) // data is a buffer of its own
 	}
 	f.finish(bs, cl)
 	cl.release()
