@@ -269,10 +269,14 @@ func TestWalkLikeDisk(t *testing.T) {
 }
 
 // blockingReader blocks every chunk read until its context ends, and
-// reports that it did.
-type blockingReader struct{ cancelled chan struct{} }
+// reports that one started and that it was cancelled.
+type blockingReader struct{ entered, cancelled chan struct{} }
 
 func (r blockingReader) ReadChunkAt(ctx context.Context, b *rafs.Blob, c *rafs.Chunk, p []byte, off uint32) error {
+	select {
+	case r.entered <- struct{}{}:
+	default:
+	}
 	select {
 	case <-ctx.Done():
 		r.cancelled <- struct{}{}
@@ -287,7 +291,7 @@ func (r blockingReader) ReadChunkAt(ctx context.Context, b *rafs.Blob, c *rafs.C
 // stuck backend does not pin the request.
 func TestReadCancelledByInterrupt(t *testing.T) {
 	img, _ := testImage(t, 64<<10, codec.Zstd, codec.Blake3, false)
-	cr := blockingReader{cancelled: make(chan struct{}, 16)}
+	cr := blockingReader{entered: make(chan struct{}, 16), cancelled: make(chan struct{}, 16)}
 	mnt := fstest.Mount(t, fs.New(img, cr, fs.DefaultOptions()), nil)
 	// O_DIRECT makes read(2) a synchronous FUSE READ; buffered reads go
 	// out as background readahead, which the kernel never interrupts.
@@ -295,7 +299,15 @@ func TestReadCancelledByInterrupt(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(300 * time.Millisecond) // let it block in read
+	// Kill only once the READ reached the chunk reader: a kill before
+	// (a fixed sleep overrun on a loaded box) interrupts nothing.
+	select {
+	case <-cr.entered:
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatal("dd's read never reached the chunk reader")
+	}
 	cmd.Process.Kill()
 	cmd.Wait()
 	select {
