@@ -121,7 +121,10 @@ type daemonMount struct {
 
 // RunDaemon runs StartDaemon until ctx ends, then Close. A daemon that
 // dies uncleanly leaves its mounts to the supervisor's copy of the group:
-// their readers block until an upgraded daemon answers.
+// their readers block until an upgraded daemon answers. Without a
+// supervisor its guard detaches them and fails their reads with EIO until
+// a new daemon mounting from the same cache directory takes the group
+// over, or their last reader closes (guard.go).
 func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 	d, err := StartDaemon(opts)
 	if err != nil {
