@@ -134,15 +134,17 @@ func TestConvertCLIOCIRef(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		t.Fatalf("stdout is not the JSON summary: %v\n%s", err, out)
 	}
-	if len(res.Blobs) != 1 || res.Blobs[0] != layerDigest || len(res.Uploaded) != 1 || res.Uploaded[0] != layerDigest {
-		t.Fatalf("summary %+v, want the layer %s as the one blob", res, layerDigest)
+	// The one blob layer is the layer's ref blob (its blob meta); the
+	// layer itself goes to the repository beside it.
+	if len(res.Blobs) != 1 || res.Blobs[0] == layerDigest || len(res.Uploaded) != 2 {
+		t.Fatalf("summary %+v, want the ref blob of layer %s as the one blob", res, layerDigest)
 	}
 	ctx := context.Background()
 	r, err := convert.FetchBootstrap(ctx, target, filepath.Join(t.TempDir(), "image.boot"), convert.RegistryOptions{PlainHTTP: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Image.Blobs[0].Zran == nil || r.Blobs[0].Annotations[convert.LayerAnnotationNydusRefLayer] != layerDigest {
+	if !r.Image.Blobs[0].IsZran() || r.Blobs[0].Annotations[convert.LayerAnnotationNydusRefLayer] != layerDigest {
 		t.Fatalf("blob %+v / layer %+v: not a zran reference to the OCI layer", r.Image.Blobs[0], r.Blobs[0])
 	}
 	cfg, err := config.Parse(r.DaemonConfig("", false))
@@ -154,6 +156,10 @@ func TestConvertCLIOCIRef(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
+	// As the daemons do: AddImage loads the zran contexts from the ref blob.
+	if err := f.AddImage(r.Image); err != nil {
+		t.Fatal(err)
+	}
 	for name, want := range map[string]string{"hello.txt": "hello, zran\n", "etc/os-release": strings.Repeat("ID=test\n", 5000)} {
 		ino := r.Image.Root()
 		for _, p := range strings.Split(name, "/") {
@@ -169,13 +175,24 @@ func TestConvertCLIOCIRef(t *testing.T) {
 			t.Errorf("%s: wrong bytes", name)
 		}
 	}
-	// check verifies every chunk from the layer file (the layout's blob
-	// directory names blobs by digest, as --blob-dir wants); a flipped byte
-	// in the layer fails it.
-	blobs := filepath.Join(layout, "blobs", "sha256")
+	// check verifies every chunk from the layer file and the ref blob in a
+	// blob directory (files named by digest, as --blob-dir wants); a
+	// flipped byte in the layer fails it.
+	metaID := r.Blobs[0].Digest.Encoded()
+	n, err := f.Backend().Size(ctx, metaID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta := make([]byte, n)
+	if err := f.Backend().ReadAt(ctx, metaID, meta, 0); err != nil {
+		t.Fatal(err)
+	}
+	lb, _ := os.ReadFile(filepath.Join(layout, "blobs", "sha256", man.Layers[0].Digest.Encoded()))
+	blobs, bad := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(blobs, man.Layers[0].Digest.Encoded()), lb, 0o644)
+	os.WriteFile(filepath.Join(blobs, metaID), meta, 0o644)
+	os.WriteFile(filepath.Join(bad, metaID), meta, 0o644)
 	mustCLI(t, "", "check", "--bootstrap", r.BootstrapPath, "--blob-dir", blobs)
-	bad := t.TempDir()
-	lb, _ := os.ReadFile(filepath.Join(blobs, man.Layers[0].Digest.Encoded()))
 	for i := 30; i < len(lb)-40; i += 64 {
 		lb[i] ^= 0xff
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 	"github.com/rafsd/rafsd/rafs/builder"
 	"github.com/rafsd/rafsd/rafs/codec"
+	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 // parseChunkSize accepts nydus-image's hex form ("0x100000") and decimal.
@@ -77,8 +78,12 @@ type createResult struct {
 	Bootstrap string   `json:"bootstrap"`
 	Blobs     []string `json:"blobs"`
 	// Blob is the new blob's id, empty if nothing was stored.
-	Blob  string        `json:"blob,omitempty"`
-	Stats builder.Stats `json:"stats"`
+	Blob string `json:"blob,omitempty"`
+	// MetaBlob is, for targz-ref, the id of the blob written: the
+	// layer's separate blob meta (nydus's ref blob), which readers fetch
+	// the zran contexts from.
+	MetaBlob string        `json:"meta_blob,omitempty"`
+	Stats    builder.Stats `json:"stats"`
 }
 
 func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
@@ -163,7 +168,9 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		*srcType = "tar-rafs" // a file given without --type can only be a tar
 	}
 	// targz-ref (nydus-image's name): the tar.gz itself is the blob, its
-	// chunks read through zran checkpoints; it is copied to the blob path.
+	// chunks read through zran checkpoints; what is written to --blob is
+	// its separate blob meta (nydus's ref blob), and --blob-dir gets both,
+	// each named by its digest.
 	var ref *os.File
 	if *srcType == "targz-ref" {
 		if ref, err = os.Open(src); err != nil {
@@ -226,10 +233,6 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		return err
 	}
 	res, err := b.Finish()
-	if err == nil && ref != nil && res.Blob != nil {
-		// Nothing went to the blob writer: the blob is the source.
-		_, err = io.Copy(bw, io.NewSectionReader(ref, 0, opts.Zran.Size))
-	}
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -242,8 +245,18 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 	out := createResult{Version: ver.Version, Bootstrap: *bootPath, Stats: b.Stats()}
 	if res.Blob != nil {
 		dst := *blobPath
+		name := res.Blob.ID
+		if ref != nil {
+			name = zran.MetaBlobID(res.Blob)
+			out.MetaBlob = name
+			if *blobDir != "" {
+				if err := copyLayer(ref, opts.Zran.Size, filepath.Join(*blobDir, res.Blob.ID)); err != nil {
+					return err
+				}
+			}
+		}
 		if dst == "" {
-			dst = filepath.Join(*blobDir, res.Blob.ID)
+			dst = filepath.Join(*blobDir, name)
 		}
 		if err := os.Chmod(tmp.Name(), 0o644); err != nil {
 			return err
@@ -274,4 +287,28 @@ func runCreate(args []string, stdin io.Reader, stdout io.Writer) error {
 		fmt.Fprintf(stdout, "no new blob: no file data to store (%d chunks deduplicated)\n", st.DedupChunks)
 	}
 	return nil
+}
+
+// copyLayer puts the targz-ref layer into the blob directory under its
+// digest (atomically; kept if already there).
+func copyLayer(ref io.ReaderAt, n int64, dst string) error {
+	if _, err := os.Stat(dst); err == nil {
+		return nil
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(dst), ".layer-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = io.Copy(tmp, io.NewSectionReader(ref, 0, n))
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(tmp.Name(), 0o644)
+	}
+	if err != nil {
+		return fmt.Errorf("copy the layer to %s: %w", dst, err)
+	}
+	return os.Rename(tmp.Name(), dst)
 }

@@ -362,8 +362,9 @@ func TestHostileBootstraps(t *testing.T) {
 }
 
 // TestCreateTargzRef: `create --type targz-ref` keeps the tar.gz (made by
-// GNU tar and gzip, i.e. zlib) as the blob; check and unpack read every
-// chunk from it through zran checkpoints.
+// GNU tar and gzip, i.e. zlib) as the blob and writes its separate blob
+// meta (nydus's ref blob) beside it; check and unpack read every chunk
+// from the tar.gz through the zran contexts of that meta.
 func TestCreateTargzRef(t *testing.T) {
 	src, dir := t.TempDir(), t.TempDir()
 	writeTree(t, src, sample)
@@ -376,7 +377,7 @@ func TestCreateTargzRef(t *testing.T) {
 		"--output-json", filepath.Join(dir, "out.json"), tgz)
 	var res createResult
 	j, _ := os.ReadFile(filepath.Join(dir, "out.json"))
-	if err := json.Unmarshal(j, &res); err != nil || res.Blob == "" {
+	if err := json.Unmarshal(j, &res); err != nil || res.Blob == "" || res.MetaBlob == "" {
 		t.Fatalf("output json %s: %v", j, err)
 	}
 	raw, _ := os.ReadFile(tgz)
@@ -384,11 +385,20 @@ func TestCreateTargzRef(t *testing.T) {
 	if err != nil || !bytes.Equal(raw, stored) || res.Blob != fmt.Sprintf("%x", sha256.Sum256(raw)) {
 		t.Fatalf("blob %s is not the tar.gz (%v)", res.Blob, err)
 	}
+	meta, err := os.ReadFile(filepath.Join(blobs, res.MetaBlob))
+	if err != nil || res.MetaBlob != fmt.Sprintf("%x", sha256.Sum256(meta)) {
+		t.Fatalf("meta blob %s: %v", res.MetaBlob, err)
+	}
 	if out := mustCLI(t, "", "check", "--bootstrap", boot, "--blob-dir", blobs); !strings.Contains(out, "data OK") {
 		t.Errorf("check output: %s", out)
 	}
 	mustCLI(t, "", "unpack", "--bootstrap", boot, "--blob-dir", blobs, "--output", filepath.Join(dir, "out"))
 	sameMap(t, "unpack targz-ref", sample, readTree(t, filepath.Join(dir, "out")))
+	// Without its meta blob the image cannot be read: an error, not data.
+	os.Remove(filepath.Join(blobs, res.MetaBlob))
+	if code, _, _ := cli(t, "", "check", "--bootstrap", boot, "--blob-dir", blobs); code == 0 {
+		t.Error("check passed without the meta blob")
+	}
 	if code, _, errs := cli(t, "", "create", "--type", "targz-ref", "--fs-version", "5", "--bootstrap", boot, "--blob-dir", blobs, tgz); code == 0 || !strings.Contains(errs, "v6") {
 		t.Errorf("targz-ref with v5: exit %d, %q", code, errs)
 	}

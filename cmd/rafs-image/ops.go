@@ -20,6 +20,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 	"github.com/rafsd/rafsd/rafs/builder"
 	"github.com/rafsd/rafsd/rafs/builder/unpack"
+	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 func runMerge(args []string, _ io.Reader, stdout io.Writer) error {
@@ -62,7 +63,7 @@ type blobSource struct {
 }
 
 func (s *blobSource) path(b *rafs.Blob, img *rafs.Image) (string, error) {
-	if s.file != "" && (len(img.Blobs) == 1 || filepath.Base(s.file) == b.ID) {
+	if s.file != "" && (img != nil && len(img.Blobs) == 1 || filepath.Base(s.file) == b.ID) {
 		return s.file, nil
 	}
 	if s.dir != "" {
@@ -92,6 +93,22 @@ func (s *blobSource) reader(img *rafs.Image) rafs.BlobChunkReader {
 		s.open[p] = f
 		return f, nil
 	}}
+}
+
+// ReadAt reads blob id from --blob-dir: the zran contexts of --oci-ref
+// images come from their separate meta blobs (rafs/zran.Resolve).
+func (s *blobSource) ReadAt(_ context.Context, id string, p []byte, off int64) error {
+	if s.dir == "" {
+		return fmt.Errorf("blob %s: not given (use --blob-dir)", id)
+	}
+	f, err := s.reader(nil).Open(&rafs.Blob{ID: id})
+	if err != nil {
+		return err
+	}
+	if _, err := f.ReadAt(p, off); err != nil {
+		return fmt.Errorf("blob %s at %d: %w", id, off, err)
+	}
+	return nil
 }
 
 func (s *blobSource) Close() {
@@ -126,6 +143,9 @@ func runUnpack(args []string, _ io.Reader, stdout io.Writer) error {
 		return err
 	}
 	defer src.Close()
+	if err := zran.Resolve(context.Background(), img, &src); err != nil {
+		return err
+	}
 	cr := src.reader(img)
 	ctx := context.Background()
 	st, statErr := os.Stat(*out)
@@ -194,6 +214,9 @@ func runCheck(args []string, _ io.Reader, stdout io.Writer) error {
 			return fmt.Errorf("blob %d (%s): %w", k, b.ID, err)
 		}
 	}
+	if err := zran.Resolve(context.Background(), img, &src); err != nil {
+		return err
+	}
 	// Every distinct chunk once; the error names a file that uses it.
 	type key struct{ blob, index uint32 }
 	seen := map[key]bool{}
@@ -235,6 +258,13 @@ func checkBlobMeta(img *rafs.Image, src *blobSource, b *rafs.Blob) error {
 		return nil
 	}
 	p, err := src.path(b, img)
+	if id := zran.MetaBlobID(b); id != "" {
+		// A zran blob's meta is a blob of its own (nydus's ref blob).
+		p, err = filepath.Join(src.dir, id), nil
+		if src.dir == "" {
+			err = fmt.Errorf("zran blob %s: its blob meta %s needs --blob-dir", b.ID, id)
+		}
+	}
 	if err != nil {
 		return err
 	}

@@ -175,12 +175,24 @@ func FuzzDecode(f *testing.F) {
 	_, _, _ = Write(&buf, 0, codec.None, FeatureChunkInfoV2, sampleInfos())
 	f.Add(buf.Bytes())
 	f.Add(make([]byte, HeaderSize))
+	buf.Reset()
+	zi := sampleInfos()
+	for i := range zi {
+		zi[i].Flags, zi[i].Compressed = ZranFlag, true
+	}
+	if _, err := WriteSeparate(&buf, 0, zi, make([]byte, ZranContextSize+10), 1, make([]codec.Digest, len(zi))); err == nil {
+		f.Add(buf.Bytes())
+	}
 	if fx, _ := filepath.Glob(filepath.Join(testutil.NydusFixtures(), "v6-zstd-blake3/blobs/*")); len(fx) == 1 {
 		if b, err := os.ReadFile(fx[0]); err == nil {
 			f.Add(b)
 		}
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
+		// nydusd's cache form (and nydus-snapshotter's packed .blob.meta).
+		if m, err := DecodeCacheFile(data); err == nil && uint64(len(m.Table)) != m.Header.CIUncompressedSize {
+			t.Fatalf("cache file table of %d bytes, header says %d", len(m.Table), m.Header.CIUncompressedSize)
+		}
 		m, err := ReadBlob(bytes.NewReader(data), int64(len(data)))
 		if err != nil {
 			return

@@ -80,9 +80,10 @@ func (o *Options) norm() (Options, error) {
 		if out.Version != 6 {
 			return out, errors.New("builder: zran (--oci-ref) images need RAFS v6")
 		}
-		// The data is the layer's gzip stream, whatever was asked for.
-		c := codec.Gzip
-		out.Compressor = &c
+		// The data is the layer's gzip stream, whatever was asked for, and
+		// chunks are named by sha256, as nydus-image does for ref types.
+		c, d := codec.Gzip, codec.SHA256
+		out.Compressor, out.Digester = &c, &d
 	}
 	if !out.Compressor.Valid() || !out.Digester.Valid() {
 		return out, fmt.Errorf("builder: bad compressor %s or digester %s", out.Compressor, out.Digester)
@@ -324,7 +325,7 @@ func (b *Builder) Finish() (*Result, error) {
 	if b.stats.StoredChunks > 0 {
 		finish := b.bw.finish
 		if b.z != nil {
-			finish = func(int, uint32) (*rafs.Blob, error) { return b.z.finish(*b.opts.Digester, b.opts.ChunkSize) }
+			finish = func(int, uint32) (*rafs.Blob, error) { return b.z.finish(b.bw.w, *b.opts.Digester, b.opts.ChunkSize) }
 		}
 		bl, err := finish(b.opts.Version, b.opts.ChunkSize)
 		if err != nil {

@@ -16,7 +16,10 @@ import (
 // writing a blob (nydus-image create --type targz-ref, nydusify --oci-ref):
 // AddTar reads the layer as usual, and every chunk becomes a range of its
 // uncompressed tar, read by inflating from a checkpoint (rafs.Zran). The
-// blob is the layer itself, named by its digest.
+// blob is the layer itself, named by its digest; what the build writes to
+// its blob writer is the blob's separate blob meta (contexts, chunk infos,
+// digests, TOC), the blob named by the hex of Blob.Meta.Digest
+// (rafs/zran.MetaBlobID) that readers fetch the contexts from.
 type ZranLayer struct {
 	// ID is the layer's hex sha256 (its OCI digest).
 	ID string
@@ -78,8 +81,13 @@ func sparse(h *tar.Header) bool {
 	return false
 }
 
-// finish scans the layer, places the chunks and describes the blob.
-func (z *zranState) finish(dig codec.Digester, chunkSize uint32) (*rafs.Blob, error) {
+// finish scans the layer, lays the chunks out over its checkpoints as
+// nydus does, writes the blob meta to meta (nydus's separate "RAFS blob
+// for ZRAN": rafs/blobmeta.WriteSeparate) and describes the layer as the
+// blob. The chunks keep nydus's compressed extents; readers attach the
+// contexts from the meta (rafs/zran.Resolve), so the returned blob has no
+// Zran.
+func (z *zranState) finish(meta io.Writer, dig codec.Digester, chunkSize uint32) (*rafs.Blob, error) {
 	l := z.layer
 	// Checkpoints near chunk starts: a chunk read inflates little before
 	// its data.
@@ -92,20 +100,46 @@ func (z *zranState) finish(dig codec.Digester, chunkSize uint32) (*rafs.Blob, er
 	if err != nil {
 		return nil, fmt.Errorf("builder: layer %s: %w", l.ID, err)
 	}
-	zt, ext, err := ix.Place(l.R, l.Size, z.spans)
+	zt, ext, err := ix.Layout(z.spans)
 	if err != nil {
 		return nil, fmt.Errorf("builder: layer %s: %w", l.ID, err)
 	}
+	infos := make([]blobmeta.ChunkInfo, len(z.chunks))
+	digests := make([]codec.Digest, len(z.chunks))
 	for i, c := range z.chunks {
 		c.CompressedOffset, c.CompressedSize = ext[i].Offset, ext[i].Size
+		zc := zt.Chunks[i]
+		infos[i] = blobmeta.ChunkInfo{
+			CompressedOffset: c.CompressedOffset, CompressedSize: c.CompressedSize,
+			UncompressedOffset: c.UncompressedOffset, UncompressedSize: c.UncompressedSize,
+			Compressed: true, Flags: blobmeta.ZranFlag, Data: uint64(zc.Context)<<32 | uint64(zc.Offset),
+		}
+		digests[i] = c.Digest
+	}
+	sep, err := blobmeta.WriteSeparate(meta, 0, infos, zran.EncodeContexts(zt.Contexts), uint32(len(zt.Contexts)), digests)
+	if err != nil {
+		return nil, fmt.Errorf("builder: layer %s: %w", l.ID, err)
 	}
 	b := &rafs.Blob{
 		ID: l.ID, Compressor: codec.Gzip, Digester: dig, ChunkSize: chunkSize,
 		ChunkCount: uint32(len(z.chunks)), CompressedSize: uint64(l.Size), UncompressedSize: z.uoff,
-		Features: blobmeta.FeatureCapTarTOC | blobmeta.FeatureZran, Zran: zt,
+		Features: sep.Header.Features,
+		Meta: rafs.BlobMeta{
+			Compressor: sep.Header.CICompressor, Offset: sep.Header.CIOffset,
+			CompressedSize: sep.Header.CICompressedSize, UncompressedSize: sep.Header.CIUncompressedSize,
+			TOCSize: sep.TOCSize, TOCDigest: sep.TOCDigest, Digest: sep.Digest, Size: sep.Size,
+		},
 	}
-	// Read back, through the reader daemons use, the first and the last
-	// chunk of every checkpoint (the last needs the longest extent).
+	if err := z.readBack(b, zt, ext); err != nil {
+		return nil, fmt.Errorf("builder: layer %s: zran read-back: %w", l.ID, err)
+	}
+	return b, nil
+}
+
+// readBack reads, as a reader attaching the contexts would, the first and
+// the last chunk of every context (the last needs the longest extent),
+// on copies: the build's chunks keep nydus's extents.
+func (z *zranState) readBack(b *rafs.Blob, zt *rafs.Zran, ext []zran.Extent) error {
 	first := map[uint32]int{}
 	last := map[uint32]int{}
 	for i := range z.chunks {
@@ -117,22 +151,41 @@ func (z *zranState) finish(dig codec.Digester, chunkSize uint32) (*rafs.Blob, er
 			last[ci] = i
 		}
 	}
+	tb := *b
+	in := &rafs.Inode{Ino: rafs.RootIno}
+	ends := make([]uint64, len(z.chunks))
+	for i, c := range z.chunks {
+		ends[i] = ext[i].Offset + uint64(ext[i].Size)
+		cc := *c
+		cc.BlobIndex = 0
+		in.Chunks = append(in.Chunks, rafs.FileChunk{Chunk: &cc})
+	}
+	img := &rafs.Image{Blobs: []*rafs.Blob{&tb}, Inodes: []*rafs.Inode{in}}
+	l := z.layer
+	readLayer := func(p []byte, off int64) error {
+		_, err := l.R.ReadAt(p, off)
+		return err
+	}
+	cz := &rafs.Zran{Contexts: slices.Clone(zt.Contexts), Chunks: zt.Chunks}
+	if err := zran.Attach(img, 0, cz, ends, readLayer); err != nil {
+		return err
+	}
 	check := func(i int) error {
-		c := z.chunks[i]
+		c := in.Chunks[i].Chunk
 		raw := make([]byte, c.CompressedSize)
-		if _, err := l.R.ReadAt(raw, int64(c.CompressedOffset)); err != nil {
+		if err := readLayer(raw, int64(c.CompressedOffset)); err != nil {
 			return err
 		}
-		_, err := rafs.DecodeChunkBytes(b, c, raw)
+		_, err := rafs.DecodeChunkBytes(&tb, c, raw)
 		return err
 	}
 	for ci, i := range first {
 		if err := check(i); err != nil {
-			return nil, fmt.Errorf("builder: layer %s: zran read-back: %w", l.ID, err)
+			return err
 		}
 		if err := check(last[ci]); err != nil {
-			return nil, fmt.Errorf("builder: layer %s: zran read-back: %w", l.ID, err)
+			return err
 		}
 	}
-	return b, nil
+	return nil
 }

@@ -20,14 +20,15 @@
 // A blob is a layer of the manifest whether it was built now or comes from a
 // chunk dictionary; only blobs the target does not hold yet are uploaded.
 //
-// With OCIRef (nydusify --oci-ref) no blob is built: each gzip layer is its
-// own blob, its chunks ranges of the layer's tar read by inflating from
-// checkpoints (rafs/zran) whose table travels in the bootstrap. The layers
-// keep their digests, annotated containerd.io/snapshot/nydus-blob and
-// containerd.io/snapshot/nydus-ref-layer, so a target in the source's
-// repository receives only the bootstrap layer, config and manifest.
-// (nydus instead pushes a small "ref blob" per layer holding its zran
-// table; rafsd reads its own layout only.)
+// With OCIRef (nydusify --oci-ref) no data blob is built: each gzip layer
+// is its own blob, its chunks ranges of the layer's tar read by inflating
+// from checkpoints (rafs/zran). As nydusify does, the manifest lists per
+// layer a small "ref blob", the layer's separate blob meta (zran contexts,
+// chunk infos, digests, TOC; rafs/blobmeta.WriteSeparate), annotated
+// containerd.io/snapshot/nydus-blob and containerd.io/snapshot/nydus-ref
+// with the original layer's digest, then the bootstrap layer. The
+// original layers must stay in the target repository (nydus: "in the same
+// namespace"); those it lacks are uploaded (or mounted) beside.
 package convert
 
 import (
@@ -59,6 +60,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 	"github.com/rafsd/rafsd/rafs/builder"
 	"github.com/rafsd/rafsd/rafs/codec"
+	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 // Media types and annotations of Nydus images (nydus-snapshotter
@@ -71,9 +73,10 @@ const (
 	LayerAnnotationNydusBootstrap = "containerd.io/snapshot/nydus-bootstrap"
 	LayerAnnotationFSVersion      = "containerd.io/snapshot/nydus-fs-version"
 	LayerAnnotationUncompressed   = "containerd.io/uncompressed"
-	// LayerAnnotationNydusRefLayer marks a blob layer that is an original
-	// OCI layer (--oci-ref), naming its digest (nydus-snapshotter's label).
-	LayerAnnotationNydusRefLayer = "containerd.io/snapshot/nydus-ref-layer"
+	// LayerAnnotationNydusRefLayer marks the ref blob of an --oci-ref
+	// layer, naming the original layer's digest (nydus-snapshotter's
+	// label.NydusRefLayer).
+	LayerAnnotationNydusRefLayer = "containerd.io/snapshot/nydus-ref"
 )
 
 // isGzipLayer reports whether a layer media type is tar+gzip.
@@ -246,6 +249,9 @@ type layerOut struct {
 	res   *builder.Result
 	stats builder.Stats
 	path  string // the blob file, if a blob was written
+	// layer is the kept gzip layer of an --oci-ref build (then path is
+	// its separate blob meta).
+	layer string
 }
 
 func (c *conv) buildLayer(ctx context.Context, i, n int, desc ocispec.Descriptor) (*layerOut, error) {
@@ -296,19 +302,30 @@ func (c *conv) buildLayer(ctx context.Context, i, n int, desc ocispec.Descriptor
 	}
 	var blobOut io.Writer = f
 	var tarIn io.Reader = vr
+	var layerFile *os.File
 	if c.opts.OCIRef {
-		// The layer itself is the blob: keep it (verified) and index it.
+		// The layer itself is the blob: keep it (verified) and index it;
+		// the build writes the layer's blob meta (nydus's ref blob) to f.
 		if !isGzipLayer(desc.MediaType) {
 			return nil, fmt.Errorf("layer %s: --oci-ref needs gzip layers, not %q", desc.Digest, desc.MediaType)
 		}
-		if _, err := io.Copy(f, vr); err != nil {
+		if layerFile, err = os.CreateTemp(c.work, "layer-"); err != nil {
+			return nil, err
+		}
+		defer func() {
+			layerFile.Close()
+			if !keep {
+				os.Remove(layerFile.Name())
+			}
+		}()
+		if _, err := io.Copy(layerFile, vr); err != nil {
 			return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 		}
 		if err := vr.drain(); err != nil {
 			return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 		}
-		bopts.Zran = &builder.ZranLayer{ID: desc.Digest.Encoded(), R: f, Size: desc.Size}
-		blobOut, tarIn = io.Discard, io.NewSectionReader(f, 0, desc.Size)
+		bopts.Zran = &builder.ZranLayer{ID: desc.Digest.Encoded(), R: layerFile, Size: desc.Size}
+		tarIn = io.NewSectionReader(layerFile, 0, desc.Size)
 	}
 	b, err := builder.New(bopts, blobOut)
 	if err != nil {
@@ -331,6 +348,9 @@ func (c *conv) buildLayer(ctx context.Context, i, n int, desc ocispec.Descriptor
 			return nil, err
 		}
 		out.path, keep = f.Name(), true
+		if layerFile != nil {
+			out.layer = layerFile.Name()
+		}
 		c.progress("layer %d/%d %s: %d files, %s -> blob %.12s (%s, %d chunks new, %d reused) in %s",
 			i+1, n, desc.Digest.Encoded()[:12], st.Files, size(int64(st.Bytes)), res.Blob.ID,
 			size(int64(res.Blob.CompressedSize)), st.StoredChunks, st.DedupChunks, time.Since(start).Round(time.Millisecond))
@@ -385,18 +405,28 @@ func (c *conv) run(ctx context.Context, target string) (*Result, error) {
 			if o != nil && o.path != "" {
 				os.Remove(o.path)
 			}
+			if o != nil && o.layer != "" {
+				os.Remove(o.layer)
+			}
 		}
 		return nil, err
 	}
 
 	layers := make([]*rafs.Image, len(outs))
 	blobFiles := map[string]string{} // blob id -> file
+	refLayers := map[string]string{} // --oci-ref: layer digest -> file
 	var stats builder.Stats
 	for i, o := range outs {
 		layers[i] = o.res.Image
-		if o.res.Blob != nil {
-			blobFiles[o.res.Blob.ID] = o.path
+		if o.res.Blob == nil {
+			continue
 		}
+		if o.layer != "" {
+			blobFiles[zran.MetaBlobID(o.res.Blob)] = o.path
+			refLayers[o.res.Blob.ID] = o.layer
+			continue
+		}
+		blobFiles[o.res.Blob.ID] = o.path
 	}
 	merged, err := builder.Merge(layers, c.opts.FsVersion)
 	if err != nil {
@@ -442,14 +472,18 @@ func (c *conv) run(ctx context.Context, target string) (*Result, error) {
 	for _, b := range merged.Blobs {
 		d := digest.NewDigestFromEncoded(digest.SHA256, b.ID)
 		ann := map[string]string{LayerAnnotationNydusBlob: "true"}
-		if b.Zran != nil {
-			// The original layer, read through the bootstrap's zran tables.
+		bsize := int64(b.CompressedSize)
+		if id := zran.MetaBlobID(b); id != "" {
+			// nydus's --oci-ref manifest: the layer's blob meta (ref blob)
+			// stands for the original layer it names.
 			ann[LayerAnnotationNydusRefLayer] = d.String()
+			d, bsize = digest.NewDigestFromEncoded(digest.SHA256, id), int64(b.Meta.Size)
 		}
+		ann[LayerAnnotationUncompressed] = d.String()
 		res.Blobs = append(res.Blobs, ocispec.Descriptor{
 			MediaType:   MediaTypeNydusBlob,
 			Digest:      d,
-			Size:        int64(b.CompressedSize),
+			Size:        bsize,
 			Annotations: ann,
 		})
 		diffIDs = append(diffIDs, d)
@@ -490,6 +524,27 @@ func (c *conv) run(ctx context.Context, target string) (*Result, error) {
 	var umu sync.Mutex
 	g, gctx = errgroup.WithContext(ctx)
 	g.SetLimit(4)
+	// The original layers of an --oci-ref image are read from the target
+	// repository by digest: mount or upload those it lacks.
+	for id, file := range refLayers {
+		g.Go(func() error {
+			st, err := os.Stat(file)
+			if err != nil {
+				return err
+			}
+			d := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.NewDigestFromEncoded(digest.SHA256, id), Size: st.Size()}
+			up, err := p.pushFile(gctx, d, file)
+			if err != nil {
+				return fmt.Errorf("original layer %s: %w", d.Digest, err)
+			}
+			if up {
+				umu.Lock()
+				res.Uploaded = append(res.Uploaded, d.Digest)
+				umu.Unlock()
+			}
+			return nil
+		})
+	}
 	for _, d := range res.Blobs {
 		g.Go(func() error {
 			file, ok := blobFiles[d.Digest.Encoded()]

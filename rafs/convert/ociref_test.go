@@ -18,6 +18,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/internal/testutil"
+	"github.com/rafsd/rafsd/rafs/blobmeta"
+	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 var rafsdBin struct {
@@ -96,8 +98,9 @@ func startRafsd(t *testing.T, bin, mnt string, env []string, args ...string) {
 }
 
 // TestOCIRef converts a multi-layer gzip image with OCIRef into the
-// repository that holds it: nothing but the bootstrap layer (and config and
-// manifest) is uploaded, the blobs are the OCI layers, and rafsd started
+// repository that holds it: nothing but the ref blobs (the layers' blob
+// meta in nydus's layout), the bootstrap layer, config and manifest is
+// uploaded, the data blobs are the OCI layers, and rafsd started
 // from the reference serves the overlay unpack of the layers, reading
 // ranges of the gzip layers from the registry. Flipped bytes in a stored
 // layer give EIO, never wrong bytes.
@@ -115,9 +118,6 @@ func TestOCIRef(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(res.Uploaded) != 0 {
-		t.Errorf("uploaded %v: the layers are in the repository already", res.Uploaded)
-	}
 	if len(res.Blobs) != len(im.layers) {
 		t.Fatalf("%d blob layers for %d OCI layers", len(res.Blobs), len(im.layers))
 	}
@@ -125,14 +125,25 @@ func TestOCIRef(t *testing.T) {
 	for _, l := range im.layers {
 		layerDigests[digestOf(l)] = true
 	}
-	for _, b := range res.Blobs {
-		if !layerDigests[b.Digest.String()] || b.Annotations[LayerAnnotationNydusRefLayer] != b.Digest.String() || b.Annotations[LayerAnnotationNydusBlob] != "true" {
-			t.Errorf("blob layer %+v is not an annotated OCI layer", b)
+	// nydusify's --oci-ref manifest: per layer a ref blob (its separate
+	// blob meta) annotated with the original layer's digest; only those
+	// are uploaded, the layers are in the repository already.
+	refBlobs := map[string]bool{}
+	for i, b := range res.Blobs {
+		ib := res.Image.Blobs[i]
+		if !layerDigests[b.Annotations[LayerAnnotationNydusRefLayer]] || b.Annotations[LayerAnnotationNydusBlob] != "true" ||
+			b.MediaType != MediaTypeNydusBlob || "sha256:"+ib.ID != b.Annotations[LayerAnnotationNydusRefLayer] ||
+			b.Digest.Encoded() != zran.MetaBlobID(ib) || b.Size != int64(ib.Meta.Size) {
+			t.Errorf("blob layer %+v is not the ref blob of an OCI layer (blob %s, meta %+v)", b, ib.ID, ib.Meta)
 		}
+		if !ib.IsZran() || ib.Features&blobmeta.FeatureSeparate == 0 {
+			t.Errorf("blob %s: features %#x", ib.ID, ib.Features)
+		}
+		refBlobs[b.Digest.String()] = true
 	}
-	for _, b := range res.Image.Blobs {
-		if b.Zran == nil {
-			t.Errorf("blob %s has no zran table", b.ID)
+	for _, d := range res.Uploaded {
+		if !refBlobs[d.String()] {
+			t.Errorf("uploaded %s: the layers are in the repository already", d)
 		}
 	}
 

@@ -143,11 +143,7 @@ type blobEntry struct {
 	MetaSize           uint64
 	CipherIV           [8]byte
 	CipherAlgo         uint32
-	// ZranOffset/ZranSize locate the blob's zran table (rafs/zran) in the
-	// bootstrap, in RafsV6Blob's reserved bytes: rafsd's extension for
-	// blobs that are original gzip layers (nydus keeps that table in a
-	// separate blob meta).
-	ZranOffset, ZranSize uint64
+	// 36 reserved bytes (reserved2) end the 256-byte entry.
 }
 
 func (e *blobEntry) marshal() []byte {
@@ -172,8 +168,6 @@ func (e *blobEntry) marshal() []byte {
 	le.PutUint64(b[200:], e.MetaSize)
 	copy(b[208:216], e.CipherIV[:])
 	le.PutUint32(b[216:], e.CipherAlgo)
-	le.PutUint64(b[224:], e.ZranOffset)
-	le.PutUint64(b[232:], e.ZranSize)
 	return b
 }
 
@@ -205,8 +199,6 @@ func (e *blobEntry) unmarshal(b []byte) {
 	e.MetaSize = le.Uint64(b[200:])
 	copy(e.CipherIV[:], b[208:216])
 	e.CipherAlgo = le.Uint32(b[216:])
-	e.ZranOffset = le.Uint64(b[224:])
-	e.ZranSize = le.Uint64(b[232:])
 }
 
 // chunkInfo is RafsV5ChunkInfo, the chunk table record.

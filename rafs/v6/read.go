@@ -11,7 +11,6 @@ import (
 	"github.com/rafsd/rafsd/erofs"
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/codec"
-	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 // ErrUnsupported is wrapped by errors about valid nydus features this
@@ -165,10 +164,6 @@ func (d *decoder) table(what string, off, size, unit uint64) error {
 	return nil
 }
 
-// maxZranTable bounds a blob's zran table (32 KiB per checkpoint, one
-// checkpoint per MiB or so of layer): a hostile size must not allocate.
-const maxZranTable = 1 << 30
-
 func (d *decoder) readBlobs(ext *extSuperBlock) error {
 	off, size := ext.BlobTableOffset, uint64(ext.BlobTableSize)
 	if size == 0 {
@@ -213,26 +208,12 @@ func (d *decoder) readBlobs(ext *extSuperBlock) error {
 			return fmt.Errorf("%w: blob %s is encrypted", ErrUnsupported, e.ID)
 		case e.Features&BlobFeatureBatch != 0:
 			return fmt.Errorf("%w: blob %s has features %#x (batch chunks)", ErrUnsupported, e.ID, e.Features)
-		case e.Features&BlobFeatureZran != 0 && e.ZranSize == 0 && e.Features&BlobFeatureSeparate == 0:
+		case e.Features&BlobFeatureZran != 0 && e.Features&BlobFeatureSeparate == 0:
 			// nydus 2.1's zran blobs kept their blob meta in the bootstrap's
 			// own blob (inlined fs meta), named by the bootstrap's file name.
 			return fmt.Errorf("%w: zran blob %s has features %#x (blob meta not in a separate blob)", ErrUnsupported, e.ID, e.Features)
 		case e.UncompressedSize > 1<<44 || e.CompressedSize > 1<<40:
 			return invalid("blob %s: sizes %d/%d", e.ID, e.CompressedSize, e.UncompressedSize)
-		}
-		if e.Features&BlobFeatureZran != 0 {
-			if e.ZranSize > maxZranTable || d.table("zran table", e.ZranOffset, e.ZranSize, 1) != nil {
-				return invalid("blob %s: zran table at %#x size %#x", e.ID, e.ZranOffset, e.ZranSize)
-			}
-			t := make([]byte, e.ZranSize)
-			if err := d.rd.ReadRaw(t, int64(e.ZranOffset)); err != nil {
-				return err
-			}
-			z, err := zran.UnmarshalTable(t, e.ChunkCount)
-			if err != nil {
-				return fmt.Errorf("rafs v6: blob %s: %w", e.ID, err)
-			}
-			b.Zran = z
 		}
 		if len(devs) > 0 && devs[i].Tag != e.ID {
 			return invalid("device %d is %q but blob %d is %q", i, devs[i].Tag, i, e.ID)

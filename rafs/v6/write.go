@@ -9,7 +9,6 @@ import (
 
 	"github.com/rafsd/rafsd/erofs"
 	"github.com/rafsd/rafsd/rafs"
-	"github.com/rafsd/rafsd/rafs/zran"
 )
 
 // Write encodes img as a RAFS v6 bootstrap. Files must follow the chunk
@@ -132,22 +131,6 @@ func encode(img *rafs.Image) ([]byte, error) {
 		table[i].put(ct[i*ChunkInfoSize:])
 	}
 	buf = append(buf, ct...)
-
-	// Zran tables of blobs that are original gzip layers, each at a block.
-	for i, b := range img.Blobs {
-		if b.Zran == nil {
-			continue
-		}
-		if len(b.Zran.Chunks) != int(b.ChunkCount) {
-			return nil, fmt.Errorf("rafs v6: blob %s: zran table for %d chunks, blob has %d", b.ID, len(b.Zran.Chunks), b.ChunkCount)
-		}
-		t := zran.MarshalTable(b.Zran)
-		eb := buf[blobOff+uint64(i)*BlobEntrySize:]
-		binary.LittleEndian.PutUint64(eb[224:], uint64(len(buf)))
-		binary.LittleEndian.PutUint64(eb[232:], uint64(len(t)))
-		buf = append(buf, t...)
-		buf = append(buf, make([]byte, alignUp(uint64(len(buf)), erofs.BlockSize)-uint64(len(buf)))...)
-	}
 
 	// Devices are mapped after the bootstrap, each at a 512 KiB boundary,
 	// as nydus-image does for flat (fscache) address spaces.

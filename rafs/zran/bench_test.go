@@ -55,11 +55,7 @@ func BenchmarkZranChunkRead(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	z, ext, err := ix.Place(bytes.NewReader(gz), int64(len(gz)), spans)
-	if err != nil {
-		b.Fatal(err)
-	}
-	blob := &rafs.Blob{ID: "bench", Digester: codec.SHA256, Zran: z}
+	blob, zcs := attach(b, data, gz, ix, spans)
 	zblob := &rafs.Blob{ID: "zstd", Digester: codec.SHA256, Compressor: codec.Zstd}
 	type pair struct {
 		zc, sc *rafs.Chunk
@@ -75,11 +71,11 @@ func BenchmarkZranChunkRead(b *testing.B) {
 			b.Fatal(err)
 		}
 		ps = append(ps, pair{
-			zc:     &rafs.Chunk{Digest: dg, Index: uint32(i), CompressedOffset: ext[i].Offset, CompressedSize: ext[i].Size, UncompressedSize: s.Size, Compressed: true},
+			zc:     zcs[i],
 			sc:     &rafs.Chunk{Digest: dg, CompressedSize: uint32(len(st)), UncompressedSize: s.Size, Compressed: ok},
 			stored: st,
 		})
-		fetched += int64(ext[i].Size)
+		fetched += int64(zcs[i].CompressedSize)
 	}
 	var zt, st time.Duration
 	for range b.N {

@@ -342,3 +342,52 @@ func FuzzDecodeContexts(f *testing.F) {
 		}
 	})
 }
+
+// FuzzResolve feeds arbitrary meta blobs to Resolve for a fixed zran blob
+// entry: the meta is untrusted registry data; errors are fine, panics and
+// chunks left without a readable extent are not.
+func FuzzResolve(f *testing.F) {
+	data := testData(21, 96<<10)
+	gz := goGzip(f, data, 6)
+	ix, err := Scan(bytes.NewReader(gz), 16<<10)
+	if err != nil {
+		f.Fatal(err)
+	}
+	spans := tile(int64(len(data)), 16<<10)
+	z, ext, err := ix.Layout(spans)
+	if err != nil {
+		f.Fatal(err)
+	}
+	var infos []blobmeta.ChunkInfo
+	for i, s := range spans {
+		infos = append(infos, blobmeta.ChunkInfo{CompressedOffset: ext[i].Offset, CompressedSize: ext[i].Size, UncompressedOffset: uint64(i) << 15,
+			UncompressedSize: s.Size, Compressed: true, Flags: blobmeta.ZranFlag, Data: uint64(z.Chunks[i].Context)<<32 | uint64(z.Chunks[i].Offset)})
+	}
+	var meta bytes.Buffer
+	sep, err := blobmeta.WriteSeparate(&meta, 0, infos, EncodeContexts(z.Contexts), uint32(len(z.Contexts)), make([]codec.Digest, len(infos)))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(meta.Bytes())
+	f.Add(meta.Bytes()[:len(meta.Bytes())/2])
+	f.Fuzz(func(t *testing.T, mb []byte) {
+		b := &rafs.Blob{ID: "layer", ChunkCount: uint32(len(spans)), CompressedSize: uint64(len(gz)), Features: sep.Header.Features,
+			Meta: rafs.BlobMeta{Compressor: sep.Header.CICompressor, CompressedSize: sep.Header.CICompressedSize,
+				UncompressedSize: sep.Header.CIUncompressedSize, Digest: sep.Digest}}
+		in := &rafs.Inode{Ino: 1}
+		for i := range spans {
+			in.Chunks = append(in.Chunks, rafs.FileChunk{Chunk: &rafs.Chunk{Index: uint32(i), CompressedOffset: ext[i].Offset, CompressedSize: ext[i].Size, UncompressedSize: spans[i].Size}})
+		}
+		img := &rafs.Image{Blobs: []*rafs.Blob{b}, Inodes: []*rafs.Inode{in}}
+		if err := Resolve(context.Background(), img, memSource{"layer": gz, MetaBlobID(b): mb}); err != nil {
+			return
+		}
+		for _, fc := range in.Chunks[:3] {
+			if end := fc.CompressedOffset + uint64(fc.CompressedSize); end <= fc.CompressedOffset || end > uint64(len(gz)) {
+				t.Fatalf("chunk %d: extent [%d,%d) of a %d-byte layer", fc.Index, fc.CompressedOffset, end, len(gz))
+			}
+			// Decoding never panics; bad contexts give errors.
+			rafs.DecodeChunkBytes(b, fc.Chunk, gz[fc.CompressedOffset:fc.CompressedOffset+uint64(fc.CompressedSize)])
+		}
+	})
+}

@@ -2,10 +2,9 @@ package zran
 
 import (
 	"fmt"
-	"io"
-	"sort"
 
 	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/blobmeta"
 )
 
 // Span is a chunk to place: a range of the uncompressed stream.
@@ -21,19 +20,18 @@ type Extent struct {
 	Size   uint32
 }
 
-// MaxExtent bounds one chunk's stored extent (rafs.Validate's limit).
-const MaxExtent = 2 * rafs.MaxChunkSize
-
-// Place maps spans (chunk i is spans[i]) to checkpoints and stored
-// extents of the stream ra (of size bytes) and returns the blob's zran
-// table. Only checkpoints some span uses are kept. Chunks that restart at
-// the same checkpoint get distinct extent offsets (the bytes skipped go to
-// the context's Head).
-func (ix *Index) Place(ra io.ReaderAt, size int64, spans []Span) (*rafs.Zran, []Extent, error) {
+// Layout maps spans (chunk i is spans[i]) to checkpoints the way nydus
+// lays out a zran blob (ZranGenerator, utils/src/compress/zlib_random.rs):
+// one context per checkpoint some span uses, covering all of its chunks
+// (InLen compressed bytes from InOffset yield OutLen bytes, at most 16
+// MiB: nydusd inflates a context whole), and each chunk's compressed
+// extent as its chunk info records it, from the byte where the deflate
+// block holding its first byte starts (never before its context) to the
+// byte after the block holding its last byte.
+func (ix *Index) Layout(spans []Span) (*rafs.Zran, []Extent, error) {
 	z := &rafs.Zran{Chunks: make([]rafs.ZranChunk, len(spans))}
 	ext := make([]Extent, len(spans))
 	ctxOf := map[int]uint32{} // checkpoint -> context
-	var cps []int
 	for i, s := range spans {
 		if s.Off < 0 || s.Size == 0 || s.Off+int64(s.Size) > ix.Size {
 			return nil, nil, fmt.Errorf("zran: chunk %d [%d,+%d) outside the %d uncompressed bytes", i, s.Off, s.Size, ix.Size)
@@ -41,69 +39,26 @@ func (ix *Index) Place(ra io.ReaderAt, size int64, spans []Span) (*rafs.Zran, []
 		k := ix.checkpointFor(s.Off)
 		ci, ok := ctxOf[k]
 		if !ok {
-			ci = uint32(len(cps))
+			cp := ix.Checkpoints[k]
+			ci = uint32(len(z.Contexts))
 			ctxOf[k] = ci
-			cps = append(cps, k)
-		}
-		cp := ix.Checkpoints[k]
-		if s.Off-cp.Out > 1<<32-1 {
-			return nil, nil, fmt.Errorf("zran: chunk %d is %d bytes after its checkpoint", i, s.Off-cp.Out)
-		}
-		z.Chunks[i] = rafs.ZranChunk{Context: ci, Offset: uint32(s.Off - cp.Out)}
-	}
-	z.Contexts = make([]rafs.ZranContext, len(cps))
-	for ci, k := range cps {
-		cp := ix.Checkpoints[k]
-		// Scan places checkpoints on bytes: CtxBits stays 0.
-		c := rafs.ZranContext{InOffset: uint64(cp.InBit / 8), OutOffset: uint64(cp.Out), Dict: cp.Dict}
-		next := Block{InBit: ix.EndBit, Out: ix.Size}
-		if k+1 < len(ix.Checkpoints) {
-			next = ix.Checkpoints[k+1].Block
-		}
-		c.InLen = uint32(min((next.InBit+7)/8-int64(c.InOffset), 1<<32-1))
-		c.OutLen = uint32(min(next.Out-cp.Out, 1<<32-1))
-		z.Contexts[ci] = c
-	}
-
-	// Distinct offsets: chunks in checkpoint order take the first free
-	// byte at or after their checkpoint.
-	order := make([]int, len(spans))
-	for i := range order {
-		order[i] = i
-	}
-	sort.SliceStable(order, func(a, b int) bool {
-		return z.Contexts[z.Chunks[order[a]].Context].InOffset < z.Contexts[z.Chunks[order[b]].Context].InOffset
-	})
-	used := map[uint64]bool{}
-	head := make([]uint64, len(cps))
-	for _, i := range order {
-		ci := z.Chunks[i].Context
-		c := &z.Contexts[ci]
-		o := c.InOffset
-		for used[o] {
-			o++
-		}
-		used[o] = true
-		head[ci] = max(head[ci], o-c.InOffset)
-		end := uint64(ix.endByte(spans[i].Off + int64(spans[i].Size) - 1))
-		end = max(end, o+1)
-		if end > uint64(size) {
-			return nil, nil, fmt.Errorf("zran: chunk %d needs the stream to byte %d of %d", i, end, size)
-		}
-		if end-o > MaxExtent {
-			return nil, nil, fmt.Errorf("zran: chunk %d needs %d compressed bytes from its checkpoint (more than %d): the stream compresses too little for zran with this chunk size", i, end-o, MaxExtent)
-		}
-		ext[i] = Extent{Offset: o, Size: uint32(end - o)}
-	}
-	for ci := range z.Contexts {
-		if head[ci] == 0 {
-			continue
+			// Scan places checkpoints on bytes: CtxBits stays 0.
+			z.Contexts = append(z.Contexts, rafs.ZranContext{InOffset: uint64(cp.InBit / 8), OutOffset: uint64(cp.Out), Dict: cp.Dict})
 		}
 		c := &z.Contexts[ci]
-		c.Head = make([]byte, head[ci])
-		if _, err := ra.ReadAt(c.Head, int64(c.InOffset)); err != nil {
-			return nil, nil, fmt.Errorf("zran: read head bytes: %w", err)
+		out := uint64(s.Off+int64(s.Size)) - c.OutOffset
+		if out > maxContextOut {
+			return nil, nil, fmt.Errorf("zran: chunk %d ends %d bytes after its checkpoint (nydusd inflates at most %d): use a smaller chunk size", i, out, maxContextOut)
 		}
+		end := uint64(ix.endByte(s.Off + int64(s.Size) - 1))
+		start := max(uint64(ix.Blocks[ix.blockFor(s.Off)].InBit/8), c.InOffset)
+		if end-start > blobmeta.MaxChunkSize-1 || end-c.InOffset > 1<<32-1 {
+			return nil, nil, fmt.Errorf("zran: chunk %d needs %d compressed bytes: the stream compresses too little for zran", i, end-start)
+		}
+		z.Chunks[i] = rafs.ZranChunk{Context: ci, Offset: uint32(uint64(s.Off) - c.OutOffset)}
+		c.OutLen = max(c.OutLen, uint32(out))
+		c.InLen = max(c.InLen, uint32(end-c.InOffset))
+		ext[i] = Extent{Offset: start, Size: uint32(end - start)}
 	}
 	return z, ext, nil
 }

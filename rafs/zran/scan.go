@@ -193,6 +193,11 @@ func (ix *Index) checkpointFor(off int64) int {
 	return sort.Search(len(ix.Checkpoints), func(i int) bool { return ix.Checkpoints[i].Out > off }) - 1
 }
 
+// blockFor is the block holding uncompressed byte off.
+func (ix *Index) blockFor(off int64) int {
+	return max(sort.Search(len(ix.Blocks), func(i int) bool { return ix.Blocks[i].Out > off })-1, 0)
+}
+
 // endByte is the byte after the block holding uncompressed byte last:
 // inflating that far yields it.
 func (ix *Index) endByte(last int64) int64 {
