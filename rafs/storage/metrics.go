@@ -25,6 +25,7 @@ type metrics struct {
 	prefetchBytes   prometheus.Counter
 	readaheads      prometheus.Counter
 	splits          prometheus.Counter
+	cancelled       prometheus.Counter
 }
 
 func register[T prometheus.Collector](reg prometheus.Registerer, c T) T {
@@ -95,6 +96,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		})),
 		splits: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: "fetch", Name: "stream_splits_total", Help: "Streams split because a reader wanted a chunk far beyond their position.",
+		})),
+		cancelled: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: "fetch", Name: "readahead_cancelled_total", Help: "Read-ahead streams stopped before their end because their reader had left.",
 		})),
 	}
 }

@@ -161,6 +161,9 @@ func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, l
 	for {
 		bs.mu.Lock()
 		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+			// Prefetch counts on it now: it must not be cancelled as a
+			// read-ahead whose reader left.
+			cl.st.pinned = true
 			bs.mu.Unlock()
 			if held {
 				<-slots

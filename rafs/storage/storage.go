@@ -133,6 +133,9 @@ type blobState struct {
 	// -> where the window it sits in ends (see touch).
 	marks  map[uint64]readMark
 	nmarks atomic.Int32
+	// ra holds the running read-ahead streams (see stream.readahead).
+	ra  []*stream
+	nra atomic.Int32
 }
 
 // New returns a fetcher for cfg's backend and cache.
@@ -341,6 +344,7 @@ func (f *Fetcher) ReadChunkAt(ctx context.Context, b *rafs.Blob, c *rafs.Chunk, 
 	if err != nil {
 		return err
 	}
+	bs.nearby(c)
 	if bs.cached(c, f.compressed) {
 		ok, err := f.readCached(bs, c, p, off)
 		if err != nil {
@@ -462,6 +466,9 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 		mark = markHalf
 	}
 	st := f.newStream(bs, group, false)
+	if len(group) > 1 {
+		bs.readAhead(st, c.CompressedOffset)
+	}
 	bs.placeMark(group, mark, stop)
 	cl := st.items[0]
 	st.waiters.Add(1)

@@ -34,6 +34,10 @@ import (
 // reader that gets it starts the next window, so the next request is
 // under way while the current one is consumed.
 
+// raIdle is how long a read-ahead stream nobody waits on runs on without
+// a read coming near it before it is cancelled.
+var raIdle = time.Second
+
 // splitDistance is how far (compressed bytes) a wanted chunk must lie
 // beyond a stream's position for its reader to fetch it on its own: about
 // what a stream delivers in the time a new request takes to answer.
@@ -73,8 +77,20 @@ type stream struct {
 	lim      *limiter // prefetch bandwidth
 	release  func()   // frees a prefetch thread slot
 	// waiters counts on-demand readers waiting on its chunks: a prefetch
-	// stream with none pauses while any on-demand read is in progress.
+	// stream with none pauses while any on-demand read is in progress,
+	// and a read-ahead stream with none may be cancelled.
 	waiters atomic.Int32
+
+	// Read-ahead streams (readahead set) are cancelled where they are once
+	// their reader has left: nobody waits on their chunks and either no
+	// read came near them (at or after near, before their end) for
+	// raIdle, or a waiter's context ended (left). pinned streams (a
+	// prefetch worker counts on their chunks) run to their end.
+	readahead bool
+	near      uint64
+	touched   atomic.Int64 // UnixNano of the last read near it
+	left      atomic.Bool
+	pinned    bool // under blobState.mu
 
 	mu    sync.Mutex
 	next  int // index of the chunk being read
@@ -99,6 +115,94 @@ func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool) *
 		bs.inflight[c.CompressedOffset] = cl
 	}
 	return st
+}
+
+// readAhead makes st a read-ahead stream for a reader now at offset near
+// (cancelled once that reader has left, see stream). bs.mu is held.
+func (bs *blobState) readAhead(st *stream, near uint64) {
+	st.readahead, st.near = true, near
+	st.touched.Store(time.Now().UnixNano())
+	bs.ra = append(bs.ra, st)
+	bs.nra.Store(int32(len(bs.ra)))
+}
+
+// dropReadAhead forgets a read-ahead stream that ended.
+func (bs *blobState) dropReadAhead(st *stream) {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	for i, s := range bs.ra {
+		if s == st {
+			bs.ra = append(bs.ra[:i], bs.ra[i+1:]...)
+			break
+		}
+	}
+	bs.nra.Store(int32(len(bs.ra)))
+}
+
+// nearby notes a read of c on the read-ahead streams it is near: their
+// reader is still there.
+func (bs *blobState) nearby(c *rafs.Chunk) {
+	if bs.nra.Load() == 0 {
+		return
+	}
+	now := time.Now().UnixNano()
+	off := c.CompressedOffset
+	bs.mu.Lock()
+	for _, st := range bs.ra {
+		if off >= st.near && off < st.end() {
+			st.touched.Store(now)
+			st.left.Store(false)
+		}
+	}
+	bs.mu.Unlock()
+}
+
+// end is where st's last chunk ends in the blob.
+func (st *stream) end() uint64 {
+	last := st.items[len(st.items)-1].c
+	return last.CompressedOffset + uint64(last.CompressedSize)
+}
+
+// orphaned reports whether st is a read-ahead stream whose reader has left.
+func (st *stream) orphaned() bool {
+	if !st.readahead || st.waiters.Load() > 0 {
+		return false
+	}
+	return st.left.Load() || time.Since(time.Unix(0, st.touched.Load())) > raIdle
+}
+
+// abandon stops st before chunk j if it is still orphaned: chunks j and
+// after leave flight unfetched (a later read fetches them anew). It
+// reports whether it did.
+func (f *Fetcher) abandon(st *stream, j int) bool {
+	bs := st.bs
+	bs.mu.Lock()
+	// Waiters join under bs.mu: none can appear once we hold it.
+	if st.pinned || !st.orphaned() {
+		bs.mu.Unlock()
+		return false
+	}
+	st.mu.Lock()
+	end := st.limit
+	st.limit = min(j, end)
+	st.mu.Unlock()
+	var n uint64
+	for _, cl := range st.items[j:end] {
+		if bs.inflight[cl.c.CompressedOffset] == cl {
+			delete(bs.inflight, cl.c.CompressedOffset)
+		}
+		n += uint64(cl.c.CompressedSize)
+	}
+	bs.mu.Unlock()
+	for _, cl := range st.items[j:end] {
+		cl.err = fmt.Errorf("storage: chunk %d of blob %s: read-ahead cancelled: %w", cl.c.Index, bs.blob.ID, syscall.EIO)
+		close(cl.done)
+		close(cl.written)
+		cl.release()
+	}
+	f.m.cancelled.Inc()
+	f.log.Debug("storage: read-ahead cancelled, its reader left", "blob", bs.blob.ID, "chunk", st.items[j].c.Index, "chunks", end-j, "bytes", n)
+	return true
 }
 
 // readMark is a read-ahead marker: the reader that gets the marked chunk
@@ -172,6 +276,12 @@ func (f *Fetcher) join(cl *call) (st, split *stream) {
 	if k > st.next && k < st.limit && cl.c.CompressedOffset-st.items[st.next].c.CompressedOffset >= splitDistance {
 		split = &stream{bs: st.bs, items: st.items[k:st.limit]}
 		split.limit = len(split.items)
+		if st.readahead {
+			split.readahead, split.near, split.pinned = true, st.near, st.pinned
+			split.touched.Store(time.Now().UnixNano())
+			st.bs.ra = append(st.bs.ra, split)
+			st.bs.nra.Store(int32(len(st.bs.ra)))
+		}
 		f.m.splits.Inc()
 		st.limit = k
 		for j, it := range split.items {
@@ -200,6 +310,11 @@ func wait(ctx context.Context, bs *blobState, st *stream, cl *call, p []byte, of
 		}
 		return cl.err
 	case <-ctx.Done():
+		// The reader gave up: if nobody else waits on the stream, its
+		// read-ahead is for nobody (until a read comes near it again).
+		if st.waiters.Load() == 1 {
+			st.left.Store(true)
+		}
 		return fmt.Errorf("storage: chunk %d of blob %s: %w", cl.c.Index, bs.blob.ID, ctx.Err())
 	}
 }
@@ -294,6 +409,7 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 			}
 			group := f.plan(bs, next, n)
 			st = f.newStream(bs, group, false)
+			bs.readAhead(st, c.CompressedOffset)
 			bs.placeMark(group, markFirst, rm.stop)
 		}
 	}
@@ -342,6 +458,11 @@ func (f *Fetcher) finish(bs *blobState, cl *call) {
 // chunks it could not fetch fail with EIO.
 func (f *Fetcher) run(st *stream) {
 	defer f.streams.Done()
+	defer func() {
+		if st.readahead {
+			st.bs.dropReadAhead(st)
+		}
+	}()
 	if st.release != nil {
 		defer st.release()
 	}
@@ -422,6 +543,9 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 			}
 			st.next = j
 			st.mu.Unlock()
+			if st.orphaned() && f.abandon(st, j) {
+				return
+			}
 			c := st.items[j].c
 			err := f.pace(ctx, st, c)
 			var raw []byte

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/codec"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
@@ -30,6 +32,10 @@ type streamBackend struct {
 	dieAt   int64 // -1: none
 	dieOnce bool  // breaking there does not take the backend down
 	dead    bool
+	// pace, if set, makes streams slow: reads of at most 64 KiB, each
+	// after this long.
+	pace     time.Duration
+	streamed int64 // bytes read from streams
 }
 
 func newStreamBackend(t *testing.T, dir string) *streamBackend {
@@ -105,8 +111,22 @@ func (r *steeredReader) Read(p []byte) (int, error) {
 			p = p[:at-r.pos]
 		}
 	}
+	r.s.mu.Lock()
+	pace := r.s.pace
+	r.s.mu.Unlock()
+	if pace > 0 {
+		p = p[:min(len(p), 64<<10)]
+		select {
+		case <-time.After(pace):
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		}
+	}
 	n, err := r.rc.Read(p)
 	r.pos += int64(n)
+	r.s.mu.Lock()
+	r.s.streamed += int64(n)
+	r.s.mu.Unlock()
 	return n, err
 }
 
@@ -467,4 +487,83 @@ func TestPrefetchBandwidth(t *testing.T) {
 	if opens, reads := be.counts(); opens != 1 || reads != 0 {
 		t.Fatalf("prefetch_all of a 3 MiB blob: %d streams, %d reads; want one stream", opens, reads)
 	}
+}
+
+// TestReadaheadCancelled: a read-ahead stream whose reader has left is
+// stopped where it is instead of running to its window's end: after the
+// reader went quiet (and, second case, after its context ended while it
+// waited), the backend delivers only part of the window, and the chunks
+// left out are fetched normally by a later read.
+func TestReadaheadCancelled(t *testing.T) {
+	defer func(d time.Duration) { raIdle = d }(raIdle)
+	raIdle = 200 * time.Millisecond
+	const chunk = 64 << 10
+	ti := buildImage(t, makeContent(46, 128*chunk), chunk, codec.None)
+	dir := t.TempDir()
+	ti.writeBlob(t, dir)
+	setup := func(t *testing.T) (*streamBackend, *Fetcher, *prometheus.Registry) {
+		be := newStreamBackend(t, dir)
+		f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(t.TempDir(), "cache"), false, false, chunk)), WithBackend(be), WithReadahead(4<<20))
+		f.AddImage(ti.img)
+		return be, f, reg
+	}
+	// check waits for the fetcher's streams to end, then checks that the
+	// backend stopped well short of the windows it was asked for, that a
+	// cancellation was counted, and that everything still reads right.
+	check := func(t *testing.T, be *streamBackend, f *Fetcher, reg *prometheus.Registry) {
+		t.Helper()
+		settle(f)
+		be.mu.Lock()
+		var asked int64
+		for _, o := range be.opens {
+			asked += o[1]
+		}
+		streamed := be.streamed
+		be.pace = 0
+		be.mu.Unlock()
+		t.Logf("backend streamed %d of the %d bytes asked for (%v)", streamed, asked, be.opens)
+		if streamed >= asked/2 {
+			t.Fatalf("backend delivered %d of the %d bytes its streams asked for: read-ahead ran on without its reader (%v)", streamed, asked, be.opens)
+		}
+		if n := metric(t, reg, "rafsd_fetch_readahead_cancelled_total", nil); n == 0 {
+			t.Fatal("no cancelled read-ahead counted")
+		}
+		if !bytes.Equal(ti.readAll(t, f), ti.content) {
+			t.Fatal("wrong bytes after a cancelled read-ahead")
+		}
+	}
+	t.Run("reader went quiet", func(t *testing.T) {
+		be, f, reg := setup(t)
+		be.pace = 10 * time.Millisecond // ~6 MiB/s: a 4 MiB window takes ~0.7 s
+		// Read the first 8 chunks in order: the windows grow, the last one
+		// started runs far beyond what is read.
+		for i := range 8 {
+			if err := readChunk(t, ti, f, i); err != nil {
+				t.Fatal(err)
+			}
+		}
+		check(t, be, f, reg)
+	})
+	t.Run("reader's context ended", func(t *testing.T) {
+		be, f, reg := setup(t)
+		be.pace = 10 * time.Millisecond
+		for i := range 3 {
+			if err := readChunk(t, ti, f, i); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Only the reader's leaving can stop the stream now.
+		raIdle = time.Hour
+		defer func() { raIdle = 200 * time.Millisecond }()
+		// The next window's reader gives up while it waits for a chunk
+		// deep inside the read-ahead.
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		fc := ti.file().Chunks[12]
+		err := f.ReadChunkAt(ctx, ti.img.Blobs[0], fc.Chunk, make([]byte, chunk), 0)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("read with an ending context: %v", err)
+		}
+		check(t, be, f, reg)
+	})
 }
