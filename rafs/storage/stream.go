@@ -273,8 +273,16 @@ func (f *Fetcher) join(cl *call) (st, split *stream) {
 	st = cl.st
 	st.mu.Lock()
 	k := cl.idx
-	if k > st.next && k < st.limit && cl.c.CompressedOffset-st.items[st.next].c.CompressedOffset >= splitDistance {
-		split = &stream{bs: st.bs, items: st.items[k:st.limit]}
+	// A throttled prefetch stream gets to a chunk at its bandwidth_rate,
+	// not at the backend's pace: any chunk beyond the next one is far.
+	far := k > st.next && cl.c.CompressedOffset-st.items[st.next].c.CompressedOffset >= splitDistance
+	if st.prefetch && st.lim != nil && k > st.next+1 {
+		far = true
+	}
+	if far && k < st.limit {
+		// The tail keeps the stream's kind: a prefetch tail is throttled
+		// again once its on-demand readers have theirs.
+		split = &stream{bs: st.bs, items: st.items[k:st.limit], prefetch: st.prefetch, lim: st.lim}
 		split.limit = len(split.items)
 		if st.readahead {
 			split.readahead, split.near, split.pinned = true, st.near, st.pinned
@@ -607,6 +615,11 @@ func (f *Fetcher) pace(ctx context.Context, st *stream, c *rafs.Chunk) error {
 			return ctx.Err()
 		case <-time.After(time.Millisecond):
 		}
+	}
+	if st.waiters.Load() > 0 {
+		// An on-demand reader waits on this stream: bandwidth_rate is for
+		// prefetch, not for it.
+		return ctx.Err()
 	}
 	if err := st.lim.wait(ctx, uint64(c.CompressedSize)); err != nil {
 		return err

@@ -567,3 +567,50 @@ func TestReadaheadCancelled(t *testing.T) {
 		check(t, be, f, reg)
 	})
 }
+
+// TestPrefetchYieldsToFarRead: an on-demand read of a chunk far ahead of a
+// running, throttled prefetch_all stream completes while the prefetch is
+// still running (it does not wait for the prefetch to reach its chunk),
+// and the prefetch still completes afterwards.
+func TestPrefetchYieldsToFarRead(t *testing.T) {
+	const chunk = 128 << 10
+	ti := buildImage(t, makeContent(47, 32*chunk), chunk, codec.None)
+	dir := t.TempDir()
+	ti.writeBlob(t, dir)
+	// 4 MiB at 1 MiB/s with a 1 MiB burst: about 3 s of prefetch.
+	js := fmt.Sprintf(`{"device":{"backend":{"type":"localfs","config":{"dir":%q}},
+		"cache":{"type":"blobcache","config":{"work_dir":%q}}},
+		"mode":"direct","fs_prefetch":{"enable":true,"threads_count":1,"merging_size":131072,"bandwidth_rate":1048576,"prefetch_all":true}}`,
+		dir, filepath.Join(dir, "cache"))
+	be := newStreamBackend(t, dir)
+	f, _ := newFetcher(t, parseConfig(t, js), WithBackend(be))
+	if err := f.Prefetch(context.Background(), ti.img); err != nil {
+		t.Fatal(err)
+	}
+	cb := f.CacheBlob(ti.img.Blobs[0])
+	deadline := time.Now().Add(20 * time.Second)
+	for r, _ := cb.Ready(); r == 0; r, _ = cb.Ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("prefetch did not start")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// The last chunk: 4 MiB ahead, ~3 s away at the prefetch's rate.
+	start := time.Now()
+	if err := readChunk(t, ti, f, 31); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	ready, total := cb.Ready()
+	if ready >= total-1 || f.stats.prefetchEnd.Load() != 0 {
+		t.Fatalf("the far read took %s and returned after the prefetch (%d/%d cached): it waited for the prefetch", took, ready, total)
+	}
+	t.Logf("far read took %s with %d/%d chunks prefetched", took, ready, total)
+	f.WaitPrefetch()
+	if r, n := cb.Ready(); r != n {
+		t.Fatalf("prefetch did not complete after the far read: %d/%d cached", r, n)
+	}
+	if !bytes.Equal(ti.readAll(t, f), ti.content) {
+		t.Fatal("wrong bytes")
+	}
+}
