@@ -38,7 +38,7 @@ func data(n int) []byte {
 }
 
 // zlibGzip compresses with gzip(1) (zlib), whose blocks end at any bit.
-func zlibGzip(t *testing.T, d []byte) []byte {
+func zlibGzip(t testing.TB, d []byte) []byte {
 	cmd := exec.Command("gzip", "-c", "-6")
 	cmd.Stdin = bytes.NewReader(d)
 	out, err := cmd.Output()
