@@ -3,6 +3,7 @@ package builder
 import (
 	"archive/tar"
 	"bytes"
+	"compress/flate"
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
@@ -11,6 +12,9 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -172,4 +176,118 @@ func TestZranRefusals(t *testing.T) {
 	if _, err := b.Finish(); err == nil || !strings.Contains(err.Error(), "gzip") {
 		t.Errorf("plain tar as zran layer: %v", err)
 	}
+}
+
+// TestZranMetaAsNydusdReadsIt checks a built meta blob against what nydusd
+// requires and does, without our reader: BlobCompressionContextInfo's
+// validate_header, BlobChunkInfoV2Ondisk::validate, the TOC lookup of
+// blob.digest (storage/src/meta/mod.rs, chunk_info_v2.rs, toc.rs), and
+// the read path of storage/src/cache/mod.rs: inflate a context's in_len
+// bytes from in_offset with its dictionary into exactly out_len bytes
+// (decompress_zran), then slice [zran_offset, +size) out of it
+// (next_zran); every slice must have the chunk's digest from blob.digest.
+// The layer comes from gzip(1), i.e. zlib, as real layers do.
+func TestZranMetaAsNydusdReadsIt(t *testing.T) {
+	_, files := zranLayer(t)
+	src := t.TempDir()
+	for name, data := range files {
+		p := filepath.Join(src, name)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		os.WriteFile(p, data, 0o644)
+	}
+	tgz := filepath.Join(t.TempDir(), "layer.tar.gz")
+	if out, err := exec.Command("tar", "-C", src, "-czf", tgz, ".").CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v\n%s", err, out)
+	}
+	layer, _ := os.ReadFile(tgz)
+	sum := sha256.Sum256(layer)
+	var metaBlob bytes.Buffer
+	b, err := New(Options{Zran: &ZranLayer{ID: hex.EncodeToString(sum[:]), R: bytes.NewReader(layer), Size: int64(len(layer))}}, &metaBlob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.AddTar(context.Background(), bytes.NewReader(layer)); err != nil {
+		t.Fatal(err)
+	}
+	res, err := b.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bl, mb := res.Blob, metaBlob.Bytes()
+
+	// The meta as nydusd fetches it: [ci_offset, +ci_compressed_size+4096).
+	m, err := zran.ReadMeta(context.Background(), bl, func(p []byte, off int64) error {
+		if off+int64(len(p)) > int64(len(mb)) {
+			return io.ErrUnexpectedEOF
+		}
+		copy(p, mb[off:])
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := m.Header
+	n := uint64(h.CIEntries)
+	if h.CIEntries != bl.ChunkCount || h.CIZranOffset != n*24 || h.CIZranOffset+h.CIZranSize > h.CIUncompressedSize ||
+		uint64(h.CIZranCount) > n || uint64(h.CIZranCount)*40 > h.CIZranSize || h.Features&0x3d != 0x3d {
+		t.Fatalf("header fails nydus's validate_header: %+v", h)
+	}
+	cs, err := zran.DecodeContexts(m.Table[h.CIZranOffset:h.CIZranOffset+h.CIZranSize], h.CIZranCount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// blob.digest through the TOC at the end of the meta blob, checked
+	// against blob_toc_digest as nydusd does.
+	if bl.Meta.TOCSize == 0 || sha256.Sum256(mb[len(mb)-int(bl.Meta.TOCSize):]) != bl.Meta.TOCDigest {
+		t.Fatal("TOC does not match blob_toc_digest/size")
+	}
+	toc, err := blobmeta.ReadTOC(bytes.NewReader(mb), int64(len(mb)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var digests []byte
+	for _, e := range toc {
+		if e.Name == blobmeta.TOCDigests {
+			digests = mb[e.CompressedOffset : e.CompressedOffset+e.CompressedSize]
+			if sha256.Sum256(digests) != e.UncompressedDigest || len(digests) != 32*int(n) {
+				t.Fatalf("blob.digest entry %+v", e)
+			}
+		}
+	}
+	if digests == nil {
+		t.Fatal("no blob.digest in the TOC")
+	}
+	inflated := map[uint32][]byte{}
+	var prevC, prevU uint64
+	for i, ci := range m.Chunks {
+		isZran, idx, off := ci.ZranChunk()
+		switch {
+		case !isZran || !ci.Compressed || ci.UncompressedSize == 0:
+			t.Fatalf("chunk %d: flags %+v", i, ci)
+		case ci.CompressedOffset+uint64(ci.CompressedSize) > bl.CompressedSize || ci.UncompressedOffset+uint64(ci.UncompressedSize) > (bl.UncompressedSize+0xfff)&^0xfff:
+			t.Fatalf("chunk %d past the blob: %+v", i, ci)
+		case ci.UncompressedOffset&0xfff != 0 || i > 0 && (ci.UncompressedOffset <= prevU || ci.CompressedOffset < prevC):
+			t.Fatalf("chunk %d out of order: %+v", i, ci)
+		case int(idx) >= len(cs) || uint64(off)+uint64(ci.UncompressedSize) > uint64(cs[idx].OutLen):
+			t.Fatalf("chunk %d outside its context %d", i, idx)
+		}
+		prevC, prevU = ci.CompressedOffset, ci.UncompressedOffset
+		out, ok := inflated[idx]
+		if !ok {
+			c := cs[idx]
+			if c.OutLen > 16<<20 || c.InOffset+uint64(c.InLen) > uint64(len(layer)) || c.CtxBits != 0 {
+				t.Fatalf("context %d: %+v", idx, c)
+			}
+			fr := flate.NewReaderDict(bytes.NewReader(layer[c.InOffset:c.InOffset+uint64(c.InLen)]), c.Dict)
+			out = make([]byte, c.OutLen)
+			if _, err := io.ReadFull(fr, out); err != nil {
+				t.Fatalf("context %d: %d input bytes do not give %d output bytes: %v", idx, c.InLen, c.OutLen, err)
+			}
+			inflated[idx] = out
+		}
+		if sha256.Sum256(out[off:off+ci.UncompressedSize]) != [32]byte(digests[32*i:32*i+32]) {
+			t.Fatalf("chunk %d: inflated bytes do not match blob.digest", i)
+		}
+	}
+	t.Logf("%d chunks, %d contexts, meta blob %d bytes for a %d-byte layer", n, len(cs), len(mb), len(layer))
 }
