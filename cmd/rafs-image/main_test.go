@@ -389,6 +389,11 @@ func TestCreateTargzRef(t *testing.T) {
 	if err != nil || res.MetaBlob != fmt.Sprintf("%x", sha256.Sum256(meta)) {
 		t.Fatalf("meta blob %s: %v", res.MetaBlob, err)
 	}
+	var ins inspection
+	if err := json.Unmarshal([]byte(mustCLI(t, "", "inspect", "--json", "-R", "all", boot)), &ins); err != nil ||
+		len(ins.Blobs) != 1 || ins.Blobs[0].MetaBlob != res.MetaBlob || ins.Blobs[0].ID != res.Blob {
+		t.Fatalf("inspect: %+v %v", ins.Blobs, err)
+	}
 	if out := mustCLI(t, "", "check", "--bootstrap", boot, "--blob-dir", blobs); !strings.Contains(out, "data OK") {
 		t.Errorf("check output: %s", out)
 	}

@@ -341,6 +341,9 @@ type blobInfo struct {
 	UncompressedSize uint64 `json:"uncompressed_size"`
 	Features         uint32 `json:"features"`
 	MetaOffset       uint64 `json:"meta_offset,omitempty"`
+	// MetaBlob names a zran (--oci-ref) blob's separate blob meta, the
+	// blob its contexts are read from.
+	MetaBlob string `json:"meta_blob,omitempty"`
 }
 
 type fileInfo struct {
@@ -449,7 +452,7 @@ func inspect(img *rafs.Image, want map[string]bool) *inspection {
 	res := &inspection{Version: img.Version, ChunkSize: img.ChunkSize, Compressor: img.Compressor.String(), Digester: img.Digester.String()}
 	if want["blobs"] {
 		for k, b := range img.Blobs {
-			res.Blobs = append(res.Blobs, blobInfo{k, b.ID, b.Compressor.String(), b.Digester.String(), b.ChunkSize, b.ChunkCount, b.CompressedSize, b.UncompressedSize, b.Features, b.Meta.Offset})
+			res.Blobs = append(res.Blobs, blobInfo{k, b.ID, b.Compressor.String(), b.Digester.String(), b.ChunkSize, b.ChunkCount, b.CompressedSize, b.UncompressedSize, b.Features, b.Meta.Offset, zran.MetaBlobID(b)})
 		}
 	}
 	s := &stats{Inodes: len(img.Inodes)}
