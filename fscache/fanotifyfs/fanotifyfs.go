@@ -97,8 +97,8 @@ type Stats struct {
 	// AheadBytes are uncompressed bytes filled ahead of sequential
 	// readers, before any event asked for them.
 	AheadBytes uint64
-	// DirectBytes are the part of AheadBytes written with O_DIRECT
-	// (see DirectFill).
+	// DirectBytes are the bytes filled (ahead or for an event) with
+	// O_DIRECT writes (see DirectFill).
 	DirectBytes uint64
 	// Unmarked counts cache files whose mark was removed because every
 	// chunk was present: the kernel raises no more events for them.
@@ -386,9 +386,10 @@ type ahead struct {
 	// the same reader's.
 	start   int
 	workers int
-	// busy holds, by layout position, the chunks a worker is filling
-	// past the fetcher (direct writes): closed when they are present or
-	// failed. An event for them waits instead of fetching them again.
+	// busy holds, by layout position, the chunks a fill (a worker or an
+	// event) claimed: closed when they are present or failed. Another
+	// fill waits for them instead of fetching them again (direct writes
+	// bypass the fetcher's own single flight).
 	busy map[int]chan struct{}
 }
 
@@ -450,53 +451,27 @@ func (s *Server) readAhead(bf *blobFile, off, n uint64) {
 // missing chunks and makes it present, until the window is filled.
 func (s *Server) fillAhead(bf *blobFile) {
 	a := &bf.ahead
-	var need []*rafs.Chunk
 	for {
 		a.mu.Lock()
 		for a.issued < a.target && bf.has(a.issued) {
 			a.issued++
 		}
 		lo := a.issued
-		need = need[:0]
 		var bytes uint64
 		for a.issued < a.target && (bytes == 0 || bytes < aheadUnit) {
-			if !bf.has(a.issued) {
-				c := bf.layout.Chunks[a.issued]
-				need = append(need, c)
-				bytes += uint64(c.UncompressedSize)
-			}
+			bytes += uint64(bf.layout.Chunks[a.issued].UncompressedSize)
 			a.issued++
 		}
 		hi := a.issued
-		if len(need) == 0 {
+		if lo == hi {
 			a.workers--
 			a.mu.Unlock()
 			return
 		}
-		done := make(chan struct{})
-		if bf.direct != nil {
-			if a.busy == nil {
-				a.busy = map[int]chan struct{}{}
-			}
-			for i := lo; i < hi; i++ {
-				a.busy[i] = done
-			}
-		}
 		a.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.timeout.Load()))
-		err := s.fillUnit(ctx, bf, need)
+		filled, err := s.fillPositions(ctx, bf, lo, hi)
 		cancel()
-		bf.allPresent(lo, hi)
-		if bf.direct != nil {
-			a.mu.Lock()
-			for i := lo; i < hi; i++ {
-				if a.busy[i] == done {
-					delete(a.busy, i)
-				}
-			}
-			a.mu.Unlock()
-		}
-		close(done)
 		if err != nil {
 			// The event that needs these chunks fetches them again and
 			// reports the failure to its reader; stop filling ahead
@@ -508,13 +483,54 @@ func (s *Server) fillAhead(bf *blobFile) {
 			a.mu.Unlock()
 			return
 		}
-		s.ahead.Add(bytes)
+		s.ahead.Add(filled)
 		s.maybeUnmark(bf)
 	}
 }
 
-// waitBusy waits until no fill-ahead worker writes a chunk at layout
-// positions [lo,hi) past the fetcher, or ctx ends.
+// fillPositions makes the chunks at layout positions [lo,hi) present
+// that are neither present nor being filled (the ones it claims, which
+// an event waits for instead of fetching them again), and returns their
+// bytes. Chunks another fill claimed it leaves to that one.
+func (s *Server) fillPositions(ctx context.Context, bf *blobFile, lo, hi int) (uint64, error) {
+	a := &bf.ahead
+	done := make(chan struct{})
+	var need []*rafs.Chunk
+	var claimed []int
+	var bytes uint64
+	a.mu.Lock()
+	for i := lo; i < hi; i++ {
+		if _, busy := a.busy[i]; busy || bf.has(i) {
+			continue
+		}
+		if a.busy == nil {
+			a.busy = map[int]chan struct{}{}
+		}
+		a.busy[i] = done
+		claimed = append(claimed, i)
+		c := bf.layout.Chunks[i]
+		need = append(need, c)
+		bytes += uint64(c.UncompressedSize)
+	}
+	a.mu.Unlock()
+	if len(need) == 0 {
+		return 0, nil
+	}
+	err := s.fillUnit(ctx, bf, need)
+	for _, i := range claimed {
+		bf.has(i)
+	}
+	a.mu.Lock()
+	for _, i := range claimed {
+		delete(a.busy, i)
+	}
+	a.mu.Unlock()
+	close(done)
+	return bytes, err
+}
+
+// waitBusy waits until no fill claims a chunk at layout positions
+// [lo,hi), or ctx ends.
 func (bf *blobFile) waitBusy(ctx context.Context, lo, hi int) {
 	a := &bf.ahead
 	for {
@@ -732,10 +748,19 @@ func (s *Server) Fill(ctx context.Context, f *os.File, ev fanotify.Event) error 
 	chunks := bf.layout.Chunks[lo:hi]
 	done := make(chan error, 1)
 	go func() {
-		// Chunks a fill-ahead worker is writing past the fetcher are
-		// waited for, not fetched again; what they did not make present
-		// (a failure) the fetcher fetches and reports.
+		// Chunks another fill (a fill-ahead worker, another event) is
+		// writing are waited for, not fetched again; the rest are filled
+		// here as the workers fill them. Whatever that did not make
+		// present (a failure) the fetcher fetches, retries and reports.
 		bf.waitBusy(ctx, lo, hi)
+		if _, err := s.fillPositions(ctx, bf, lo, hi); err != nil {
+			s.log.Debug("fanotifyfs: fill failed, fetching through the fetcher", "blob", b.ID, "err", err)
+		}
+		bf.waitBusy(ctx, lo, hi)
+		if bf.allPresent(lo, hi) {
+			done <- nil
+			return
+		}
 		done <- bf.f.EnsureChunks(ctx, b, chunks)
 	}()
 	select {
