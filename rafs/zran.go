@@ -1,11 +1,7 @@
 package rafs
 
 import (
-	"bytes"
-	"compress/flate"
-	"errors"
 	"fmt"
-	"io"
 
 	"github.com/rafsd/rafsd/rafs/zran/deflate"
 )
@@ -100,29 +96,8 @@ func decodeZran(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
 			c.Index, b.ID, c.CompressedOffset, len(raw), zc.Context, ctx.InOffset, len(ctx.Head), ErrInvalid)
 	}
 	data := make([]byte, c.UncompressedSize)
-	if ctx.CtxBits != 0 {
-		// Not on a byte: compress/flate cannot start there.
-		if err := deflate.Inflate(in, ctx.CtxBits, ctx.CtxByte, ctx.Dict, int64(zc.Offset), data); err != nil {
-			return nil, fmt.Errorf("chunk %d of blob %s: inflate from checkpoint %d: %w: %v", c.Index, b.ID, zc.Context, ErrInvalid, err)
-		}
-		return data, nil
-	}
-	fr := flate.NewReaderDict(bytes.NewReader(in), ctx.Dict)
-	defer fr.Close()
-	if _, err := io.CopyN(io.Discard, fr, int64(zc.Offset)); err != nil {
-		return nil, fmt.Errorf("chunk %d of blob %s: inflate to offset %d from checkpoint %d: %w", c.Index, b.ID, zc.Offset, zc.Context, zranErr(err))
-	}
-	if _, err := io.ReadFull(fr, data); err != nil {
-		return nil, fmt.Errorf("chunk %d of blob %s: inflate from checkpoint %d: %w", c.Index, b.ID, zc.Context, zranErr(err))
+	if err := deflate.Inflate(in, ctx.CtxBits, ctx.CtxByte, ctx.Dict, int64(zc.Offset), data); err != nil {
+		return nil, fmt.Errorf("chunk %d of blob %s: inflate from checkpoint %d: %w: %v", c.Index, b.ID, zc.Context, ErrInvalid, err)
 	}
 	return data, nil
-}
-
-// zranErr marks a stream that ends early or is corrupt as bad data.
-func zranErr(err error) error {
-	var ce flate.CorruptInputError
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &ce) {
-		return fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
-	return err
 }

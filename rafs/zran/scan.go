@@ -40,8 +40,8 @@ type Index struct {
 // costs its 32 KiB window in the bootstrap.
 const DefaultSpan = 1 << 20
 
-// Scan inflates the single-member gzip stream r, checking its CRC-32 and
-// size, and records a checkpoint at the first byte-aligned block start
+// Scan inflates the gzip stream r (one member or several), checking each
+// member's CRC-32 and size, and records a checkpoint at the first byte-aligned block start
 // after every span bytes of output (DefaultSpan if span <= 0). Blocks end
 // at any bit; about one in eight starts on a byte (and every one after a
 // stored block), so checkpoints are a few blocks further apart than span.
@@ -60,9 +60,6 @@ func ScanFor(r io.Reader, span int64, starts []int64) (*Index, error) {
 	}
 	var cand *Checkpoint // the last byte-aligned block start not taken
 	br := deflate.NewReader(bufio.NewReaderSize(r, 64<<10))
-	if err := gzipHeader(br); err != nil {
-		return nil, err
-	}
 	ix := &Index{}
 	w := deflate.NewWindow(nil)
 	var crc uint32
@@ -78,115 +75,70 @@ func ScanFor(r io.Reader, span int64, starts []int64) (*Index, error) {
 			starts = starts[1:]
 		}
 	}
-	for {
-		start := Block{InBit: br.Pos(), Out: w.Total}
-		ix.Blocks = append(ix.Blocks, start)
-		consume(start.Out)
-		// Only byte-aligned block starts: compress/flate reads from a byte,
-		// and stored blocks later on depend on the stream's alignment.
-		if start.InBit%8 == 0 {
-			if n := len(ix.Checkpoints); n == 0 || w.Total-ix.Checkpoints[n-1].Out >= span {
-				ix.Checkpoints = append(ix.Checkpoints, Checkpoint{Block: start, Dict: w.Dict()})
-				cand = nil
-			} else if len(starts) > 0 {
-				cand = &Checkpoint{Block: start, Dict: w.Dict()}
-			}
-		}
-		final, err := br.Block(w)
+	// Members one after another (concatenated gzip files: pigz
+	// --independent, bgzip); each checked against its own trailer.
+	for member := 0; ; member++ {
+		ok, err := deflate.NextMember(br)
 		if err != nil {
-			if errors.Is(err, deflate.ErrFormat) {
-				return nil, fmt.Errorf("%w: %v", ErrFormat, err)
-			}
-			return nil, err
+			return nil, fmt.Errorf("%w: member %d: %v", ErrFormat, member, err)
 		}
-		if final {
+		if !ok {
+			if member == 0 {
+				return nil, formatErr("empty stream")
+			}
 			break
 		}
-	}
-	ix.EndBit = br.Pos()
-	ix.Size = w.Total
-	consume(w.Total)
-	w.Flush()
-	br.Align()
-	var tr [8]byte
-	for i := range tr {
-		v, err := br.Bits(8)
-		if err != nil {
-			return nil, formatErr("truncated gzip trailer")
-		}
-		tr[i] = byte(v)
-	}
-	if c := binary.LittleEndian.Uint32(tr[:4]); c != crc {
-		return nil, formatErr("CRC-32 %08x, stream says %08x", crc, c)
-	}
-	if isize := binary.LittleEndian.Uint32(tr[4:]); isize != uint32(w.Total) {
-		return nil, formatErr("size %d, stream says %d (mod 2^32)", w.Total, isize)
-	}
-	// A second member (concatenated gzip files) would restart the stream;
-	// layers are one member. Trailing zeros are tolerated, as gzip does.
-	for {
-		c, err := br.ReadByte()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return nil, err
-		}
-		if c != 0 {
-			return nil, formatErr("data after the gzip member (multi-member streams are not supported)")
-		}
-	}
-	return ix, nil
-}
-
-func gzipHeader(b *deflate.Reader) error {
-	var h [10]byte
-	for i := range h {
-		v, err := b.Bits(8)
-		if err != nil {
-			return formatErr("truncated gzip header")
-		}
-		h[i] = byte(v)
-	}
-	if h[0] != 0x1f || h[1] != 0x8b || h[2] != 8 {
-		return formatErr("not gzip (magic %02x%02x, method %d)", h[0], h[1], h[2])
-	}
-	flg := h[3]
-	if flg&0xe0 != 0 {
-		return formatErr("reserved gzip flags %#x", flg)
-	}
-	if flg&4 != 0 { // FEXTRA
-		n, err := b.Bits(16)
-		if err != nil {
-			return formatErr("truncated gzip header")
-		}
-		for range n {
-			if _, err := b.Bits(8); err != nil {
-				return formatErr("truncated gzip header")
-			}
-		}
-	}
-	for _, f := range []byte{8, 16} { // FNAME, FCOMMENT: zero-terminated
-		if flg&f == 0 {
-			continue
-		}
+		crc = 0
+		memberStart := w.Total
 		for {
-			c, err := b.Bits(8)
-			if err != nil {
-				return formatErr("truncated gzip header")
+			start := Block{InBit: br.Pos(), Out: w.Total}
+			ix.Blocks = append(ix.Blocks, start)
+			consume(start.Out)
+			// Only byte-aligned block starts: compress/flate reads from a
+			// byte, and stored blocks later on depend on the stream's
+			// alignment.
+			if start.InBit%8 == 0 {
+				if n := len(ix.Checkpoints); n == 0 || w.Total-ix.Checkpoints[n-1].Out >= span {
+					ix.Checkpoints = append(ix.Checkpoints, Checkpoint{Block: start, Dict: w.Dict()})
+					cand = nil
+				} else if len(starts) > 0 {
+					cand = &Checkpoint{Block: start, Dict: w.Dict()}
+				}
 			}
-			if c == 0 {
+			final, err := br.Block(w)
+			if err != nil {
+				if errors.Is(err, deflate.ErrFormat) {
+					return nil, fmt.Errorf("%w: %v", ErrFormat, err)
+				}
+				return nil, err
+			}
+			if final {
 				break
 			}
 		}
-	}
-	if flg&2 != 0 { // FHCRC
-		if _, err := b.Bits(16); err != nil {
-			return formatErr("truncated gzip header")
+		ix.EndBit = br.Pos()
+		w.Flush()
+		br.Align()
+		var tr [8]byte
+		for i := range tr {
+			v, err := br.Bits(8)
+			if err != nil {
+				return nil, formatErr("truncated gzip trailer")
+			}
+			tr[i] = byte(v)
+		}
+		if c := binary.LittleEndian.Uint32(tr[:4]); c != crc {
+			return nil, formatErr("member %d: CRC-32 %08x, stream says %08x", member, crc, c)
+		}
+		if isize := binary.LittleEndian.Uint32(tr[4:]); isize != uint32(w.Total-memberStart) {
+			return nil, formatErr("member %d: size %d, stream says %d (mod 2^32)", member, w.Total-memberStart, isize)
 		}
 	}
-	return nil
+	ix.Size = w.Total
+	consume(w.Total)
+	return ix, nil
 }
+
 
 // checkpointFor is the last checkpoint at or before uncompressed off.
 func (ix *Index) checkpointFor(off int64) int {

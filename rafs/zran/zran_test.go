@@ -224,6 +224,34 @@ func TestScanFor(t *testing.T) {
 	}
 }
 
+// TestMultiMember: a layer of several gzip members (pigz --independent,
+// bgzip, concatenated files) is indexed across them, and chunks whose
+// contexts run over a member boundary read through the trailer and the
+// next header, as nydus's ZranDecoder does.
+func TestMultiMember(t *testing.T) {
+	data := testData(41, 3<<20)
+	var gz []byte
+	for _, cut := range [][2]int{{0, 700000}, {700000, 700001}, {700001, 2 << 20}, {2 << 20, 3 << 20}} {
+		gz = append(gz, zlibGzip(t, data[cut[0]:cut[1]], "-6")...)
+	}
+	ix, err := Scan(bytes.NewReader(gz), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ix.Size != int64(len(data)) {
+		t.Fatalf("size %d, want %d", ix.Size, len(data))
+	}
+	checkAll(t, data, gz, 512<<10, tile(int64(len(data)), 100000))
+	checkAllFor(t, data, gz, 0, tile(int64(len(data)), 1<<20), true)
+	// A member with a bad CRC is refused.
+	bad := append([]byte(nil), gz...)
+	first := zlibGzip(t, data[:700000], "-6")
+	bad[len(first)-8] ^= 1
+	if _, err := Scan(bytes.NewReader(bad), 0); !errors.Is(err, ErrFormat) {
+		t.Fatalf("bad CRC in member 0: %v", err)
+	}
+}
+
 func TestSmallAndEmpty(t *testing.T) {
 	for _, n := range []int{1, 100, 40 << 10} {
 		data := testData(uint64(n), n)
@@ -287,7 +315,7 @@ func TestCorrupt(t *testing.T) {
 	if _, err := Scan(bytes.NewReader(bad), 0); !errors.Is(err, ErrFormat) {
 		t.Errorf("corrupt stream: %v", err)
 	}
-	for _, in := range [][]byte{nil, []byte("not gzip at all"), gz[:20], append(append([]byte(nil), gz...), gz...)} {
+	for _, in := range [][]byte{nil, []byte("not gzip at all"), gz[:20], append(append([]byte(nil), gz...), "garbage"...), append(append([]byte(nil), gz...), gz[:30]...)} {
 		if _, err := Scan(bytes.NewReader(in), 0); !errors.Is(err, ErrFormat) {
 			t.Errorf("Scan(%d bytes): %v, want ErrFormat", len(in), err)
 		}

@@ -469,11 +469,18 @@ func IsLimit(err error) bool { return err == errLimit }
 // stream may end early only after out is full; data after the last block
 // of a gzip member is not followed into a next member.
 //
-// It decodes block by block until a block ends on a byte of in, and hands
-// the rest to compress/flate, which is about three times faster.
+// It decodes block by block until a block ends on a byte of in (at once
+// if bits is 0), and hands the rest to compress/flate, which is about
+// three times faster.
 func Inflate(in []byte, bits uint8, prev byte, dict []byte, skip int64, out []byte) error {
 	if bits > 7 {
 		return formatErr("%d context bits", bits)
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	if bits == 0 {
+		return inflateFlate(in, dict, skip, out)
 	}
 	br := &byteReader{b: in}
 	r := NewReader(br)
@@ -501,7 +508,17 @@ func Inflate(in []byte, bits uint8, prev byte, dict []byte, skip int64, out []by
 			return err
 		}
 		if final {
-			return formatErr("stream ends after %d bytes of output, %d wanted", w.Total, w.Limit)
+			// A gzip member ends: its trailer, then the next member's
+			// header (multi-member streams, as nydus's ZranDecoder).
+			r.Align()
+			for range 8 {
+				if _, err := r.Bits(8); err != nil {
+					return formatErr("stream ends after %d bytes of output, %d wanted", w.Total, w.Limit)
+				}
+			}
+			if ok, err := NextMember(r); err != nil || !ok {
+				return formatErr("stream ends after %d bytes of output, %d wanted (%v)", w.Total, w.Limit, err)
+			}
 		}
 		// The primed bits are gone after a block (at least 10 bits), so
 		// the buffered bits are all from in: none pending means the next
@@ -519,17 +536,127 @@ func Inflate(in []byte, bits uint8, prev byte, dict []byte, skip int64, out []by
 }
 
 // inflateFlate is Inflate's tail through compress/flate, from a block
-// boundary on a byte.
+// boundary on a byte, across gzip members.
 func inflateFlate(in, dict []byte, skip int64, out []byte) error {
-	fr := flate.NewReaderDict(bytes.NewReader(in), dict)
-	defer fr.Close()
-	if _, err := io.CopyN(io.Discard, fr, skip); err != nil {
-		return flateErr(err)
+	rd := bytes.NewReader(in)
+	var discard []byte
+	for {
+		fr := flate.NewReaderDict(rd, dict)
+		for skip > 0 || len(out) > 0 {
+			p := out
+			if skip > 0 {
+				if discard == nil {
+					discard = make([]byte, WindowSize)
+				}
+				p = discard[:min(skip, int64(len(discard)))]
+			}
+			n, err := fr.Read(p)
+			if skip > 0 {
+				skip -= int64(n)
+			} else {
+				out = out[n:]
+			}
+			if err == io.EOF {
+				break // the member's last block
+			}
+			if err != nil {
+				return flateErr(err)
+			}
+		}
+		if skip == 0 && len(out) == 0 {
+			return nil
+		}
+		// compress/flate reads no further than the byte holding the last
+		// block's end: the trailer and the next member follow.
+		var tr [8]byte
+		if _, err := io.ReadFull(rd, tr[:]); err != nil {
+			return formatErr("stream ends with %d bytes to go", len(out))
+		}
+		if ok, err := NextMember(NewReader(rd)); err != nil || !ok {
+			return formatErr("stream ends with %d bytes to go (%v)", len(out), err)
+		}
+		dict = nil
 	}
-	if _, err := io.ReadFull(fr, out); err != nil {
-		return flateErr(err)
+}
+
+// NextMember reads the gzip member header at r (RFC 1952): it reports
+// false at the end of the stream, or when only zeros remain (gzip(1)
+// tolerates them).
+func NextMember(r *Reader) (bool, error) {
+	c, err := r.ReadByte()
+	if err == io.EOF {
+		return false, nil
 	}
-	return nil
+	if err != nil {
+		return false, err
+	}
+	if c == 0 {
+		for {
+			c, err := r.ReadByte()
+			if err == io.EOF {
+				return false, nil
+			}
+			if err != nil {
+				return false, err
+			}
+			if c != 0 {
+				return false, formatErr("data after the last gzip member")
+			}
+		}
+	}
+	var h [10]byte
+	h[0] = c
+	for i := 1; i < len(h); i++ {
+		v, err := r.Bits(8)
+		if err != nil {
+			return false, formatErr("truncated gzip header")
+		}
+		h[i] = byte(v)
+	}
+	if h[0] != 0x1f || h[1] != 0x8b || h[2] != 8 {
+		return false, formatErr("not gzip (magic %02x%02x, method %d)", h[0], h[1], h[2])
+	}
+	flg := h[3]
+	if flg&0xe0 != 0 {
+		return false, formatErr("reserved gzip flags %#x", flg)
+	}
+	skip := func(n int) error {
+		for range n {
+			if _, err := r.Bits(8); err != nil {
+				return formatErr("truncated gzip header")
+			}
+		}
+		return nil
+	}
+	if flg&4 != 0 { // FEXTRA
+		n, err := r.Bits(16)
+		if err != nil {
+			return false, formatErr("truncated gzip header")
+		}
+		if err := skip(int(n)); err != nil {
+			return false, err
+		}
+	}
+	for _, f := range []byte{8, 16} { // FNAME, FCOMMENT: zero-terminated
+		if flg&f == 0 {
+			continue
+		}
+		for {
+			c, err := r.Bits(8)
+			if err != nil {
+				return false, formatErr("truncated gzip header")
+			}
+			if c == 0 {
+				break
+			}
+		}
+	}
+	if flg&2 != 0 { // FHCRC
+		if err := skip(2); err != nil {
+			return false, err
+		}
+	}
+	return true, nil
 }
 
 // flateErr marks a stream that ends early or is corrupt as bad data.

@@ -107,6 +107,44 @@ func TestInflateFromEveryBlock(t *testing.T) {
 	}
 }
 
+// TestInflateAcrossMembers starts in one gzip member and reads into the
+// next ones (over trailers and headers, some with a name), from every
+// block boundary.
+func TestInflateAcrossMembers(t *testing.T) {
+	want := data(2 << 20)
+	var gz []byte
+	for _, cut := range [][2]int{{0, 300000}, {300000, 300010}, {300010, 1 << 20}, {1 << 20, 2 << 20}} {
+		var b bytes.Buffer
+		zw, _ := gzip.NewWriterLevel(&b, gzip.BestSpeed)
+		zw.Name = "part" // FNAME in some headers
+		if cut[0] > 0 {
+			zw.Name = ""
+		}
+		zw.Write(want[cut[0]:cut[1]])
+		zw.Close()
+		gz = append(gz, b.Bytes()...)
+		gz = append(gz, zlibGzip(t, nil)...) // an empty member too
+	}
+	ix, err := zran.Scan(bytes.NewReader(gz), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, bl := range ix.Blocks {
+		in, bits, prev := at(gz, bl.InBit)
+		n := min(int64(400000), int64(len(want))-bl.Out-7)
+		if n <= 0 {
+			continue
+		}
+		out := make([]byte, n)
+		if err := deflate.Inflate(in, bits, prev, want[max(0, bl.Out-deflate.WindowSize):bl.Out], 7, out); err != nil {
+			t.Fatalf("block %d at bit %d: %v", i, bl.InBit, err)
+		}
+		if !bytes.Equal(out, want[bl.Out+7:bl.Out+7+n]) {
+			t.Fatalf("block %d at bit %d: wrong bytes", i, bl.InBit)
+		}
+	}
+}
+
 // TestInflateErrors: a stream cut short, a wrong dictionary reach and bad
 // context bits are errors, never short or wrong output without one.
 func TestInflateErrors(t *testing.T) {
