@@ -139,7 +139,6 @@ func ScanFor(r io.Reader, span int64, starts []int64) (*Index, error) {
 	return ix, nil
 }
 
-
 // checkpointFor is the last checkpoint at or before uncompressed off.
 func (ix *Index) checkpointFor(off int64) int {
 	return sort.Search(len(ix.Checkpoints), func(i int) bool { return ix.Checkpoints[i].Out > off }) - 1
