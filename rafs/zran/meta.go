@@ -2,6 +2,7 @@ package zran
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -232,6 +233,11 @@ func Attach(img *rafs.Image, bi uint32, z *rafs.Zran, ends []uint64, readLayer f
 // name it by their own file name; merged bootstraps by digest).
 var ErrNoMeta = errors.New("zran: blob meta not named")
 
+// maxMetaBlob bounds a meta blob read whole: a ci table of at most 24
+// times the largest chunk (nydus's BLOB_CCT_V2_MAX_SIZE) and 32 bytes of
+// digest per chunk.
+const maxMetaBlob = 24*blobmeta.MaxChunkSize + 32*blobmeta.MaxChunks + 1<<20
+
 // Source reads blobs by id (a storage backend).
 type Source interface {
 	ReadAt(ctx context.Context, id string, p []byte, off int64) error
@@ -250,8 +256,9 @@ func MetaBlobID(b *rafs.Blob) string {
 
 // Resolve loads the zran contexts of every blob of img that needs them and
 // has none yet: it reads the blob's meta blob (MetaBlobID) from src, as
-// nydusd does, checks its header against the bootstrap's blob entry and
-// attaches the contexts (Attach).
+// nydusd does, checks it against the digest the bootstrap names it by
+// (when the entry records its size) and its header against the entry,
+// and attaches the contexts (Attach).
 func Resolve(ctx context.Context, img *rafs.Image, src Source) error {
 	for bi, b := range img.Blobs {
 		if !b.IsZran() || b.Zran != nil {
@@ -261,7 +268,29 @@ func Resolve(ctx context.Context, img *rafs.Image, src Source) error {
 		if id == "" {
 			return fmt.Errorf("%w: zran blob %s names no separate blob meta (features %#x)", ErrNoMeta, b.ID, b.Features)
 		}
-		m, err := ReadMeta(ctx, b, func(p []byte, off int64) error { return src.ReadAt(ctx, id, p, off) })
+		read := func(p []byte, off int64) error { return src.ReadAt(ctx, id, p, off) }
+		if b.Meta.Size > 0 {
+			// The bootstrap pins the meta blob by digest: read it whole
+			// and check it (it is small next to the layer) before use.
+			if b.Meta.Size > maxMetaBlob {
+				return fmt.Errorf("%w: zran blob %s: meta blob of %d bytes", rafs.ErrInvalid, b.ID, b.Meta.Size)
+			}
+			whole := make([]byte, b.Meta.Size)
+			if err := read(whole, 0); err != nil {
+				return fmt.Errorf("zran blob %s: blob meta %s: %w", b.ID, id, err)
+			}
+			if codec.Digest(sha256.Sum256(whole)) != b.Meta.Digest {
+				return fmt.Errorf("%w: zran blob %s: blob meta %s does not match its digest", rafs.ErrInvalid, b.ID, id)
+			}
+			read = func(p []byte, off int64) error {
+				if off < 0 || off > int64(len(whole)) || int64(len(p)) > int64(len(whole))-off {
+					return fmt.Errorf("%w: [%d,+%d) past the %d-byte meta blob", rafs.ErrInvalid, off, len(p), len(whole))
+				}
+				copy(p, whole[off:])
+				return nil
+			}
+		}
+		m, err := ReadMeta(ctx, b, read)
 		if err != nil {
 			return fmt.Errorf("zran blob %s: blob meta %s: %w", b.ID, id, err)
 		}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/rafsd/rafsd/rafs"
@@ -313,6 +314,11 @@ func TestResolveRefusals(t *testing.T) {
 	meta := append(make([]byte, 100), hb...)
 	if err := Resolve(context.Background(), img, memSource{MetaBlobID(b): meta}); !errors.Is(err, rafs.ErrInvalid) {
 		t.Fatalf("mismatched header: %v", err)
+	}
+	// A meta blob that is not the one the bootstrap pins by digest.
+	b.Meta.Size = uint64(len(meta))
+	if err := Resolve(context.Background(), img, memSource{MetaBlobID(b): meta}); !errors.Is(err, rafs.ErrInvalid) || !strings.Contains(err.Error(), "digest") {
+		t.Fatalf("meta blob with another digest: %v", err)
 	}
 }
 
