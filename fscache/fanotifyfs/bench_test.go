@@ -82,6 +82,9 @@ func median(ds []time.Duration) time.Duration {
 //     that both see the same load (its median is over all those reads);
 //   - cold: this mode on an empty cache (every chunk fetched from a localfs
 //     backend, verified, written), read_ahead_kb 1024 on both sides;
+//   - cold-directio: the same mounted with directio (EROFS reads the cache
+//     file with O_DIRECT, as the fills write it), against kernel-directio,
+//     the complete image mounted so, and against kernel;
 //   - warm: this mode over the baseline's own complete blob file (same
 //     blocks): complete, so its mark is removed and no events come;
 //   - warm-marked: the same with the mark kept (KeepMarks), so every
@@ -92,7 +95,8 @@ func median(ds []time.Duration) time.Duration {
 //   - fill-only: the fetcher filling the whole blob in one EnsureChunks, no
 //     reader: what cold could reach without overlap.
 //
-// Each is the median of 3 reads (cold: 3 fresh caches; fuse-cold: 1). It
+// Each is the median of 3 reads (cold: 3 fresh caches each way; fuse-cold:
+// 1). It
 // reports MiB/s, ratios to the kernel mount and to FUSE, and events per
 // MiB. The machine is shared: run it a few times and read the range.
 func BenchmarkFanotifySeqRead(b *testing.B) {
@@ -104,6 +108,7 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	im := buildImage(b, src, 1<<20)
 	const reps = 3
 	var kernel, cold, warm, warmMarked, fuseCold, fuseWarm, fill []time.Duration
+	var kernelDIO, coldDIO []time.Duration
 	var coldEvents, markedEvents, warmEvents, ahead uint64
 	for range b.N {
 		// The fill path alone: every chunk fetched, verified and written
@@ -137,9 +142,21 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 			dropCache(b, kmnt+"/data", full)
 			kernel = append(kernel, timedRead(b, kmnt+"/data"))
 		}
+		// The same complete image mounted with directio, the baseline
+		// of cold-directio.
+		kdmnt := b.TempDir()
+		if err := kernelMount(im.boot, kdmnt, []string{"device=" + full, "directio"}, 0, testLogger(b)); err != nil {
+			b.Fatal(err)
+		}
+		kdread := func() {
+			dropCache(b, kdmnt+"/data", full)
+			kernelDIO = append(kernelDIO, timedRead(b, kdmnt+"/data"))
+		}
 
-		for range reps {
-			// Cold: a fresh cache.
+		for i := range 2 * reps {
+			// Cold: a fresh cache, mounted buffered and with directio
+			// in turn.
+			dio := i%2 == 1
 			g, err := fanotify.New()
 			if err != nil {
 				b.Fatal(err)
@@ -155,15 +172,24 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 				}})
 			}()
 			f := newFetcher(b, im.blobDir, b.TempDir())
-			m, err := s.Mount(Options{Bootstrap: im.boot, Mountpoint: b.TempDir(), Fetcher: f})
+			m, err := s.Mount(Options{Bootstrap: im.boot, Mountpoint: b.TempDir(), Fetcher: f, DirectIO: dio})
 			if err != nil {
 				b.Fatal(err)
 			}
-			kread()
+			if dio {
+				kdread()
+			} else {
+				kread()
+			}
 			dropCache(b, im.blobPath(), m.CacheFiles()[0])
-			cold = append(cold, timedRead(b, m.Mountpoint()+"/data"))
-			coldEvents += s.Stats().Events
-			ahead += s.Stats().AheadBytes
+			d := timedRead(b, m.Mountpoint()+"/data")
+			if dio {
+				coldDIO = append(coldDIO, d)
+			} else {
+				cold = append(cold, d)
+				coldEvents += s.Stats().Events
+				ahead += s.Stats().AheadBytes
+			}
 			if err := m.Unmount(); err != nil {
 				b.Fatal(err)
 			}
@@ -233,6 +259,7 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 			fuseWarm = append(fuseWarm, timedRead(b, fmnt+"/data"))
 		}
 		unix.Unmount(kmnt, 0)
+		unix.Unmount(kdmnt, 0)
 	}
 	mibps := func(d time.Duration) float64 { return benchSize / (1 << 20) / d.Seconds() }
 	k, c, w, wm, fc, fw := median(kernel), median(cold), median(warm), median(warmMarked), median(fuseCold), median(fuseWarm)
@@ -245,6 +272,12 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	b.ReportMetric(mibps(fw), "fuse-warm-MiB/s")
 	b.ReportMetric(mibps(median(fill)), "fill-only-MiB/s")
 	b.ReportMetric(k.Seconds()/c.Seconds(), "cold/kernel")
+	kd, cd := median(kernelDIO), median(coldDIO)
+	b.Logf("medians: kernel-directio %v cold-directio %v", kd, cd)
+	b.ReportMetric(mibps(kd), "kernel-directio-MiB/s")
+	b.ReportMetric(mibps(cd), "cold-directio-MiB/s")
+	b.ReportMetric(k.Seconds()/cd.Seconds(), "cold-directio/kernel")
+	b.ReportMetric(kd.Seconds()/cd.Seconds(), "cold-directio/kernel-directio")
 	b.ReportMetric(k.Seconds()/w.Seconds(), "warm/kernel")
 	b.ReportMetric(k.Seconds()/wm.Seconds(), "warm-marked/kernel")
 	b.ReportMetric(fc.Seconds()/c.Seconds(), "cold/fuse-cold")

@@ -14,11 +14,19 @@
 //
 // Fast path: the reading loop answers an event whose chunks are all
 // present itself (Server.Present: a lock-free map lookup and bit tests);
-// a sequential reader's next windows are filled ahead in the background
-// (bounded by MaxAhead and the end of the file being read, counted in
-// Stats.AheadBytes), so fetching overlaps reading; and once every chunk of
-// a cache file is present its mark is removed, so the kernel raises no
-// more events for it and reads run at the speed of a plain EROFS mount.
+// a sequential reader's next chunks are filled ahead in the background, in
+// order, by AheadWorkers goroutines (bounded by MaxAhead and the end of the
+// file being read, counted in Stats.AheadBytes), so fetching overlaps
+// reading; and once every chunk of a cache file is present its mark is
+// removed, so the kernel raises no more events for it and reads run at the
+// speed of a plain EROFS mount.
+//
+// Fills write verified chunks with O_DIRECT (DirectFill) and mark them in
+// the fetcher's chunk map: the bytes skip the page cache, which EROFS
+// would otherwise hold twice, and cost no copy into fresh pages. Chunks
+// that are not block aligned, and fills that fail, go through the fetcher
+// (buffered, retried, reported). Mounted with directio (Options.DirectIO),
+// EROFS reads them back the same way.
 //
 // Daemon is the mode as rafsd runs it: mounts added and removed while it
 // serves, the group handed to a supervisor, and after a restart the events

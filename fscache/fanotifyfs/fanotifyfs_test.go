@@ -368,6 +368,12 @@ func TestFillAheadWritesDirect(t *testing.T) {
 	if !DirectFill {
 		t.Fatal("DirectFill is off")
 	}
+	for _, dio := range []bool{false, true} {
+		t.Run(fmt.Sprintf("directio=%v", dio), func(t *testing.T) { testFillAheadWritesDirect(t, dio) })
+	}
+}
+
+func testFillAheadWritesDirect(t *testing.T, dio bool) {
 	src := t.TempDir()
 	want := append(fstest.Bytes(3, 10<<20), bytes.Repeat([]byte("compressible "), 6<<20/13)...)
 	want = append(want, fstest.Bytes(4, 5<<20+4321)...)
@@ -381,7 +387,7 @@ func TestFillAheadWritesDirect(t *testing.T) {
 	work := t.TempDir()
 	s := startServer(t, 10*time.Second)
 	f := newFetcher(t, im.blobDir, work)
-	m := mount(t, s, im, f, Options{})
+	m := mount(t, s, im, f, Options{DirectIO: dio})
 	got, err := os.ReadFile(m.Mountpoint() + "/data")
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("read: %v, bytes equal %v", err, bytes.Equal(got, want))
@@ -416,12 +422,69 @@ func TestFillAheadWritesDirect(t *testing.T) {
 		}
 	}
 	s2 := startServer(t, 10*time.Second)
-	m2 := mount(t, s2, im, f2, Options{})
+	m2 := mount(t, s2, im, f2, Options{DirectIO: dio})
 	got, err = os.ReadFile(m2.Mountpoint() + "/data")
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("read from the cache: %v, bytes equal %v", err, bytes.Equal(got, want))
 	}
 	if n := f2.BackendMetrics().ReadAmountTotal; n != 0 {
 		t.Fatalf("a complete cache still read %d bytes from the backend", n)
+	}
+}
+
+// A corrupt chunk inside the window a sequential reader's fill ahead
+// covers: the direct fill refuses it (never writes it), the reader's
+// event for it fetches it through the fetcher, which fails it: the reader
+// gets every byte before it right and then EIO, never the hole's zeros.
+func TestCorruptChunkAheadIsEIO(t *testing.T) {
+	src := t.TempDir()
+	want := fstest.Bytes(5, 12<<20)
+	if err := os.WriteFile(src+"/data", want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im := buildImage(t, src, 1<<20)
+	c := im.img.BlobLayouts()[0].Chunks[6]
+	blob, err := os.ReadFile(im.blobPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob[c.CompressedOffset+uint64(c.CompressedSize)/3] ^= 1
+	if err := os.WriteFile(im.blobPath(), blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, dio := range []bool{false, true} {
+		t.Run(fmt.Sprintf("directio=%v", dio), func(t *testing.T) {
+			s := startServer(t, 10*time.Second)
+			f := newFetcher(t, im.blobDir, t.TempDir())
+			m := mount(t, s, im, f, Options{DirectIO: dio})
+			fh, err := os.Open(m.Mountpoint() + "/data")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer fh.Close()
+			var got []byte
+			p := make([]byte, 1<<20)
+			for {
+				n, err := fh.Read(p)
+				got = append(got, p[:n]...)
+				if err != nil {
+					if !errors.Is(err, syscall.EIO) {
+						t.Fatalf("read stopped at %d with %v, want EIO", len(got), err)
+					}
+					break
+				}
+				if n == 0 {
+					t.Fatalf("read the whole file (%d bytes) past a corrupt chunk", len(got))
+				}
+			}
+			if len(got) > int(c.UncompressedOffset) || !bytes.Equal(got, want[:len(got)]) {
+				t.Fatalf("read %d bytes before EIO (corrupt chunk at %d), equal to the source: %v", len(got), c.UncompressedOffset, bytes.Equal(got, want[:min(len(got), len(want))]))
+			}
+			st := s.Stats()
+			t.Logf("EIO after %d bytes; %+v", len(got), st)
+			if st.DirectBytes == 0 || st.Failures == 0 {
+				t.Fatalf("stats %+v: want chunks filled ahead and a denied event", st)
+			}
+		})
 	}
 }
