@@ -23,20 +23,25 @@
 // (single-flight), or starts a stream: ONE backend range request for the
 // chunk and the missing chunks stored after it, up to the batch size
 // (rafs batch_size / amplify_io) or, for sequential reads, the read-ahead
-// window (see stream.go). A stream hands each chunk to its waiters as soon
-// as its bytes are in, decompressed and verified, while it writes it to
-// the cache and reads the next; one that fails its check is fetched again
-// alone, and if it fails again its readers get an error wrapping
-// syscall.EIO (counted in rafsd_chunk_digest_failures_total and logged).
-// A stream that breaks is reopened once where it stopped; the chunks it
-// then cannot deliver fail with EIO. Verified chunks are written to the
-// cache (data durable before the chunk is marked present).
+// window (see stream.go). A stream is a pipeline (network read | decode,
+// digest check, hand-out | cache write): it hands each chunk to its
+// waiters as soon as its bytes are in, decompressed and verified, while
+// the previous ones are written to the cache and the next ones read; one
+// that fails its check is fetched again alone, and if it fails again its
+// readers get an error wrapping syscall.EIO (counted in
+// rafsd_chunk_digest_failures_total and logged). A stream that breaks is
+// reopened where it stopped (twice); the chunks it then cannot deliver
+// fail with EIO. A read-ahead stream whose reader has left is cancelled.
+// Verified chunks are written to the cache (data durable before the chunk
+// is marked present).
 //
 // Prefetch: the image's prefetch list (files, directories recursively),
 // then with prefetch_all every chunk of its blobs, in streams of up to the
 // read-ahead window, at most threads_count at once, limited to
 // bandwidth_rate bytes/s, and paused while an on-demand read that does not
-// wait for them is in progress, so they never get ahead of one.
+// wait for them is in progress, so they never get ahead of one; an
+// on-demand read of a chunk ahead of a throttled prefetch stream splits
+// it rather than wait for the prefetch to get there.
 package storage
 
 import (

@@ -32,7 +32,10 @@ import (
 // from the batch size up to the read-ahead limit. A sequential window's
 // first chunk carries a marker (a batch window's, its middle one): the
 // reader that gets it starts the next window, so the next request is
-// under way while the current one is consumed.
+// under way while the current one is consumed. Read-ahead is for a
+// reader: once nobody waits on a window's chunks and no read came near it
+// for raIdle (or its last waiter's context ended), the stream stops where
+// it is (see stream.orphaned).
 
 // raIdle is how long a read-ahead stream nobody waits on runs on without
 // a read coming near it before it is cancelled.
