@@ -141,10 +141,10 @@ const readSlack = 8
 // Attach loads z as blob bi of img and gives each of its chunks a stored
 // extent it can be inflated from (see rafs.Zran). ends[i] is where chunk
 // i's compressed data ends in the layer (nydus's compressed offset + size).
-// A chunk starts at the highest free offset at or before its context, so
-// the fetch needs no other bytes; when there is none (the first context
-// of a layer sits right after the gzip header), at the first free offset
-// after it, and its context's Head is read with readLayer.
+// A chunk starts at or before its context when it can, so the fetch
+// needs no other bytes; otherwise (the first context of a layer sits
+// right after the gzip header) after it, and its context's Head is read
+// with readLayer.
 func Attach(img *rafs.Image, bi uint32, z *rafs.Zran, ends []uint64, readLayer func(p []byte, off int64) error) error {
 	if int(bi) >= len(img.Blobs) {
 		return fmt.Errorf("%w: blob index %d of %d", rafs.ErrInvalid, bi, len(img.Blobs))
@@ -180,42 +180,43 @@ func Attach(img *rafs.Image, bi uint32, z *rafs.Zran, ends []uint64, readLayer f
 		}
 		return idx[x] < idx[y]
 	})
-	used := make(map[uint64]bool, len(idx))
-	down := map[uint32]int64{} // next offset to try at or before each context
+	// Each context's chunks take consecutive offsets ending at its
+	// InOffset (the first ones before it), after every offset the
+	// contexts before it took: offsets grow with chunk order, as nydus's
+	// do, which keeps a file's chunks in order for read-ahead. Offsets
+	// past InOffset (a context close behind the one before it, or right
+	// after the gzip header) take their bytes from the context's Head.
 	head := map[uint32]uint64{}
-	for _, i := range idx {
-		ci := z.Chunks[i].Context
+	next := uint64(0) // the lowest offset still free
+	for k := 0; k < len(idx); {
+		ci := z.Chunks[idx[k]].Context
 		ctx := &z.Contexts[ci]
-		o, ok := down[ci]
-		if !ok {
-			o = int64(ctx.InOffset)
+		n := 1
+		for k+n < len(idx) && z.Chunks[idx[k+n]].Context == ci {
+			n++
 		}
-		for o >= 0 && used[uint64(o)] {
-			o--
+		start := next
+		if ctx.InOffset+1 >= uint64(n) {
+			start = max(start, ctx.InOffset+1-uint64(n))
 		}
-		var start uint64
-		if o >= 0 {
-			start = uint64(o)
-			down[ci] = o - 1
-		} else {
-			down[ci] = -1
-			start = ctx.InOffset + 1
-			for used[start] {
-				start++
+		for j := range n {
+			i, o := idx[k+j], start+uint64(j)
+			if o > ctx.InOffset {
+				head[ci] = max(head[ci], o-ctx.InOffset)
 			}
-			head[ci] = max(head[ci], start-ctx.InOffset)
+			end := max(ends[i], ctx.InOffset+1, o+1) + readSlack
+			if b.CompressedSize != 0 {
+				end = min(end, b.CompressedSize)
+			}
+			if end <= o || end-o > 2*rafs.MaxChunkSize || (o > ctx.InOffset && o-ctx.InOffset > 2*rafs.MaxChunkSize) {
+				return fmt.Errorf("%w: blob %s: chunk %d would need [%d,%d) of the layer", rafs.ErrInvalid, b.ID, i, o, end)
+			}
+			for _, c := range byIndex[i] {
+				c.CompressedOffset, c.CompressedSize, c.Compressed = o, uint32(end-o), true
+			}
 		}
-		used[start] = true
-		end := min(max(ends[i], ctx.InOffset+1, start+1)+readSlack, b.CompressedSize)
-		if b.CompressedSize == 0 {
-			end = max(ends[i], ctx.InOffset+1, start+1) + readSlack
-		}
-		if end <= start || end-start > 2*rafs.MaxChunkSize {
-			return fmt.Errorf("%w: blob %s: chunk %d would need [%d,%d) of the layer", rafs.ErrInvalid, b.ID, i, start, end)
-		}
-		for _, c := range byIndex[i] {
-			c.CompressedOffset, c.CompressedSize, c.Compressed = start, uint32(end-start), true
-		}
+		next = start + uint64(n)
+		k += n
 	}
 	for ci, n := range head {
 		ctx := &z.Contexts[ci]

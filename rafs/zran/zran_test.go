@@ -138,12 +138,11 @@ func attach(t testing.TB, data, gz []byte, ix *Index, spans []Span) (*rafs.Blob,
 	if err := Attach(img, 0, z, ends, func(p []byte, off int64) error { copy(p, gz[off:]); return nil }); err != nil {
 		t.Fatal(err)
 	}
-	seen := map[uint64]bool{}
+	// Distinct offsets, growing with chunk order (read-ahead follows it).
 	for i, c := range chunks {
-		if seen[c.CompressedOffset] {
-			t.Fatalf("chunk %d: compressed offset %d used twice", i, c.CompressedOffset)
+		if i > 0 && c.CompressedOffset <= chunks[i-1].CompressedOffset {
+			t.Fatalf("chunk %d at %d, chunk %d at %d", i, c.CompressedOffset, i-1, chunks[i-1].CompressedOffset)
 		}
-		seen[c.CompressedOffset] = true
 	}
 	return blob, chunks
 }
