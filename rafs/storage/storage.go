@@ -460,7 +460,7 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 	}
 	stop := readStop(ctx, bs, c)
 	if seq && stop != math.MaxUint64 {
-		n = min(n, max(batch, int(stop-c.CompressedOffset)))
+		n = max(batch, fitWindow(c.CompressedOffset, n, stop))
 	}
 	group := f.plan(bs, c, n)
 	mark := noMark

@@ -389,6 +389,20 @@ func (f *Fetcher) window(bs *blobState, k int, batch int) (n int, seq bool) {
 	return min(max(raGrowth*hist, batch), f.readahead), true
 }
 
+// fitWindow returns the size of a sequential window of n bytes at start
+// that must not pass stop: cut at stop, or stretched to it when what would
+// be left is under a quarter window, which one more request (a round trip,
+// and registry work per request) would cost more than it is worth.
+func fitWindow(start uint64, n int, stop uint64) int {
+	if stop == math.MaxUint64 || stop <= start {
+		return n
+	}
+	if rest := stop - start; rest <= uint64(n)+uint64(n)/4 {
+		return int(rest)
+	}
+	return n
+}
+
 // chunkIndex returns the position of c in bs.chunks, or -1. bs.mu is held.
 func (bs *blobState) chunkIndex(c *rafs.Chunk) int {
 	cs := bs.chunks
@@ -421,7 +435,7 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 		if _, busy := bs.inflight[end]; !busy && !bs.cached(next, f.compressed) {
 			n, _ := f.window(bs, k, f.readBatch)
 			if rm.stop != math.MaxUint64 {
-				n = min(n, int(rm.stop-end))
+				n = fitWindow(end, n, rm.stop)
 			}
 			group := f.plan(bs, next, n)
 			st = f.newStream(bs, group, false)
