@@ -21,12 +21,12 @@
 // removed, so the kernel raises no more events for it and reads run at the
 // speed of a plain EROFS mount.
 //
-// Fills write verified chunks with O_DIRECT (DirectFill) and mark them in
-// the fetcher's chunk map: the bytes skip the page cache, which EROFS
-// would otherwise hold twice, and cost no copy into fresh pages. Chunks
-// that are not block aligned, and fills that fail, go through the fetcher
-// (buffered, retried, reported). Mounted with directio (Options.DirectIO),
-// EROFS reads them back the same way.
+// Fills go through the fetcher (buffered writes to the cache file). On a
+// mount with directio (Options.DirectIO), where EROFS reads the cache files
+// with O_DIRECT, fills write verified chunks with O_DIRECT too and mark
+// them in the fetcher's chunk map, so nothing is cached twice; chunks that
+// are not block aligned, and direct fills that fail, still go through the
+// fetcher (retried, reported).
 //
 // Daemon is the mode as rafsd runs it: mounts added and removed while it
 // serves, the group handed to a supervisor, and after a restart the events
@@ -91,7 +91,10 @@ type Options struct {
 	// negative: leave the kernel's).
 	ReadAheadKB int
 	// DirectIO mounts with EROFS's directio option: EROFS reads the cache
-	// files with O_DIRECT, so their pages are not cached twice.
+	// files with O_DIRECT, so their pages are not cached twice, and fills
+	// write them with O_DIRECT too (so a read need not first write back
+	// what a buffered fill left dirty). The fill mode of a cache file is
+	// that of the first mount that uses it.
 	DirectIO bool
 }
 
@@ -106,7 +109,7 @@ type Stats struct {
 	// readers, before any event asked for them.
 	AheadBytes uint64
 	// DirectBytes are the bytes filled (ahead or for an event) with
-	// O_DIRECT writes (see DirectFill).
+	// O_DIRECT writes (see Options.DirectIO).
 	DirectBytes uint64
 	// Unmarked counts cache files whose mark was removed because every
 	// chunk was present: the kernel raises no more events for them.
@@ -217,9 +220,9 @@ func runEnds(l rafs.BlobLayout, img *rafs.Image, blobIndex int) []uint64 {
 	return ends
 }
 
-func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout, img *rafs.Image, blobIndex int, log *slog.Logger) *blobFile {
+func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout, img *rafs.Image, blobIndex int, direct bool, log *slog.Logger) *blobFile {
 	bf := &blobFile{path: path, f: f, layout: l, present: make([]atomic.Bool, len(l.Chunks)), runEnd: runEnds(l, img, blobIndex)}
-	if DirectFill {
+	if direct {
 		// Opened here, before the file is marked, so its writes raise no
 		// events (after a takeover the file is marked already; then this
 		// process's own events are trusted, see the package doc).
@@ -559,15 +562,14 @@ func (bf *blobFile) waitBusy(ctx context.Context, lo, hi int) {
 	}
 }
 
-// DirectFill makes fill-ahead workers write the cache files with O_DIRECT
-// (where the file system allows it and the chunk is block aligned) instead
-// of through the fetcher's buffered writes. A buffered fill copies every
-// byte into fresh page-cache pages that EROFS then copies again into its
-// own: in this machine's VM, writes to fresh pages cost 3-4x a copy into a
-// reused buffer (perf: the pwrite copy was 24% of a cold read, blake3 8%).
-// A direct write leaves the cache file's pages to be read as a complete
-// image's are, and keeps them from being cached twice.
-var DirectFill = true
+// Direct fills (see Options.DirectIO). Measured cold, 64 MiB read by dd
+// from another process, 2 shared cores: buffered mount with buffered fills
+// 560-780 MiB/s; buffered mount with direct fills ~300 (the backing file's
+// readahead had already cached the holes as zero pages, which the direct
+// write throws away and EROFS reads back from disk); directio mount 290-410
+// with direct fills, 280-380 with buffered ones (each EROFS read of a
+// buffered chunk first writes it back). So direct fills go with directio
+// mounts only, where they avoid that writeback and the double caching.
 
 // dioAlign is the offset, length and memory alignment of direct writes
 // (the logical block size of any disk this runs on divides it).
@@ -855,7 +857,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 		s.mu.Lock()
 		bf := s.file(k.dev, k.ino)
 		if bf == nil {
-			bf = newBlobFile(path, opts.Fetcher, l, img, bi, s.log)
+			bf = newBlobFile(path, opts.Fetcher, l, img, bi, opts.DirectIO, s.log)
 			s.setFile(k, bf)
 		} else if bf.f != opts.Fetcher {
 			// Two fetchers over one cache file would each trust only
