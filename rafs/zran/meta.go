@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"sort"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/blobmeta"
 	"github.com/rafsd/rafsd/rafs/codec"
@@ -261,6 +263,15 @@ func MetaBlobID(b *rafs.Blob) string {
 // (when the entry records its size) and its header against the entry,
 // and attaches the contexts (Attach).
 func Resolve(ctx context.Context, img *rafs.Image, src Source) error {
+	type loaded struct {
+		z    *rafs.Zran
+		ends []uint64
+	}
+	out := make([]loaded, len(img.Blobs))
+	// The meta blobs are fetched in parallel (a mount waits for them);
+	// attaching, which walks the image, is done one blob at a time.
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(4)
 	for bi, b := range img.Blobs {
 		if !b.IsZran() || b.Zran != nil {
 			continue
@@ -269,45 +280,68 @@ func Resolve(ctx context.Context, img *rafs.Image, src Source) error {
 		if id == "" {
 			return fmt.Errorf("%w: zran blob %s names no separate blob meta (features %#x)", ErrNoMeta, b.ID, b.Features)
 		}
-		read := func(p []byte, off int64) error { return src.ReadAt(ctx, id, p, off) }
-		if b.Meta.Size > 0 {
-			// The bootstrap pins the meta blob by digest: read it whole
-			// and check it (it is small next to the layer) before use.
-			if b.Meta.Size > maxMetaBlob {
-				return fmt.Errorf("%w: zran blob %s: meta blob of %d bytes", rafs.ErrInvalid, b.ID, b.Meta.Size)
-			}
-			whole := make([]byte, b.Meta.Size)
-			if err := read(whole, 0); err != nil {
+		g.Go(func() error {
+			z, ends, err := loadMeta(gctx, b, id, src)
+			if err != nil {
 				return fmt.Errorf("zran blob %s: blob meta %s: %w", b.ID, id, err)
 			}
-			if codec.Digest(sha256.Sum256(whole)) != b.Meta.Digest {
-				return fmt.Errorf("%w: zran blob %s: blob meta %s does not match its digest", rafs.ErrInvalid, b.ID, id)
-			}
-			read = func(p []byte, off int64) error {
-				if off < 0 || off > int64(len(whole)) || int64(len(p)) > int64(len(whole))-off {
-					return fmt.Errorf("%w: [%d,+%d) past the %d-byte meta blob", rafs.ErrInvalid, off, len(p), len(whole))
-				}
-				copy(p, whole[off:])
-				return nil
-			}
+			out[bi] = loaded{z, ends}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for bi, l := range out {
+		if l.z == nil {
+			continue
 		}
-		m, err := ReadMeta(ctx, b, read)
-		if err != nil {
-			return fmt.Errorf("zran blob %s: blob meta %s: %w", b.ID, id, err)
-		}
-		z, err := FromMeta(m)
-		if err != nil {
-			return fmt.Errorf("zran blob %s: blob meta %s: %w", b.ID, id, err)
-		}
-		ends := make([]uint64, len(m.Chunks))
-		for i, c := range m.Chunks {
-			ends[i] = c.CompressedOffset + uint64(c.CompressedSize)
-		}
-		if err := Attach(img, uint32(bi), z, ends, func(p []byte, off int64) error { return src.ReadAt(ctx, b.ID, p, off) }); err != nil {
+		id := img.Blobs[bi].ID
+		if err := Attach(img, uint32(bi), l.z, l.ends, func(p []byte, off int64) error { return src.ReadAt(ctx, id, p, off) }); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// loadMeta reads and decodes blob b's meta blob id: its contexts and
+// where each chunk's compressed data ends.
+func loadMeta(ctx context.Context, b *rafs.Blob, id string, src Source) (*rafs.Zran, []uint64, error) {
+	read := func(p []byte, off int64) error { return src.ReadAt(ctx, id, p, off) }
+	if b.Meta.Size > 0 {
+		// The bootstrap pins the meta blob by digest: read it whole and
+		// check it (it is small next to the layer) before use.
+		if b.Meta.Size > maxMetaBlob {
+			return nil, nil, fmt.Errorf("%w: meta blob of %d bytes", rafs.ErrInvalid, b.Meta.Size)
+		}
+		whole := make([]byte, b.Meta.Size)
+		if err := read(whole, 0); err != nil {
+			return nil, nil, err
+		}
+		if codec.Digest(sha256.Sum256(whole)) != b.Meta.Digest {
+			return nil, nil, fmt.Errorf("%w: the meta blob does not match its digest", rafs.ErrInvalid)
+		}
+		read = func(p []byte, off int64) error {
+			if off < 0 || off > int64(len(whole)) || int64(len(p)) > int64(len(whole))-off {
+				return fmt.Errorf("%w: [%d,+%d) past the %d-byte meta blob", rafs.ErrInvalid, off, len(p), len(whole))
+			}
+			copy(p, whole[off:])
+			return nil
+		}
+	}
+	m, err := ReadMeta(ctx, b, read)
+	if err != nil {
+		return nil, nil, err
+	}
+	z, err := FromMeta(m)
+	if err != nil {
+		return nil, nil, err
+	}
+	ends := make([]uint64, len(m.Chunks))
+	for i, c := range m.Chunks {
+		ends[i] = c.CompressedOffset + uint64(c.CompressedSize)
+	}
+	return z, ends, nil
 }
 
 // ReadMeta reads the blob meta of zran blob b with read (from the meta
