@@ -4,10 +4,14 @@ import (
 	"archive/tar"
 	"bytes"
 	"encoding/base64"
+	"encoding/json"
+	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/rafsd/rafsd/internal/testutil"
@@ -112,10 +116,15 @@ func TestMountImageRef(t *testing.T) {
 	diffTree(t, img.src, zmnt)
 
 	// With --config, that config reads the blobs: here a localfs backend
-	// on the OCI layout's blob directory (the blob is the gzip layer, named
-	// by its digest), with the registry gone once the bootstrap is fetched.
+	// on a directory holding the OCI layout's blobs (the data blob is the
+	// gzip layer, named by its digest) and the manifest's layers (the ref
+	// blob, the layer's separate blob meta, is only in the registry), with
+	// the registry gone once the bootstrap is fetched.
+	blobDir := t.TempDir()
+	copyDir(t, filepath.Join(layout, "blobs", "sha256"), blobDir)
+	pullLayers(t, reg, "rafsd/app", "nydus-oci-ref", "u", "p", blobDir)
 	cfg := filepath.Join(t.TempDir(), "localfs.json")
-	if err := os.WriteFile(cfg, []byte(localfsConfig(filepath.Join(layout, "blobs", "sha256"))), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte(localfsConfig(blobDir)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	lmnt := t.TempDir()
@@ -123,6 +132,70 @@ func TestMountImageRef(t *testing.T) {
 	ld.waitState("RUNNING")
 	reg.Stop()
 	diffTree(t, img.src, lmnt)
+}
+
+// copyDir copies the regular files of src into dst.
+func copyDir(t *testing.T, src, dst string) {
+	t.Helper()
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// pullLayers downloads the layers of repo:tag's manifest from reg into dir,
+// each named by its hex digest as a localfs backend wants.
+func pullLayers(t *testing.T, reg *registrytest.Registry, repo, tag, user, password, dir string) {
+	t.Helper()
+	get := func(path, accept string) []byte {
+		req, err := http.NewRequest(http.MethodGet, reg.URL+"/v2/"+repo+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.SetBasicAuth(user, password)
+		if accept != "" {
+			req.Header.Set("Accept", accept)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: HTTP %d, %v: %s", path, resp.StatusCode, err, b)
+		}
+		return b
+	}
+	var man struct {
+		Layers []struct {
+			Digest string `json:"digest"`
+		} `json:"layers"`
+	}
+	if err := json.Unmarshal(get("/manifests/"+tag, "application/vnd.oci.image.manifest.v1+json"), &man); err != nil || len(man.Layers) == 0 {
+		t.Fatalf("manifest of %s:%s: %v (%d layers)", repo, tag, err, len(man.Layers))
+	}
+	for _, l := range man.Layers {
+		hex, ok := strings.CutPrefix(l.Digest, "sha256:")
+		if !ok {
+			t.Fatalf("layer digest %q", l.Digest)
+		}
+		if err := os.WriteFile(filepath.Join(dir, hex), get("/blobs/"+l.Digest, ""), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 func TestMountImageRefErrors(t *testing.T) {
