@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -353,9 +354,9 @@ func (cs *coldSetup) start(tb testing.TB, tag, snapshotter, fsPrefetch string) c
 // the snapshotter runs under root, for the log.
 func daemonMetrics(root string) string {
 	var out []string
-	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
-		if err != nil || info.Mode()&os.ModeSocket == 0 || filepath.Base(p) != "api.sock" {
-			return nil
+	WalkOutsideMounts(root, func(p string, d fs.DirEntry) {
+		if d.Type()&fs.ModeSocket == 0 || filepath.Base(p) != "api.sock" {
+			return
 		}
 		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -388,7 +389,6 @@ func daemonMetrics(root string) string {
 				out = append(out, fmt.Sprintf("%s %v", k, v[k]))
 			}
 		}
-		return nil
 	})
 	return strings.Join(out, ", ")
 }
