@@ -72,9 +72,9 @@ func median(ds []time.Duration) time.Duration {
 }
 
 // BenchmarkFanotifySeqRead reads a 64 MiB file (1 MiB zstd chunks of
-// incompressible data) sequentially, every page cache involved dropped
-// before each read (the EROFS or FUSE file, the cache file, the backend
-// blob), from:
+// incompressible data) sequentially with dd in another process (1 MiB
+// reads), every page cache involved dropped before each read (the EROFS
+// or FUSE file, the cache file, the backend blob), from:
 //
 //   - kernel: an EROFS mount of the complete image: the bootstrap over a
 //     complete uncompressed blob (a cache file the fetcher filled, never
