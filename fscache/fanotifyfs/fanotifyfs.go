@@ -506,7 +506,6 @@ func (s *Server) fillAhead(bf *blobFile) {
 func (s *Server) fillPositions(ctx context.Context, bf *blobFile, lo, hi int) (uint64, error) {
 	a := &bf.ahead
 	done := make(chan struct{})
-	var need []*rafs.Chunk
 	var claimed []int
 	var bytes uint64
 	a.mu.Lock()
@@ -519,15 +518,13 @@ func (s *Server) fillPositions(ctx context.Context, bf *blobFile, lo, hi int) (u
 		}
 		a.busy[i] = done
 		claimed = append(claimed, i)
-		c := bf.layout.Chunks[i]
-		need = append(need, c)
-		bytes += uint64(c.UncompressedSize)
+		bytes += uint64(bf.layout.Chunks[i].UncompressedSize)
 	}
 	a.mu.Unlock()
-	if len(need) == 0 {
+	if len(claimed) == 0 {
 		return 0, nil
 	}
-	err := s.fillUnit(ctx, bf, need)
+	err := s.fillUnit(ctx, bf, claimed)
 	for _, i := range claimed {
 		bf.has(i)
 	}
@@ -577,21 +574,32 @@ const dioAlign = 4096
 
 func alignUp(n uint64) uint64 { return (n + dioAlign - 1) &^ (dioAlign - 1) }
 
-// directOK reports whether chunk c can be written with O_DIRECT: block
-// aligned, and its last block, padded with zeros, still inside the file
-// (chunks of a RAFS v6 blob start on block boundaries, so the padding
-// lies in the gap before the next chunk).
-func (bf *blobFile) directOK(c *rafs.Chunk) bool {
-	return bf.direct != nil && c.UncompressedOffset%dioAlign == 0 && alignUp(c.UncompressedOffset+uint64(c.UncompressedSize)) <= bf.layout.Blob.UncompressedSize
+// directOK reports whether the chunk at layout position i can be written
+// with O_DIRECT: block aligned, and its last block, padded with zeros,
+// ending before the next chunk starts and inside the file (chunks of a
+// RAFS v6 blob start on block boundaries, so the padding lies in the gap
+// between them).
+func (bf *blobFile) directOK(i int) bool {
+	if bf.direct == nil {
+		return false
+	}
+	cs := bf.layout.Chunks
+	c := cs[i]
+	limit := bf.layout.Blob.UncompressedSize
+	if i+1 < len(cs) {
+		limit = min(limit, cs[i+1].UncompressedOffset)
+	}
+	return c.UncompressedOffset%dioAlign == 0 && alignUp(c.UncompressedOffset+uint64(c.UncompressedSize)) <= limit
 }
 
-// fillUnit makes chunks (missing, of bf's blob) present: through the
-// fetcher, or, for those directOK allows, fetched, decoded and verified
-// here and written with O_DIRECT, then marked in the fetcher's chunk map.
-func (s *Server) fillUnit(ctx context.Context, bf *blobFile, chunks []*rafs.Chunk) error {
+// fillUnit makes the chunks at layout positions (missing ones of bf's
+// blob) present: through the fetcher, or, for those directOK allows,
+// fetched, decoded and verified here and written with O_DIRECT, then
+// marked in the fetcher's chunk map.
+func (s *Server) fillUnit(ctx context.Context, bf *blobFile, positions []int) error {
 	var direct, buffered []*rafs.Chunk
-	for _, c := range chunks {
-		if bf.directOK(c) {
+	for _, i := range positions {
+		if c := bf.layout.Chunks[i]; bf.directOK(i) {
 			direct = append(direct, c)
 		} else {
 			buffered = append(buffered, c)

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/fscache/fanotify"
+	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
 	"github.com/rafsd/rafsd/rafs/storage"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
@@ -493,5 +494,32 @@ func TestCorruptChunkAheadIsEIO(t *testing.T) {
 				t.Fatalf("stats %+v: want chunks filled ahead (directly on a directio mount) and a denied event", st)
 			}
 		})
+	}
+}
+
+// directOK never lets a direct write's zero padding reach another chunk
+// or past the file: such chunks are filled through the fetcher.
+func TestDirectOKKeepsPaddingInItsGap(t *testing.T) {
+	tmp, err := os.CreateTemp(t.TempDir(), "cache")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tmp.Close()
+	chunks := []*rafs.Chunk{
+		{UncompressedOffset: 0, UncompressedSize: 8192},     // whole blocks
+		{UncompressedOffset: 8192, UncompressedSize: 100},   // padded into the gap
+		{UncompressedOffset: 12288, UncompressedSize: 100},  // next chunk starts inside its block
+		{UncompressedOffset: 12388, UncompressedSize: 4096}, // not block aligned
+		{UncompressedOffset: 20480, UncompressedSize: 5000}, // padding would pass the file's end
+	}
+	bf := &blobFile{direct: tmp, layout: rafs.BlobLayout{Blob: &rafs.Blob{UncompressedSize: 25480}, Chunks: chunks}}
+	for i, want := range []bool{true, true, false, false, false} {
+		if got := bf.directOK(i); got != want {
+			t.Errorf("chunk at %d (+%d): directOK %v, want %v", chunks[i].UncompressedOffset, chunks[i].UncompressedSize, got, want)
+		}
+	}
+	bf.direct = nil
+	if bf.directOK(0) {
+		t.Error("directOK without an O_DIRECT file")
 	}
 }
