@@ -83,7 +83,7 @@ func median(ds []time.Duration) time.Duration {
 //   - cold: this mode on an empty cache (every chunk fetched from a localfs
 //     backend, verified, written), read_ahead_kb 1024 on both sides;
 //   - cold-directio: the same mounted with directio (EROFS reads the cache
-//     file with O_DIRECT, as the fills write it), against kernel-directio,
+//     file with O_DIRECT), against kernel-directio,
 //     the complete image mounted so, and against kernel;
 //   - warm: this mode over the baseline's own complete blob file (same
 //     blocks): complete, so its mark is removed and no events come;

@@ -21,12 +21,14 @@
 // removed, so the kernel raises no more events for it and reads run at the
 // speed of a plain EROFS mount.
 //
-// Fills go through the fetcher (buffered writes to the cache file). On a
-// mount with directio (Options.DirectIO), where EROFS reads the cache files
-// with O_DIRECT, fills write verified chunks with O_DIRECT too and mark
-// them in the fetcher's chunk map, so nothing is cached twice; chunks that
-// are not block aligned, and direct fills that fail, still go through the
-// fetcher (retried, reported).
+// Every fill goes through the fetcher (buffered writes to the cache file,
+// digest checked, marked in its chunk map). Direct (O_DIRECT) fills past
+// the fetcher were tried and dropped: measured cold (64 MiB read by dd from
+// another process, 2 shared cores) they were 2x slower on a buffered mount
+// (the backing file's readahead had cached the holes as zero pages, which
+// a direct write throws away and EROFS reads back from disk) and within
+// noise on a directio mount (290-410 vs 280-380 MiB/s), for a second
+// fetch-decode-verify-write path outside the fetcher.
 //
 // Daemon is the mode as rafsd runs it: mounts added and removed while it
 // serves, the group handed to a supervisor, and after a restart the events
@@ -41,22 +43,18 @@
 package fanotifyfs
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -64,8 +62,6 @@ import (
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/bootstrap"
 	"github.com/rafsd/rafsd/rafs/storage"
-	"github.com/rafsd/rafsd/rafs/storage/backend"
-	"github.com/rafsd/rafsd/rafs/storage/blobcache"
 )
 
 // ErrNoFileBackedEROFS is wrapped by Mount when the kernel cannot mount
@@ -91,10 +87,7 @@ type Options struct {
 	// negative: leave the kernel's).
 	ReadAheadKB int
 	// DirectIO mounts with EROFS's directio option: EROFS reads the cache
-	// files with O_DIRECT, so their pages are not cached twice, and fills
-	// write them with O_DIRECT too (so a read need not first write back
-	// what a buffered fill left dirty). The fill mode of a cache file is
-	// that of the first mount that uses it.
+	// files with O_DIRECT, so their pages are not cached twice.
 	DirectIO bool
 }
 
@@ -108,9 +101,6 @@ type Stats struct {
 	// AheadBytes are uncompressed bytes filled ahead of sequential
 	// readers, before any event asked for them.
 	AheadBytes uint64
-	// DirectBytes are the bytes filled (ahead or for an event) with
-	// O_DIRECT writes (see Options.DirectIO).
-	DirectBytes uint64
 	// Unmarked counts cache files whose mark was removed because every
 	// chunk was present: the kernel raises no more events for them.
 	Unmarked uint64
@@ -139,7 +129,6 @@ type Server struct {
 	mounts map[string]*Mount
 
 	events, fast, fills, failures, unknown, ahead, unmarked atomic.Uint64
-	direct                                                  atomic.Uint64
 	recovered, orphans                                      atomic.Uint64
 	timeout                                                 atomic.Int64
 	// keepMarks leaves complete files marked (benchmarks measure the
@@ -172,9 +161,6 @@ type blobFile struct {
 	marked atomic.Bool
 	// ahead is the fill ahead of a sequential reader.
 	ahead ahead
-	// direct writes filled-ahead chunks past the page cache (nil: the
-	// file system refuses O_DIRECT; fills go through the fetcher).
-	direct *os.File
 	// runEnd is, by layout position, where the run of chunks that one
 	// file stores contiguously in the blob ends: filling ahead stops
 	// there, at the end of the file being read.
@@ -220,19 +206,8 @@ func runEnds(l rafs.BlobLayout, img *rafs.Image, blobIndex int) []uint64 {
 	return ends
 }
 
-func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout, img *rafs.Image, blobIndex int, direct bool, log *slog.Logger) *blobFile {
+func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout, img *rafs.Image, blobIndex int) *blobFile {
 	bf := &blobFile{path: path, f: f, layout: l, present: make([]atomic.Bool, len(l.Chunks)), runEnd: runEnds(l, img, blobIndex)}
-	if direct {
-		// Opened here, before the file is marked, so its writes raise no
-		// events (after a takeover the file is marked already; then this
-		// process's own events are trusted, see the package doc).
-		d, err := os.OpenFile(path, os.O_WRONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
-		if err != nil {
-			log.Info("fanotifyfs: cache file refuses O_DIRECT, filling ahead through the page cache", "path", path, "err", err)
-		} else {
-			bf.direct = d
-		}
-	}
 	bf.missing.Store(int64(len(l.Chunks)))
 	for i := range l.Chunks {
 		bf.has(i)
@@ -335,7 +310,7 @@ func (s *Server) Group() *fanotify.Group { return s.g }
 
 // Stats returns the event counters.
 func (s *Server) Stats() Stats {
-	return Stats{Events: s.events.Load(), FastAllows: s.fast.Load(), Fills: s.fills.Load(), Failures: s.failures.Load(), UnknownFile: s.unknown.Load(), AheadBytes: s.ahead.Load(), DirectBytes: s.direct.Load(), Unmarked: s.unmarked.Load(), Recovered: s.recovered.Load(), Orphans: s.orphans.Load()}
+	return Stats{Events: s.events.Load(), FastAllows: s.fast.Load(), Fills: s.fills.Load(), Failures: s.failures.Load(), UnknownFile: s.unknown.Load(), AheadBytes: s.ahead.Load(), Unmarked: s.unmarked.Load(), Recovered: s.recovered.Load(), Orphans: s.orphans.Load()}
 }
 
 // Serve answers events until ctx ends. It sets opts.Trusted (see the
@@ -399,8 +374,8 @@ type ahead struct {
 	workers int
 	// busy holds, by layout position, the chunks a fill (a worker or an
 	// event) claimed: closed when they are present or failed. Another
-	// fill waits for them instead of fetching them again (direct writes
-	// bypass the fetcher's own single flight).
+	// fill waits for them instead of asking the fetcher again, so a chunk
+	// counts once in the window's bookkeeping.
 	busy map[int]chan struct{}
 }
 
@@ -559,158 +534,14 @@ func (bf *blobFile) waitBusy(ctx context.Context, lo, hi int) {
 	}
 }
 
-// Direct fills (see Options.DirectIO). Measured cold, 64 MiB read by dd
-// from another process, 2 shared cores: buffered mount with buffered fills
-// 560-780 MiB/s; buffered mount with direct fills ~300 (the backing file's
-// readahead had already cached the holes as zero pages, which the direct
-// write throws away and EROFS reads back from disk); directio mount 290-410
-// with direct fills, 280-380 with buffered ones (each EROFS read of a
-// buffered chunk first writes it back). So direct fills go with directio
-// mounts only, where they avoid that writeback and the double caching.
-
-// dioAlign is the offset, length and memory alignment of direct writes
-// (the logical block size of any disk this runs on divides it).
-const dioAlign = 4096
-
-func alignUp(n uint64) uint64 { return (n + dioAlign - 1) &^ (dioAlign - 1) }
-
-// directOK reports whether the chunk at layout position i can be written
-// with O_DIRECT: block aligned, and its last block, padded with zeros,
-// ending before the next chunk starts and inside the file (chunks of a
-// RAFS v6 blob start on block boundaries, so the padding lies in the gap
-// between them).
-func (bf *blobFile) directOK(i int) bool {
-	if bf.direct == nil {
-		return false
-	}
-	cs := bf.layout.Chunks
-	c := cs[i]
-	limit := bf.layout.Blob.UncompressedSize
-	if i+1 < len(cs) {
-		limit = min(limit, cs[i+1].UncompressedOffset)
-	}
-	return c.UncompressedOffset%dioAlign == 0 && alignUp(c.UncompressedOffset+uint64(c.UncompressedSize)) <= limit
-}
-
 // fillUnit makes the chunks at layout positions (missing ones of bf's
-// blob) present: through the fetcher, or, for those directOK allows,
-// fetched, decoded and verified here and written with O_DIRECT, then
-// marked in the fetcher's chunk map.
+// blob) present through the fetcher.
 func (s *Server) fillUnit(ctx context.Context, bf *blobFile, positions []int) error {
-	var direct, buffered []*rafs.Chunk
-	for _, i := range positions {
-		if c := bf.layout.Chunks[i]; bf.directOK(i) {
-			direct = append(direct, c)
-		} else {
-			buffered = append(buffered, c)
-		}
+	chunks := make([]*rafs.Chunk, len(positions))
+	for k, i := range positions {
+		chunks[k] = bf.layout.Chunks[i]
 	}
-	b := bf.layout.Blob
-	if len(buffered) > 0 {
-		if err := bf.f.EnsureChunks(ctx, b, buffered); err != nil {
-			return err
-		}
-	}
-	if len(direct) == 0 {
-		return nil
-	}
-	cb := bf.f.CacheBlob(b)
-	if cb == nil {
-		return fmt.Errorf("fanotifyfs: blob %s has no cache", b.ID)
-	}
-	slices.SortFunc(direct, func(x, y *rafs.Chunk) int { return cmp.Compare(x.CompressedOffset, y.CompressedOffset) })
-	buf := alignedPool.Get().(*alignedBufs)
-	defer alignedPool.Put(buf)
-	for i := 0; i < len(direct); {
-		// One backend request per run of chunks stored back to back.
-		j, end := i+1, direct[i].CompressedOffset+uint64(direct[i].CompressedSize)
-		for j < len(direct) && direct[j].CompressedOffset == end {
-			end += uint64(direct[j].CompressedSize)
-			j++
-		}
-		if err := s.directRun(ctx, bf, cb, direct[i:j], end-direct[i].CompressedOffset, buf); err != nil {
-			return err
-		}
-		i = j
-	}
-	return nil
-}
-
-// alignedBuf is a reusable buffer whose start is dioAlign aligned.
-type alignedBuf struct{ mem []byte }
-
-// get returns n bytes of the buffer, with room for their padding.
-func (a *alignedBuf) get(n uint64) []byte {
-	if need := alignUp(n); uint64(cap(a.mem)) < need {
-		m := make([]byte, need+dioAlign)
-		off := (dioAlign - int(uintptr(unsafe.Pointer(&m[0]))%dioAlign)) % dioAlign
-		a.mem = m[off : off+int(need) : off+int(need)]
-	}
-	return a.mem[:n]
-}
-
-// pad zeroes the buffer from n to the next block boundary and returns
-// the padded bytes.
-func (a *alignedBuf) pad(n uint64) []byte {
-	p := alignUp(n)
-	clear(a.mem[n:p])
-	return a.mem[:p]
-}
-
-// alignedBufs are one worker's buffers: stored and decoded bytes.
-type alignedBufs struct{ raw, data alignedBuf }
-
-var alignedPool = sync.Pool{New: func() any { return new(alignedBufs) }}
-
-// directRun fetches run (chunks stored back to back, n bytes) with one
-// backend request and writes each verified chunk with O_DIRECT.
-func (s *Server) directRun(ctx context.Context, bf *blobFile, cb *blobcache.Blob, run []*rafs.Chunk, n uint64, buf *alignedBufs) error {
-	b := bf.layout.Blob
-	rc, err := backend.OpenRange(ctx, bf.f.Backend(), b.ID, int64(run[0].CompressedOffset), int64(n))
-	if err != nil {
-		return fmt.Errorf("fanotifyfs: blob %s: fill ahead: %w: %w", b.ID, unix.EIO, err)
-	}
-	defer rc.Close()
-	for _, c := range run {
-		raw := buf.raw.get(uint64(c.CompressedSize))
-		if _, err := io.ReadFull(rc, raw); err != nil {
-			return fmt.Errorf("fanotifyfs: blob %s chunk %d: fill ahead: %w: %w", b.ID, c.Index, unix.EIO, err)
-		}
-		var dst []byte
-		if c.Compressed {
-			dst = buf.data.get(uint64(c.UncompressedSize))
-		}
-		data, err := rafs.DecodeChunkInto(b, c, raw, dst)
-		if err != nil {
-			// Never written: the event that needs it fetches it through
-			// the fetcher, which retries and reports.
-			return fmt.Errorf("fanotifyfs: blob %s chunk %d: fill ahead: %w: %w", b.ID, c.Index, unix.EIO, err)
-		}
-		// data is raw (stored uncompressed), dst, or a buffer of its own
-		// (zran), which is copied to an aligned one.
-		n := uint64(len(data))
-		var w []byte
-		switch {
-		case n == 0:
-		case &data[0] == &raw[0]:
-			w = buf.raw.pad(n)
-		case dst != nil && &data[0] == &dst[0]:
-			w = buf.data.pad(n)
-		default:
-			copy(buf.data.get(n), data)
-			w = buf.data.pad(n)
-		}
-		if _, err := bf.direct.WriteAt(w, int64(c.UncompressedOffset)); err != nil {
-			return fmt.Errorf("fanotifyfs: blob %s chunk %d: direct write: %w: %w", b.ID, c.Index, unix.EIO, err)
-		}
-		// The bytes are in the file: mark the chunk in the fetcher's map
-		// (a write of no bytes marks it; its bytes went through bf.direct).
-		if err := cb.WriteChunks([]blobcache.Write{{Index: c.Index, Off: int64(c.UncompressedOffset)}}); err != nil {
-			return fmt.Errorf("fanotifyfs: blob %s chunk %d: %w: %w", b.ID, c.Index, unix.EIO, err)
-		}
-		s.direct.Add(uint64(c.UncompressedSize))
-	}
-	return nil
+	return bf.f.EnsureChunks(ctx, bf.layout.Blob, chunks)
 }
 
 // maybeUnmark removes the mark of a file every chunk of which is present:
@@ -865,7 +696,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 		s.mu.Lock()
 		bf := s.file(k.dev, k.ino)
 		if bf == nil {
-			bf = newBlobFile(path, opts.Fetcher, l, img, bi, opts.DirectIO, s.log)
+			bf = newBlobFile(path, opts.Fetcher, l, img, bi)
 			s.setFile(k, bf)
 		} else if bf.f != opts.Fetcher {
 			// Two fetchers over one cache file would each trust only
@@ -1022,11 +853,6 @@ func (m *Mount) release(unmark bool) {
 		bf.refs--
 		if bf.refs == 0 {
 			s.setFile(k, nil)
-			if bf.direct != nil {
-				// A worker still writing holds the fd (os.File closes
-				// it after its last use).
-				bf.direct.Close()
-			}
 			if unmark && bf.marked.Load() {
 				_ = s.g.Unmark(m.paths[i])
 				bf.marked.Store(false)

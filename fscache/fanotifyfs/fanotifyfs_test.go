@@ -18,7 +18,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/fscache/fanotify"
-	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
 	"github.com/rafsd/rafsd/rafs/storage"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
@@ -359,19 +358,19 @@ func TestPresentAllocatesNothing(t *testing.T) {
 	}
 }
 
-// Filling ahead makes a sequential reader's next chunks present (on a
-// directio mount written with O_DIRECT past the fetcher): the reader gets
-// the source bytes, the chunks are in the fetcher's chunk map, and a new
-// fetcher over the same cache serves the file from it without the backend. Chunks of every kind go through
-// it: incompressible (stored as is), compressible (decoded into the
-// aligned buffer) and a file tail that ends off a block boundary.
-func TestFillAheadWritesDirect(t *testing.T) {
+// Filling ahead makes a sequential reader's next chunks present, on a
+// buffered and on a directio mount: the reader gets the source bytes, the
+// chunks are in the fetcher's chunk map, and a new fetcher over the same
+// cache serves the file from it without the backend. Chunks of every kind
+// go through it: incompressible (stored as is), compressible and a file
+// tail that ends off a block boundary.
+func TestFillAheadCaches(t *testing.T) {
 	for _, dio := range []bool{false, true} {
-		t.Run(fmt.Sprintf("directio=%v", dio), func(t *testing.T) { testFillAheadWritesDirect(t, dio) })
+		t.Run(fmt.Sprintf("directio=%v", dio), func(t *testing.T) { testFillAheadCaches(t, dio) })
 	}
 }
 
-func testFillAheadWritesDirect(t *testing.T, dio bool) {
+func testFillAheadCaches(t *testing.T, dio bool) {
 	src := t.TempDir()
 	want := append(fstest.Bytes(3, 10<<20), bytes.Repeat([]byte("compressible "), 6<<20/13)...)
 	want = append(want, fstest.Bytes(4, 5<<20+4321)...)
@@ -392,12 +391,7 @@ func testFillAheadWritesDirect(t *testing.T, dio bool) {
 	}
 	st := s.Stats()
 	t.Logf("%+v", st)
-	switch {
-	case dio && st.DirectBytes < 8<<20:
-		t.Fatalf("only %d bytes were filled ahead with O_DIRECT, want most of the %d read", st.DirectBytes, len(want))
-	case !dio && st.DirectBytes != 0:
-		t.Fatalf("%d bytes filled with O_DIRECT on a buffered mount", st.DirectBytes)
-	case st.AheadBytes < 8<<20:
+	if st.AheadBytes < 8<<20 {
 		t.Fatalf("only %d bytes were filled ahead, want most of the %d read", st.AheadBytes, len(want))
 	}
 	// The cache file holds what the chunk map says: read it through a
@@ -417,7 +411,7 @@ func testFillAheadWritesDirect(t *testing.T, dio bool) {
 			break
 		}
 		if !f2.Cached(l.Blob, c) {
-			continue // fetched by an event or not read: only direct ones matter here
+			continue // not read
 		}
 		p := make([]byte, c.UncompressedSize)
 		if err := f2.ReadChunkAt(context.Background(), l.Blob, c, p, 0); err != nil {
@@ -438,8 +432,8 @@ func testFillAheadWritesDirect(t *testing.T, dio bool) {
 // A corrupt chunk inside the window a sequential reader's fill ahead
 // covers: the fill refuses it (never writes it), the reader's event for it
 // fetches it through the fetcher, which fails it: the reader gets every
-// byte before it right and then EIO, never the hole's zeros. Both ways:
-// fills through the fetcher (buffered mount) and direct (directio mount).
+// byte before it right and then EIO, never the hole's zeros, on a
+// buffered and on a directio mount.
 func TestCorruptChunkAheadIsEIO(t *testing.T) {
 	src := t.TempDir()
 	want := fstest.Bytes(5, 12<<20)
@@ -490,36 +484,9 @@ func TestCorruptChunkAheadIsEIO(t *testing.T) {
 				time.Sleep(10 * time.Millisecond)
 			}
 			t.Logf("EIO after %d bytes; %+v", len(got), st)
-			if st.AheadBytes == 0 || dio && st.DirectBytes == 0 || st.Failures == 0 {
-				t.Fatalf("stats %+v: want chunks filled ahead (directly on a directio mount) and a denied event", st)
+			if st.AheadBytes == 0 || st.Failures == 0 {
+				t.Fatalf("stats %+v: want chunks filled ahead and a denied event", st)
 			}
 		})
-	}
-}
-
-// directOK never lets a direct write's zero padding reach another chunk
-// or past the file: such chunks are filled through the fetcher.
-func TestDirectOKKeepsPaddingInItsGap(t *testing.T) {
-	tmp, err := os.CreateTemp(t.TempDir(), "cache")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tmp.Close()
-	chunks := []*rafs.Chunk{
-		{UncompressedOffset: 0, UncompressedSize: 8192},     // whole blocks
-		{UncompressedOffset: 8192, UncompressedSize: 100},   // padded into the gap
-		{UncompressedOffset: 12288, UncompressedSize: 100},  // next chunk starts inside its block
-		{UncompressedOffset: 12388, UncompressedSize: 4096}, // not block aligned
-		{UncompressedOffset: 20480, UncompressedSize: 5000}, // padding would pass the file's end
-	}
-	bf := &blobFile{direct: tmp, layout: rafs.BlobLayout{Blob: &rafs.Blob{UncompressedSize: 25480}, Chunks: chunks}}
-	for i, want := range []bool{true, true, false, false, false} {
-		if got := bf.directOK(i); got != want {
-			t.Errorf("chunk at %d (+%d): directOK %v, want %v", chunks[i].UncompressedOffset, chunks[i].UncompressedSize, got, want)
-		}
-	}
-	bf.direct = nil
-	if bf.directOK(0) {
-		t.Error("directOK without an O_DIRECT file")
 	}
 }
