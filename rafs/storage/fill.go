@@ -109,15 +109,16 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 			i++
 			continue
 		}
-		// The run of asked-for chunks stored contiguously from c.
+		// The run of asked-for chunks stored contiguously from c (for
+		// a zran blob, with overlapping extents: see zran.go).
 		run := []*rafs.Chunk{c}
-		end := c.CompressedOffset + uint64(c.CompressedSize)
+		end := chunkEnd(c)
 		for i++; i < len(cs); i++ {
 			n := cs[i]
-			if n.CompressedOffset == end-uint64(run[len(run)-1].CompressedSize) {
+			if n.CompressedOffset == run[len(run)-1].CompressedOffset {
 				continue // duplicate of the last one
 			}
-			if n.CompressedOffset != end || bs.cached(n, f.compressed) {
+			if !bs.follows(end, n) || bs.cached(n, f.compressed) {
 				break
 			}
 			if _, busy := bs.inflight[n.CompressedOffset]; busy {
@@ -126,7 +127,7 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 			f.stats.total.Add(1)
 			f.m.cacheMisses.Inc()
 			run = append(run, n)
-			end += uint64(n.CompressedSize)
+			end = max(end, chunkEnd(n))
 		}
 		st := f.newStream(bs, run, false)
 		for _, cl := range st.items {

@@ -213,10 +213,10 @@ func (f *Fetcher) runStart(bs *blobState, c *rafs.Chunk, limit int) *rafs.Chunk 
 	if k < 0 {
 		return c
 	}
-	for back := 0; k > 0; k-- {
+	for first := k; k > 0; k-- {
 		p := bs.chunks[k-1]
-		back += int(p.CompressedSize)
-		if back > limit || p.CompressedOffset+uint64(p.CompressedSize) != bs.chunks[k].CompressedOffset {
+		back := int(bs.chunks[first].CompressedOffset - p.CompressedOffset)
+		if back > limit || !bs.follows(chunkEnd(p), bs.chunks[k]) {
 			break
 		}
 		if _, busy := bs.inflight[p.CompressedOffset]; busy || bs.cached(p, f.compressed) || !bs.cacheable(p, f.compressed) {

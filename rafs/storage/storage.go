@@ -497,7 +497,8 @@ func (f *Fetcher) loadWhole(bs *blobState, c *rafs.Chunk) ([]byte, error) {
 }
 
 // plan returns c followed by the missing, not in-flight chunks stored
-// right after it, up to batch compressed bytes. bs.mu is held.
+// right after it, up to batch compressed bytes (the range that fetches
+// them all). bs.mu is held.
 func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int) []*rafs.Chunk {
 	group := []*rafs.Chunk{c}
 	if bs.cache == nil {
@@ -509,19 +510,19 @@ func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int) []*rafs.Chunk {
 	if k >= len(cs) || cs[k].CompressedOffset != c.CompressedOffset {
 		return group
 	}
-	end := c.CompressedOffset + uint64(c.CompressedSize)
-	total := uint64(c.CompressedSize)
+	// The group's range is the union of its chunks' extents: they abut,
+	// or in a zran blob overlap (see zran.go).
+	end := chunkEnd(c)
 	for k++; k < len(cs); k++ {
 		n := cs[k]
-		if n.CompressedOffset != end || total+uint64(n.CompressedSize) > uint64(batch) {
+		if !bs.follows(end, n) || max(end, chunkEnd(n))-c.CompressedOffset > uint64(batch) {
 			break
 		}
 		if _, busy := bs.inflight[n.CompressedOffset]; busy || bs.cached(n, f.compressed) {
 			break
 		}
 		group = append(group, n)
-		end += uint64(n.CompressedSize)
-		total += uint64(n.CompressedSize)
+		end = max(end, chunkEnd(n))
 	}
 	return group
 }

@@ -100,6 +100,11 @@ type stream struct {
 	left      atomic.Bool
 	pinned    bool // under blobState.mu
 
+	// hi is where the union of its chunks' extents ends (their last
+	// chunk's end, or for a zran blob, whose extents overlap, the
+	// furthest one's).
+	hi uint64
+
 	mu    sync.Mutex
 	next  int // index of the chunk being read
 	limit int // items[limit:] were split off to another stream
@@ -121,6 +126,7 @@ func (f *Fetcher) newStream(bs *blobState, group []*rafs.Chunk, prefetch bool) *
 		cl.refs.Store(1)
 		st.items[i] = cl
 		bs.inflight[c.CompressedOffset] = cl
+		st.hi = max(st.hi, chunkEnd(c))
 	}
 	return st
 }
@@ -165,11 +171,8 @@ func (bs *blobState) nearby(c *rafs.Chunk) {
 	bs.mu.Unlock()
 }
 
-// end is where st's last chunk ends in the blob.
-func (st *stream) end() uint64 {
-	last := st.items[len(st.items)-1].c
-	return last.CompressedOffset + uint64(last.CompressedSize)
-}
+// end is where st's chunks end in the blob.
+func (st *stream) end() uint64 { return st.hi }
 
 // orphaned reports whether st is a read-ahead stream whose reader has left.
 func (st *stream) orphaned() bool {
@@ -214,8 +217,8 @@ func (f *Fetcher) abandon(st *stream, j int) bool {
 }
 
 // readMark is a read-ahead marker: the reader that gets the marked chunk
-// starts a window at end, which must stay below stop.
-type readMark struct{ end, stop uint64 }
+// starts a window at the chunk stored at next, which must stay below stop.
+type readMark struct{ next, stop uint64 }
 
 // placeMark puts a read-ahead marker on group as mark says, unless the
 // next window would start at or past stop (the end of the file being
@@ -225,9 +228,18 @@ func (bs *blobState) placeMark(group []*rafs.Chunk, mark int, stop uint64) {
 		return
 	}
 	last := group[len(group)-1]
-	end := last.CompressedOffset + uint64(last.CompressedSize)
+	end := uint64(0)
+	for _, c := range group {
+		end = max(end, chunkEnd(c))
+	}
 	if end >= stop {
 		return
+	}
+	// The next window starts at the chunk stored after the group's last
+	// one if it follows it (zran extents overlap: it starts before end).
+	next := end
+	if k := bs.chunkIndex(last); k >= 0 && k+1 < len(bs.chunks) && bs.follows(end, bs.chunks[k+1]) {
+		next = bs.chunks[k+1].CompressedOffset
 	}
 	m := group[0]
 	if mark == markHalf {
@@ -239,7 +251,7 @@ func (bs *blobState) placeMark(group []*rafs.Chunk, mark int, stop uint64) {
 	if _, ok := bs.marks[m.CompressedOffset]; !ok {
 		bs.nmarks.Add(1)
 	}
-	bs.marks[m.CompressedOffset] = readMark{end, stop}
+	bs.marks[m.CompressedOffset] = readMark{next, stop}
 }
 
 // readStop is where read-ahead for the read in ctx ends: the end of the
@@ -290,7 +302,7 @@ func (f *Fetcher) join(cl *call) (st, split *stream) {
 	if far && k < st.limit {
 		// The tail keeps the stream's kind: a prefetch tail is throttled
 		// again once its on-demand readers have theirs.
-		split = &stream{bs: st.bs, items: st.items[k:st.limit], prefetch: st.prefetch, lim: st.lim}
+		split = &stream{bs: st.bs, items: st.items[k:st.limit], prefetch: st.prefetch, lim: st.lim, hi: st.hi}
 		split.limit = len(split.items)
 		if st.readahead {
 			split.readahead, split.near, split.pinned = true, st.near, st.pinned
@@ -372,16 +384,20 @@ func (f *Fetcher) window(bs *blobState, k int, batch int) (n int, seq bool) {
 		return batch, false
 	}
 	cs := bs.chunks
+	// The history is the span of blob its chunks' extents cover (for
+	// abutting extents, the sum of their sizes; zran ones overlap).
 	var hist int
+	var end uint64
 	for j := k - 1; j >= 0 && hist < f.readahead; j-- {
 		p := cs[j]
-		if p.CompressedOffset+uint64(p.CompressedSize) != cs[j+1].CompressedOffset {
+		if !bs.follows(chunkEnd(p), cs[j+1]) {
 			break
 		}
 		if _, busy := bs.inflight[p.CompressedOffset]; !busy && !bs.cached(p, f.compressed) {
 			break
 		}
-		hist += int(p.CompressedSize)
+		end = max(end, chunkEnd(p))
+		hist = int(end - p.CompressedOffset)
 	}
 	if hist == 0 {
 		return batch, false
@@ -421,7 +437,7 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 	}
 	bs.mu.Lock()
 	rm, ok := bs.marks[c.CompressedOffset]
-	end := rm.end
+	end := rm.next
 	if !ok {
 		bs.mu.Unlock()
 		return
@@ -510,9 +526,9 @@ func (f *Fetcher) run(st *stream) {
 		if i >= end {
 			return
 		}
-		first, last := st.items[i].c, st.items[end-1].c
+		first := st.items[i].c
 		start := first.CompressedOffset
-		n := last.CompressedOffset + uint64(last.CompressedSize) - start
+		n := spanEnd(st.items[i:end]) - start
 		t0 := time.Now()
 		rc, err := backend.OpenRange(ctx, f.be, b.ID, int64(start), int64(n))
 		f.log.Debug("storage: stream", "blob", b.ID, "off", start, "len", n, "chunks", end-i, "prefetch", st.prefetch, "open", time.Since(t0), "err", err)
@@ -524,7 +540,11 @@ func (f *Fetcher) run(st *stream) {
 		if st.prefetch {
 			f.stats.prefetchRequests.Add(1)
 		}
-		i, err = f.pump(ctx, st, rc, i)
+		if b.IsZran() {
+			i, err = f.pumpZran(ctx, st, rc, i)
+		} else {
+			i, err = f.pump(ctx, st, rc, i)
+		}
 		rc.Close()
 		if err == nil {
 			return
@@ -628,6 +648,11 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 // pace holds a prefetch stream back: to its bandwidth, and while on-demand
 // reads are in progress that do not wait for it.
 func (f *Fetcher) pace(ctx context.Context, st *stream, c *rafs.Chunk) error {
+	return f.paceBytes(ctx, st, uint64(c.CompressedSize))
+}
+
+// paceBytes is pace for n bytes of the stream.
+func (f *Fetcher) paceBytes(ctx context.Context, st *stream, n uint64) error {
 	if !st.prefetch {
 		return ctx.Err()
 	}
@@ -643,7 +668,7 @@ func (f *Fetcher) pace(ctx context.Context, st *stream, c *rafs.Chunk) error {
 		// prefetch, not for it.
 		return ctx.Err()
 	}
-	if err := st.lim.wait(ctx, uint64(c.CompressedSize)); err != nil {
+	if err := st.lim.wait(ctx, n); err != nil {
 		return err
 	}
 	return ctx.Err()
