@@ -248,10 +248,11 @@ func (k *container) firstLine(ctx context.Context, t testing.TB) time.Time {
 	case st := <-k.exit:
 		k.status = &st
 		// The exit may be seen before the line written just ahead of it.
+		k.drain()
 		select {
 		case <-k.line:
 			return k.lineAt
-		case <-time.After(time.Second):
+		default:
 		}
 		k.checkExit(t, st)
 		t.Fatalf("container %s exited without a line of output:\n%q", k.c.ID(), k.out.String())
@@ -261,9 +262,33 @@ func (k *container) firstLine(ctx context.Context, t testing.TB) time.Time {
 	return time.Time{}
 }
 
-// checkExit fails t unless the command exited 0, and returns its output.
+// drain waits until the container's output is copied in full. The exit
+// status comes from the shim's exit event, which races with the copy of
+// the process's last writes through the fifos: md5sum writes all its
+// lines at exit (a pipe is block-buffered), and a test reading at the
+// exit event saw no line, or all but "WHITEOUT-OK". containerd's own tests
+// read output after task.Delete, which waits for the IO the same way.
+// Bounded: a grandchild holding stdout open keeps the copy going.
+func (k *container) drain() {
+	if k.task == nil {
+		return
+	}
+	done := make(chan struct{})
+	go func() {
+		k.task.IO().Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+	}
+}
+
+// checkExit fails t unless the command exited 0, and returns its output,
+// all of it.
 func (k *container) checkExit(t testing.TB, st containerd.ExitStatus) string {
 	t.Helper()
+	k.drain()
 	code, _, err := st.Result()
 	out := k.out.String()
 	if err != nil || code != 0 {
