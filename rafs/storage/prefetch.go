@@ -194,7 +194,7 @@ func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, l
 		n = max(batch, f.readahead)
 		start = f.runStart(bs, c, n/2)
 	}
-	st := f.newStream(bs, f.plan(bs, start, n), true)
+	st := f.newStream(bs, f.plan(bs, start, n, 0), true)
 	st.lim = lim
 	st.release = func() { <-slots }
 	cl := bs.inflight[c.CompressedOffset]

@@ -462,7 +462,7 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 	if seq && stop != math.MaxUint64 {
 		n = max(batch, fitWindow(c.CompressedOffset, n, stop))
 	}
-	group := f.plan(bs, c, n)
+	group := f.plan(bs, c, n, stop)
 	mark := noMark
 	switch {
 	case seq:
@@ -498,8 +498,11 @@ func (f *Fetcher) loadWhole(bs *blobState, c *rafs.Chunk) ([]byte, error) {
 
 // plan returns c followed by the missing, not in-flight chunks stored
 // right after it, up to batch compressed bytes (the range that fetches
-// them all). bs.mu is held.
-func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int) []*rafs.Chunk {
+// them all). In a zran blob, the chunks that share the last one's context
+// and end by stop (the end of the file being read) are taken beyond
+// batch: a later request would fetch and inflate the context's bytes up
+// to them again. bs.mu is held.
+func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int, stop uint64) []*rafs.Chunk {
 	group := []*rafs.Chunk{c}
 	if bs.cache == nil {
 		// Nowhere to keep the neighbours: fetching them would be waste.
@@ -515,7 +518,10 @@ func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int) []*rafs.Chunk {
 	end := chunkEnd(c)
 	for k++; k < len(cs); k++ {
 		n := cs[k]
-		if !bs.follows(end, n) || max(end, chunkEnd(n))-c.CompressedOffset > uint64(batch) {
+		if !bs.follows(end, n) {
+			break
+		}
+		if max(end, chunkEnd(n))-c.CompressedOffset > uint64(batch) && (chunkEnd(n) > stop || !bs.sameContext(group[len(group)-1], n, end-c.CompressedOffset)) {
 			break
 		}
 		if _, busy := bs.inflight[n.CompressedOffset]; busy || bs.cached(n, f.compressed) {

@@ -453,7 +453,7 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 			if rm.stop != math.MaxUint64 {
 				n = fitWindow(end, n, rm.stop)
 			}
-			group := f.plan(bs, next, n)
+			group := f.plan(bs, next, n, rm.stop)
 			st = f.newStream(bs, group, false)
 			bs.readAhead(st, c.CompressedOffset)
 			bs.placeMark(group, markFirst, rm.stop)

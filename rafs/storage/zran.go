@@ -44,6 +44,19 @@ func (bs *blobState) follows(end uint64, n *rafs.Chunk) bool {
 	return n.CompressedOffset == end
 }
 
+// sameContext reports whether zran chunk n inflates from the same context
+// as p, the last chunk of a group whose range is span bytes so far (at
+// most maxZranGroup): see plan.
+func (bs *blobState) sameContext(p, n *rafs.Chunk, span uint64) bool {
+	if span > maxZranGroup {
+		return false
+	}
+	b := bs.blob
+	cp, ok1 := zranContext(b, p)
+	cn, ok2 := zranContext(b, n)
+	return ok1 && ok2 && cp == cn && b.IsZran()
+}
+
 // spanEnd is where the union of cs's extents ends.
 func spanEnd(cs []*call) uint64 {
 	var end uint64
