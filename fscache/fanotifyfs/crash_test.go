@@ -23,7 +23,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/rafsd/rafsd/fscache/fanotify"
+	"github.com/rafsd/rafsd/fscache/fanotifyfs/guard"
 	"github.com/rafsd/rafsd/rafs/fusedev"
 
 	"github.com/rafsd/rafsd/rafs/config"
@@ -105,7 +105,7 @@ func runDaemon() error {
 		Guard:          os.Getenv("FANOTIFYFS_SUPERVISOR") == "",
 		// Every pass of the reader must raise events, complete or not.
 		KeepMarks: true,
-		Ready: func(s *Server, g *Guard) {
+		Ready: func(s *Server, g *guard.Guard) {
 			if g != nil {
 				fmt.Printf("ready guard=%d\n", g.Pid())
 				return
@@ -483,7 +483,7 @@ func TestTakeoverCompletesReadInFlight(t *testing.T) {
 // the daemon's pid in its environment; a daemon replaces its guard when it
 // takes groups over or drops one).
 func guardsOf(daemon int) []int {
-	want := []byte(guardEnv + "=" + fmt.Sprint(daemon) + "\x00")
+	want := []byte(guard.DaemonEnv + "=" + fmt.Sprint(daemon) + "\x00")
 	ents, _ := os.ReadDir("/proc")
 	var out []int
 	for _, e := range ents {
@@ -638,7 +638,7 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 	if err := readDirect(cache); err != nil {
 		t.Fatalf("direct read of the cache file after the guard exited: %v (its marks should be gone)", err)
 	}
-	if socks := guardSocks(st.WorkDir); len(socks) > 0 {
+	if socks := guard.Sockets(st.WorkDir); len(socks) > 0 {
 		t.Fatalf("guard sockets left in the cache directory: %v", socks)
 	}
 }
@@ -804,7 +804,7 @@ func TestRestartOnSameCacheWithoutSupervisor(t *testing.T) {
 	d.kill()
 	mu.Unlock()
 	waitGone(t, 5*time.Second, "the last daemon's guard", guards...)
-	if socks := guardSocks(st.WorkDir); len(socks) > 0 {
+	if socks := guard.Sockets(st.WorkDir); len(socks) > 0 {
 		t.Fatalf("guard sockets left in the cache directory: %v", socks)
 	}
 	if err := readDirect(cacheDataFile(t, im, st.WorkDir)); err != nil {
@@ -862,68 +862,6 @@ func TestCloseLeavesBusyMountToGuard(t *testing.T) {
 func textOf(path string) string {
 	b, _ := os.ReadFile(path)
 	return string(b)
-}
-
-// A guard listens in cache directories whose socket path is longer than
-// sockaddr_un holds (through /proc/self/fd of the directory), and a client
-// reaches it there; a guard whose daemon lives says so and hands nothing
-// over.
-func TestGuardSocketLongPath(t *testing.T) {
-	fstest.RequireRoot(t)
-	g, err := fanotify.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	ino, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(ino)
-	dir := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 60))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	gp := &guardProc{log: testLogger(t), daemon: 4242, msg: -1, lns: map[string]int{}, holds: []holding{{g, ino}}}
-	gp.listen([]string{dir})
-	t.Cleanup(func() {
-		for path, fd := range gp.lns {
-			os.Remove(path)
-			unix.Close(fd)
-		}
-	})
-	socks := guardSocks(dir)
-	if len(socks) != 1 || len(socks[0]) < 108 {
-		t.Fatalf("guard sockets %v, want one with a path longer than sockaddr_un", socks)
-	}
-	type answer struct {
-		rep   guardReply
-		holds []holding
-		err   error
-	}
-	res := make(chan answer, 1)
-	go func() {
-		rep, holds, conn, err := askGuard(socks[0], true)
-		if conn != nil {
-			conn.Close()
-		}
-		res <- answer{rep, holds, err}
-	}()
-	// One accept, as the guard's loop would on POLLIN.
-	for _, fd := range gp.lns {
-		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		if n, _ := unix.Poll(p, 10000); n != 1 {
-			t.Fatal("no client reached the guard's socket")
-		}
-		gp.serveConn(fd)
-	}
-	a := <-res
-	if a.err != nil {
-		t.Fatal(a.err)
-	}
-	if !a.rep.Alive || a.rep.Daemon != 4242 || a.rep.Guard != os.Getpid() || len(a.holds) != 0 {
-		t.Fatalf("reply %+v with %d groups, want the daemon alive and nothing handed over", a.rep, len(a.holds))
-	}
 }
 
 // A daemon with a supervisor cannot hold an adopted group across its own

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/fscache/fanotify"
+	"github.com/rafsd/rafsd/fscache/fanotifyfs/guard"
 	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/fusedev"
 	"github.com/rafsd/rafsd/rafs/storage"
@@ -67,7 +68,7 @@ type DaemonOptions struct {
 	FetcherOptions []storage.Option
 	// Guard, without a supervisor, starts a guard process before
 	// mounting, so that the daemon's death fails reads with EIO instead of
-	// letting them see holes (see guard.go). A daemon with a guard takes
+	// letting them see holes (package guard). A daemon with a guard takes
 	// over the groups of a crashed daemon's guard in a cache directory it
 	// mounts from. The binary must call MaybeRunGuard first thing in main.
 	Guard bool
@@ -81,7 +82,7 @@ type DaemonOptions struct {
 	KeepMarks bool
 	// Ready, if set, is called once every mount is served (with the
 	// guard, if any).
-	Ready func(*Server, *Guard)
+	Ready func(*Server, *guard.Guard)
 }
 
 // Daemon is the fanotify mode of rafsd: one group, one Server, and mounts
@@ -92,7 +93,7 @@ type Daemon struct {
 	g       *fanotify.Group
 	srv     *Server
 	journal *fanotify.Journal
-	guard   atomic.Pointer[Guard]
+	guard   atomic.Pointer[guard.Guard]
 	// ino, with a guard, is the inotify instance watching the roots of
 	// the daemon's mounts (-1 without a guard): the guard's exit condition.
 	ino int
@@ -124,7 +125,7 @@ type daemonMount struct {
 // their readers block until an upgraded daemon answers. Without a
 // supervisor its guard detaches them and fails their reads with EIO until
 // a new daemon mounting from the same cache directory takes the group
-// over, or their last reader closes (guard.go).
+// over, or their last reader closes (package guard).
 func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 	d, err := StartDaemon(opts)
 	if err != nil {
@@ -204,7 +205,7 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 		if d.ino, err = unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK); err != nil {
 			return nil, fmt.Errorf("fanotifyfs: guard: inotify: %w", err)
 		}
-		gd, err := startGuard([]holding{{d.g, d.ino}}, guardUpdate{})
+		gd, err := guard.Start([]guard.Holding{{Group: d.g, Inotify: d.ino}}, guard.Update{})
 		if err != nil {
 			return nil, err
 		}
@@ -229,7 +230,7 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 			}
 		} else if gd := d.guard.Load(); gd != nil {
 			d.mu.Lock()
-			err := gd.update(d.guardUpdate())
+			err := gd.Update(d.guardUpdate())
 			d.mu.Unlock()
 			if err != nil {
 				return nil, err
@@ -286,7 +287,7 @@ func (d *Daemon) Server() *Server { return d.srv }
 
 // Guard is the daemon's guard process, if it started one. The daemon
 // replaces it when it takes groups over or drops one, so ask again.
-func (d *Daemon) Guard() *Guard { return d.guard.Load() }
+func (d *Daemon) Guard() *guard.Guard { return d.guard.Load() }
 
 // Done delivers Serve's result if it stops before Close (a failed group).
 func (d *Daemon) Done() <-chan error { return d.served }
@@ -398,7 +399,7 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 	}
 	d.mounts = append(d.mounts, &daemonMount{spec: ms, m: m, f: f})
 	if d.ino >= 0 {
-		if err := watchRoot(d.ino, ms.Mountpoint); err != nil {
+		if err := guard.WatchRoot(d.ino, ms.Mountpoint); err != nil {
 			d.log.Error("fanotifyfs: mount not watched; if the daemon dies its guard may exit while the mount is still read", "err", err)
 		}
 		if dir != "" && !slices.Contains(d.dirs, dir) {
@@ -451,7 +452,7 @@ func (d *Daemon) changed() {
 	d.mu.Lock()
 	var err error
 	if gd := d.guard.Load(); gd != nil && !d.closed {
-		err = gd.update(d.guardUpdate())
+		err = gd.Update(d.guardUpdate())
 	}
 	d.mu.Unlock()
 	if err != nil {
@@ -530,19 +531,19 @@ func (d *Daemon) Close() error {
 	if gd := d.guard.Load(); gd != nil {
 		live := 0
 		for _, ino := range append([]int{d.ino}, inos(adopted)...) {
-			n, _ := watchCount(ino)
+			n, _ := guard.Watches(ino)
 			live += n
 		}
 		if live > 0 {
 			d.log.Warn("fanotifyfs: closing with mounts still read; the guard fails their reads with EIO until they close", "guard", gd.Pid(), "mounts", live)
-			gd.letGo()
+			gd.LetGo()
 		} else {
 			gd.Stop()
 		}
 	}
 	for _, a := range adopted {
-		a.g.Close()
-		unix.Close(a.ino)
+		a.Group.Close()
+		unix.Close(a.Inotify)
 	}
 	if d.ino >= 0 {
 		unix.Close(d.ino)
@@ -555,7 +556,7 @@ func (d *Daemon) Close() error {
 
 // adoptedGroup is a group taken over from a crashed daemon's guard.
 type adoptedGroup struct {
-	holding
+	guard.Holding
 	cancel context.CancelFunc
 	done   chan struct{} // Serve returned
 }
@@ -563,24 +564,24 @@ type adoptedGroup struct {
 func inos(as []*adoptedGroup) []int {
 	var out []int
 	for _, a := range as {
-		out = append(out, a.ino)
+		out = append(out, a.Inotify)
 	}
 	return out
 }
 
 // holdings are the groups the guard must hold, the daemon's own first;
 // d.mu is held.
-func (d *Daemon) holdings() []holding {
-	hs := []holding{{d.g, d.ino}}
+func (d *Daemon) holdings() []guard.Holding {
+	hs := []guard.Holding{{Group: d.g, Inotify: d.ino}}
 	for _, a := range d.adopted {
-		hs = append(hs, a.holding)
+		hs = append(hs, a.Holding)
 	}
 	return hs
 }
 
 // guardUpdate is what the guard is to know now; d.mu is held.
-func (d *Daemon) guardUpdate() guardUpdate {
-	u := guardUpdate{Dirs: slices.Clone(d.dirs)}
+func (d *Daemon) guardUpdate() guard.Update {
+	u := guard.Update{Dirs: slices.Clone(d.dirs)}
 	for _, dm := range d.mounts {
 		u.Mounts = append(u.Mounts, dm.spec.Mountpoint)
 	}
@@ -591,7 +592,7 @@ func (d *Daemon) guardUpdate() guardUpdate {
 // old one; d.mu is held. The new one holds its copies before the old
 // lets go, so no group is ever held by the daemon alone.
 func (d *Daemon) replaceGuard() error {
-	gd, err := startGuard(d.holdings(), d.guardUpdate())
+	gd, err := guard.Start(d.holdings(), d.guardUpdate())
 	if err != nil {
 		return err
 	}
@@ -606,8 +607,8 @@ func (d *Daemon) replaceGuard() error {
 // marks are on the cache files this mount will use, so until then the
 // fetcher's I/O and this mount's reads would be denied.
 func (d *Daemon) takeOverGuards(dir string) error {
-	for _, p := range guardSocks(dir) {
-		rep, holds, conn, err := askGuard(p, d.ino >= 0)
+	for _, p := range guard.Sockets(dir) {
+		rep, ho, err := guard.Ask(p, d.ino >= 0)
 		if err != nil {
 			d.log.Warn("fanotifyfs: guard socket in the cache directory did not answer", "socket", p, "err", err)
 			continue
@@ -620,28 +621,26 @@ func (d *Daemon) takeOverGuards(dir string) error {
 			continue
 		case d.ino < 0:
 			return fmt.Errorf("cache directory %s is still guarded by guard %d of crashed daemon %d (a detached mount of it is still read): only a daemon without a supervisor takes such a guard over", dir, rep.Guard, rep.Daemon)
-		case len(holds) == 0:
+		case ho == nil:
 			continue
 		}
 		// This process's own cache I/O now raises events in these groups
 		// (they marked the files before the fetcher opens them) and, the
 		// files being opened while marked, in its own group too.
 		d.srv.trustSelf.Store(true)
-		for _, h := range holds {
+		for _, h := range ho.Holds {
 			d.serveAdopted(h)
 		}
 		if err := d.replaceGuard(); err != nil {
 			// No acknowledgement: the old guard keeps guarding them.
-			conn.Close()
-			d.dropAdoptedLocked(holds)
+			ho.Abort()
+			d.dropAdoptedLocked(ho.Holds)
 			return fmt.Errorf("take over guard %d: %w", rep.Guard, err)
 		}
-		_, err = conn.Write([]byte{guardAck})
-		conn.Close()
-		if err != nil {
+		if err := ho.Ack(); err != nil {
 			d.log.Error("fanotifyfs: guard not told of the take-over; it keeps denying events beside this daemon", "guard", rep.Guard, "err", err)
 		}
-		d.log.Warn("fanotifyfs: took over the groups of a crashed daemon's guard; serving the reads of its detached mounts", "dir", dir, "daemon", rep.Daemon, "guard", rep.Guard, "groups", len(holds))
+		d.log.Warn("fanotifyfs: took over the groups of a crashed daemon's guard; serving the reads of its detached mounts", "dir", dir, "daemon", rep.Daemon, "guard", rep.Guard, "groups", len(ho.Holds))
 	}
 	return nil
 }
@@ -650,14 +649,14 @@ func (d *Daemon) takeOverGuards(dir string) error {
 // mount reads through it any more; d.mu is held. Its events name the
 // same cache files as the daemon's own, so the Server fills them; events
 // of files no mount of this daemon uses are denied with EIO.
-func (d *Daemon) serveAdopted(h holding) {
+func (d *Daemon) serveAdopted(h guard.Holding) {
 	ctx, cancel := context.WithCancel(context.Background())
-	a := &adoptedGroup{holding: h, cancel: cancel, done: make(chan struct{})}
+	a := &adoptedGroup{Holding: h, cancel: cancel, done: make(chan struct{})}
 	d.adopted = append(d.adopted, a)
 	s := d.srv
 	go func() {
 		defer close(a.done)
-		err := a.g.Serve(ctx, s, fanotify.Options{
+		err := a.Group.Serve(ctx, s, fanotify.Options{
 			Timeout: d.opts.Timeout, Workers: d.opts.Workers, Logger: d.log,
 			// The group marked the cache files before this process
 			// opened them: its own I/O raises events in it.
@@ -682,7 +681,7 @@ func (d *Daemon) serveAdopted(h holding) {
 				return
 			case <-t.C:
 			}
-			if n, err := watchCount(a.ino); err == nil && n == 0 {
+			if n, err := guard.Watches(a.Inotify); err == nil && n == 0 {
 				d.dropAdopted(a)
 				return
 			}
@@ -709,16 +708,16 @@ func (d *Daemon) dropAdopted(a *adoptedGroup) {
 	d.mu.Unlock()
 	a.cancel()
 	<-a.done
-	a.g.Close()
-	unix.Close(a.ino)
+	a.Group.Close()
+	unix.Close(a.Inotify)
 	d.log.Info("fanotifyfs: the mounts of an adopted group are gone; group closed")
 }
 
 // dropAdoptedLocked undoes serveAdopted for holds after a failed
 // take-over (the old guard still holds them); d.mu is held.
-func (d *Daemon) dropAdoptedLocked(holds []holding) {
+func (d *Daemon) dropAdoptedLocked(holds []guard.Holding) {
 	for _, h := range holds {
-		k := slices.IndexFunc(d.adopted, func(a *adoptedGroup) bool { return a.g == h.g })
+		k := slices.IndexFunc(d.adopted, func(a *adoptedGroup) bool { return a.Group == h.Group })
 		if k < 0 {
 			continue
 		}
@@ -726,7 +725,7 @@ func (d *Daemon) dropAdoptedLocked(holds []holding) {
 		d.adopted = slices.Delete(d.adopted, k, k+1)
 		a.cancel()
 		<-a.done
-		a.g.Close()
-		unix.Close(a.ino)
+		a.Group.Close()
+		unix.Close(a.Inotify)
 	}
 }
