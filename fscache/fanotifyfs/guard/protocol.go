@@ -78,8 +78,11 @@ func decodeReply(b []byte, nfds int) (Reply, error) {
 	return rep, nil
 }
 
-// parseRights returns the fds passed in control message oob. On error the
-// fds parsed so far are returned too, for the caller to close.
+// parseRights returns the fds passed in control message oob. The kernel
+// writes oob, but a malformed message must not panic the daemon
+// (unix.ParseUnixRights indexes past a data length that is not a multiple
+// of 4). On error the fds parsed so far are returned too, for the caller
+// to close.
 func parseRights(oob []byte) ([]int, error) {
 	if len(oob) == 0 {
 		return nil, nil
@@ -90,9 +93,17 @@ func parseRights(oob []byte) ([]int, error) {
 	}
 	var fds []int
 	for _, m := range msgs {
-		if rights, err := unix.ParseUnixRights(&m); err == nil {
-			fds = append(fds, rights...)
+		if m.Header.Level != unix.SOL_SOCKET || m.Header.Type != unix.SCM_RIGHTS {
+			continue
 		}
+		if len(m.Data)%4 != 0 {
+			return fds, fmt.Errorf("control message: SCM_RIGHTS of %d bytes", len(m.Data))
+		}
+		rights, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			return fds, fmt.Errorf("control message: %w", err)
+		}
+		fds = append(fds, rights...)
 	}
 	return fds, nil
 }
