@@ -29,7 +29,7 @@ import (
 // without one a guard process fails reads with EIO if the daemon dies, and
 // exits once the last reader of its detached mounts closes. A daemon
 // restarted without a supervisor takes the group over from that guard when
-// it mounts from the same cache directory (fscache/fanotifyfs/guard.go):
+// it mounts from the same cache directory (package fscache/fanotifyfs/guard):
 // its mount reads right, and so do the readers of the old detached mounts.
 func runFanotify(a *args, log *slog.Logger) error {
 	if a.upgrade && a.supervisor == "" {
