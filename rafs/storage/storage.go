@@ -33,7 +33,11 @@
 // reopened where it stopped (twice); the chunks it then cannot deliver
 // fail with EIO. A read-ahead stream whose reader has left is cancelled.
 // Verified chunks are written to the cache (data durable before the chunk
-// is marked present).
+// is marked present). Zran blobs (--oci-ref: chunks are ranges of an
+// original gzip layer) stream the same way: their chunks' extents overlap
+// (each starts at its context's checkpoint), so a stream's request is the
+// union of its chunks' extents, and the chunks of one context are inflated
+// together, once, then each is digest-checked and handed out (zran.go).
 //
 // Prefetch: the image's prefetch list (files, directories recursively),
 // then with prefetch_all every chunk of its blobs, in streams of up to the
