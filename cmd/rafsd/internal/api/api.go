@@ -15,7 +15,6 @@ import (
 	"net/http"
 	"os"
 	"runtime"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -109,7 +108,13 @@ func Listen(path string, h http.Handler) (*http.Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("api socket: %w", err)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	// No ReadHeaderTimeout (nor idle timeout): nydus-snapshotter's liveness
+	// monitor dials this socket, never sends a request and takes the
+	// connection's hangup for the daemon's death. A 10 s header timeout
+	// closed it, so every daemon "died" 10 s after it was subscribed and
+	// the snapshotter started a failover of a live daemon. nydusd keeps
+	// such connections too; the socket is the daemon owner's alone.
+	srv := &http.Server{Handler: h}
 	go func() { _ = srv.Serve(l) }()
 	return srv, nil
 }
