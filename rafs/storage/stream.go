@@ -616,18 +616,10 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 			}
 		}
 	}()
-	writes := make(chan verified, pumpDepth)
-	written := make(chan struct{})
-	go func() {
-		defer close(written)
-		for v := range writes {
-			f.keep(st.bs, v)
-		}
-	}()
+	w := f.startWriter(st.bs)
 	defer func() {
 		close(stop)
-		close(writes)
-		<-written
+		w.close()
 	}()
 	next := i
 	for p := range pieces {
@@ -638,11 +630,36 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 			return p.i, p.err
 		}
 		if v, ok := f.verify(ctx, st, st.items[p.i], p.raw); ok {
-			writes <- v
+			w.ch <- v
 		}
 		next = p.i + 1
 	}
 	return next, nil
+}
+
+// writer is a stream pipeline's last stage: it writes verified chunks to
+// the cache in order (after which they leave flight), so that the stages
+// before it never wait for the disk.
+type writer struct {
+	ch   chan verified
+	done chan struct{}
+}
+
+func (f *Fetcher) startWriter(bs *blobState) *writer {
+	w := &writer{ch: make(chan verified, pumpDepth), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		for v := range w.ch {
+			f.keep(bs, v)
+		}
+	}()
+	return w
+}
+
+// close returns once every chunk sent has been written.
+func (w *writer) close() {
+	close(w.ch)
+	<-w.done
 }
 
 // pace holds a prefetch stream back: to its bandwidth, and while on-demand

@@ -168,18 +168,10 @@ func (f *Fetcher) pumpZran(ctx context.Context, st *stream, rc io.Reader, i int)
 			j = g
 		}
 	}()
-	writes := make(chan verified, pumpDepth)
-	written := make(chan struct{})
-	go func() {
-		defer close(written)
-		for v := range writes {
-			f.keep(st.bs, v)
-		}
-	}()
+	w := f.startWriter(st.bs)
 	defer func() {
 		close(stop)
-		close(writes)
-		<-written
+		w.close()
 	}()
 	next := i
 	for p := range pieces {
@@ -189,7 +181,7 @@ func (f *Fetcher) pumpZran(ctx context.Context, st *stream, rc io.Reader, i int)
 			}
 			return p.i, p.err
 		}
-		f.verifyZran(ctx, st, p, writes)
+		f.verifyZran(ctx, st, p, w.ch)
 		next = p.i + p.n
 	}
 	return next, nil
