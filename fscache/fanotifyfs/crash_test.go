@@ -576,23 +576,34 @@ func readDirect(path string) error {
 	return err
 }
 
+// guardedDaemon starts a daemon without a supervisor (so with a guard)
+// serving im, an image of one file, f, holding data; the test's cleanup
+// detaches the mount and kills the daemon.
+func guardedDaemon(t *testing.T, data []byte, env ...string) (daemonState, *daemonProc, *image) {
+	t.Helper()
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	if err := os.WriteFile(src+"/f", data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im := buildImage(t, src, 64<<10)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+	d := startDaemon(t, nil, st, false, env...)
+	t.Cleanup(func() {
+		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		d.kill()
+	})
+	return st, d, im
+}
+
 // Without a supervisor, the guard makes a daemon's death loud: a reader
 // holding a file open gets EIO for data not yet fetched, never zeros, and
 // the mount is detached. Once that reader closes, the detached superblock
 // goes, and the guard exits: its marks no longer deny reads of the cache
 // file, and no guard process is left.
 func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
-	fstest.RequireRoot(t)
-	src := t.TempDir()
 	data := fstest.Bytes(5, 2<<20)
-	os.WriteFile(src+"/f", data, 0o644)
-	im := buildImage(t, src, 64<<10)
-	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
-	d := startDaemon(t, nil, st, false)
-	t.Cleanup(func() {
-		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
-		d.kill()
-	})
+	st, d, im := guardedDaemon(t, data)
 	if d.guard == 0 {
 		t.Fatal("daemon started no guard")
 	}
@@ -647,16 +658,7 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 // SIGKILLed gets EIO from the guard (it answers the events the dead daemon
 // held), not a hang; then, with no file left open, the guard exits.
 func TestGuardDeniesReadInFlightAtKill(t *testing.T) {
-	fstest.RequireRoot(t)
-	src := t.TempDir()
-	os.WriteFile(src+"/f", fstest.Bytes(6, 3<<20), 0o644)
-	im := buildImage(t, src, 64<<10)
-	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
-	d := startDaemon(t, nil, st, false, "FANOTIFYFS_HANG=1")
-	t.Cleanup(func() {
-		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
-		d.kill()
-	})
+	st, d, _ := guardedDaemon(t, fstest.Bytes(6, 3<<20), "FANOTIFYFS_HANG=1")
 	res := make(chan error, 1)
 	go func() {
 		b, err := os.ReadFile(st.Mountpoint + "/f")
@@ -818,17 +820,8 @@ func TestRestartOnSameCacheWithoutSupervisor(t *testing.T) {
 // the daemon had died: the reader gets EIO, and when it closes the guard
 // exits.
 func TestCloseLeavesBusyMountToGuard(t *testing.T) {
-	fstest.RequireRoot(t)
-	src := t.TempDir()
 	data := fstest.Bytes(8, 2<<20)
-	os.WriteFile(src+"/f", data, 0o644)
-	im := buildImage(t, src, 64<<10)
-	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
-	d := startDaemon(t, nil, st, false)
-	t.Cleanup(func() {
-		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
-		d.kill()
-	})
+	st, d, _ := guardedDaemon(t, data)
 	fh, err := os.Open(st.Mountpoint + "/f")
 	if err != nil {
 		t.Fatal(err)
@@ -869,16 +862,7 @@ func textOf(path string) string {
 // clear error, a cache directory that a crashed daemon's guard still
 // guards, instead of having its fills denied by that guard.
 func TestSupervisedDaemonRefusesGuardedCache(t *testing.T) {
-	fstest.RequireRoot(t)
-	src := t.TempDir()
-	os.WriteFile(src+"/f", fstest.Bytes(9, 1<<20), 0o644)
-	im := buildImage(t, src, 64<<10)
-	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
-	d := startDaemon(t, nil, st, false)
-	t.Cleanup(func() {
-		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
-		d.kill()
-	})
+	st, d, _ := guardedDaemon(t, fstest.Bytes(9, 1<<20))
 	fh, err := os.Open(st.Mountpoint + "/f")
 	if err != nil {
 		t.Fatal(err)
