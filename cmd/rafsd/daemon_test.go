@@ -336,7 +336,18 @@ func checkTree(t *testing.T, img *image, dir string) {
 // directRead reads a whole file with O_DIRECT, so every read is a FUSE
 // request and not a page-cache hit.
 func directRead(path string, buf []byte) ([]byte, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	// EINTR is retried, as package os does: Go's preemption signals
+	// (SIGURG) interrupt a read the kernel has in flight to the daemon,
+	// which then answers the FUSE_INTERRUPT with EINTR. Under load a read
+	// waiting out a takeover met one: 'read .../big.bin: interrupted
+	// system call'. Any other error is the daemon's and counts.
+	var fd int
+	var err error
+	for {
+		if fd, err = unix.Open(path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0); err != unix.EINTR {
+			break
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
@@ -347,6 +358,9 @@ func directRead(path string, buf []byte) ([]byte, error) {
 			return nil, errors.New("buffer too small")
 		}
 		m, err := unix.Read(fd, buf[n:])
+		if err == unix.EINTR {
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("read %s: %w", path, err)
 		}
