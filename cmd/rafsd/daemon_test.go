@@ -336,11 +336,12 @@ func checkTree(t *testing.T, img *image, dir string) {
 // directRead reads a whole file with O_DIRECT, so every read is a FUSE
 // request and not a page-cache hit.
 func directRead(path string, buf []byte) ([]byte, error) {
-	// EINTR is retried, as package os does: Go's preemption signals
-	// (SIGURG) interrupt a read the kernel has in flight to the daemon,
-	// which then answers the FUSE_INTERRUPT with EINTR. Under load a read
-	// waiting out a takeover met one: 'read .../big.bin: interrupted
-	// system call'. Any other error is the daemon's and counts.
+	// EINTR is retried, as package os does: a signal to the test process
+	// (SIGCHLD when the old daemon exits in a takeover, Go's own SIGURG)
+	// can land on the thread whose read the kernel has in flight to the
+	// daemon; the kernel sends FUSE_INTERRUPT and the daemon answers
+	// EINTR. Under load a read waiting out a takeover met one: 'read
+	// .../big.bin: interrupted system call'. Any other error counts.
 	var fd int
 	var err error
 	for {
@@ -1075,6 +1076,9 @@ func TestBackendKilledMidRead(t *testing.T) {
 	off := 0
 	readPiece := func() error {
 		n, err := unix.Pread(fd, buf[off:off+piece], int64(off))
+		for err == unix.EINTR { // see directRead
+			n, err = unix.Pread(fd, buf[off:off+piece], int64(off))
+		}
 		if err == nil {
 			off += n
 		}
