@@ -498,9 +498,6 @@ func Inflate(in []byte, bits uint8, prev byte, dict []byte, skip int64, out []by
 		}
 		pos += int64(len(p))
 	}
-	if len(out) == 0 {
-		return nil
-	}
 	for {
 		final, err := r.Block(w)
 		if IsLimit(err) {
