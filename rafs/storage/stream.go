@@ -163,16 +163,13 @@ func (bs *blobState) nearby(c *rafs.Chunk) {
 	off := c.CompressedOffset
 	bs.mu.Lock()
 	for _, st := range bs.ra {
-		if off >= st.near && off < st.end() {
+		if off >= st.near && off < st.hi {
 			st.touched.Store(now)
 			st.left.Store(false)
 		}
 	}
 	bs.mu.Unlock()
 }
-
-// end is where st's chunks end in the blob.
-func (st *stream) end() uint64 { return st.hi }
 
 // orphaned reports whether st is a read-ahead stream whose reader has left.
 func (st *stream) orphaned() bool {
@@ -305,10 +302,8 @@ func (f *Fetcher) join(cl *call) (st, split *stream) {
 		split = &stream{bs: st.bs, items: st.items[k:st.limit], prefetch: st.prefetch, lim: st.lim, hi: st.hi}
 		split.limit = len(split.items)
 		if st.readahead {
-			split.readahead, split.near, split.pinned = true, st.near, st.pinned
-			split.touched.Store(time.Now().UnixNano())
-			st.bs.ra = append(st.bs.ra, split)
-			st.bs.nra.Store(int32(len(st.bs.ra)))
+			st.bs.readAhead(split, st.near)
+			split.pinned = st.pinned
 		}
 		f.m.splits.Inc()
 		st.limit = k
