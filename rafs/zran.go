@@ -76,28 +76,40 @@ func decodeZran(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
 		return nil, fmt.Errorf("chunk %d of blob %s: no zran record (%d): %w", c.Index, b.ID, len(z.Chunks), ErrInvalid)
 	}
 	zc := z.Chunks[c.Index]
-	if int64(zc.Context) >= int64(len(z.Contexts)) {
-		return nil, fmt.Errorf("chunk %d of blob %s: zran context %d of %d: %w", c.Index, b.ID, zc.Context, len(z.Contexts), ErrInvalid)
+	data := make([]byte, c.UncompressedSize)
+	if err := z.Inflate(zc.Context, raw, c.CompressedOffset, int64(zc.Offset), data); err != nil {
+		return nil, fmt.Errorf("chunk %d of blob %s: %w", c.Index, b.ID, err)
 	}
-	ctx := &z.Contexts[zc.Context]
-	if ctx.CtxBits > 7 || len(ctx.Dict) > MaxZranDict {
-		return nil, fmt.Errorf("chunk %d of blob %s: zran context %d (%d bits, %d-byte dictionary): %w", c.Index, b.ID, zc.Context, ctx.CtxBits, len(ctx.Dict), ErrInvalid)
+	return data, nil
+}
+
+// Inflate inflates output [skip, skip+len(out)) of context ci (offsets in
+// the context's output, as ZranChunk.Offset) from raw, the layer's bytes
+// from offset lo on. raw starts at or before the context's InOffset, or
+// after it within the context's Head. A chunk read inflates one chunk
+// (DecodeChunkBytes); a fetcher may inflate a context once for all of its
+// chunks it fetched together (rafs/zran.InflateContext).
+func (z *Zran) Inflate(ci uint32, raw []byte, lo uint64, skip int64, out []byte) error {
+	if int64(ci) >= int64(len(z.Contexts)) {
+		return fmt.Errorf("%w: zran context %d of %d", ErrInvalid, ci, len(z.Contexts))
+	}
+	ctx := &z.Contexts[ci]
+	if ctx.CtxBits > 7 || len(ctx.Dict) > MaxZranDict || skip < 0 {
+		return fmt.Errorf("%w: zran context %d (%d bits, %d-byte dictionary, skip %d)", ErrInvalid, ci, ctx.CtxBits, len(ctx.Dict), skip)
 	}
 	var in []byte
 	switch {
-	case c.CompressedOffset <= ctx.InOffset && ctx.InOffset-c.CompressedOffset <= uint64(len(raw)):
-		in = raw[ctx.InOffset-c.CompressedOffset:]
-	case c.CompressedOffset > ctx.InOffset && c.CompressedOffset-ctx.InOffset <= uint64(len(ctx.Head)):
-		head := ctx.Head[:c.CompressedOffset-ctx.InOffset]
+	case lo <= ctx.InOffset && ctx.InOffset-lo <= uint64(len(raw)):
+		in = raw[ctx.InOffset-lo:]
+	case lo > ctx.InOffset && lo-ctx.InOffset <= uint64(len(ctx.Head)):
+		head := ctx.Head[:lo-ctx.InOffset]
 		in = make([]byte, 0, len(head)+len(raw))
 		in = append(append(in, head...), raw...)
 	default:
-		return nil, fmt.Errorf("chunk %d of blob %s: extent [%d,+%d) does not reach zran context %d at %d (%d head bytes): %w",
-			c.Index, b.ID, c.CompressedOffset, len(raw), zc.Context, ctx.InOffset, len(ctx.Head), ErrInvalid)
+		return fmt.Errorf("%w: bytes [%d,+%d) do not reach zran context %d at %d (%d head bytes)", ErrInvalid, lo, len(raw), ci, ctx.InOffset, len(ctx.Head))
 	}
-	data := make([]byte, c.UncompressedSize)
-	if err := deflate.Inflate(in, ctx.CtxBits, ctx.CtxByte, ctx.Dict, int64(zc.Offset), data); err != nil {
-		return nil, fmt.Errorf("chunk %d of blob %s: inflate from checkpoint %d: %w: %v", c.Index, b.ID, zc.Context, ErrInvalid, err)
+	if err := deflate.Inflate(in, ctx.CtxBits, ctx.CtxByte, ctx.Dict, skip, out); err != nil {
+		return fmt.Errorf("inflate from zran context %d: %w: %v", ci, ErrInvalid, err)
 	}
-	return data, nil
+	return nil
 }
