@@ -152,7 +152,6 @@ func codeOf(status int) string {
 	return "UNDEFINED"
 }
 
-// statusOf maps daemon errors to HTTP status codes.
 // StatusOf maps the daemon's errors (daemon.ErrInvalid, ErrNotFound, ...)
 // to HTTP statuses.
 func StatusOf(err error) int {
