@@ -17,15 +17,16 @@ import (
 	"time"
 
 	"github.com/rafsd/rafsd/guest/treehash"
+	"github.com/rafsd/rafsd/internal/testutil"
 )
 
 // pair serves an Agent on one end of an in-memory pipe and returns the
 // Client on the other. The VM tests in package testbed run the same code
 // over a real virtio-serial port.
-func pair(t *testing.T) (*Client, *Agent, *syncBuffer) {
+func pair(t *testing.T) (*Client, *Agent, *testutil.SyncBuffer) {
 	t.Helper()
 	h, g := net.Pipe()
-	console := &syncBuffer{}
+	console := &testutil.SyncBuffer{}
 	var powered sync.WaitGroup
 	powered.Add(1)
 	a := &Agent{Version: "test", Console: console, PowerOff: func() error { powered.Done(); return nil }}
@@ -40,24 +41,6 @@ func pair(t *testing.T) (*Client, *Agent, *syncBuffer) {
 		<-served
 	})
 	return c, a, console
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.Buffer.Write(p)
-}
-
-// String is safe to call while the agent writes.
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.Buffer.String()
 }
 
 // waitUntil polls cond until it holds; the deadline is for a loaded CI box,
