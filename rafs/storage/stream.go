@@ -555,12 +555,15 @@ func (f *Fetcher) run(st *stream) {
 	}
 }
 
-// piece is a chunk's stored bytes read from a stream, or the error that
-// ended it.
+// piece is a run of a stream's chunks read from its body, items [i, i+n)
+// with raw holding the blob's bytes [lo, lo+len(raw)) (a lone chunk's
+// piece is just its stored bytes), or the error that ended the body at
+// item i.
 type piece struct {
-	i   int
-	raw []byte
-	err error
+	i, n int
+	lo   uint64
+	raw  []byte
+	err  error
 }
 
 // pumpDepth is how many chunks each stage of a stream's pipeline may
@@ -576,10 +579,7 @@ const pumpDepth = 4
 // and, if it stopped short of the stream's limit, why. Every chunk it
 // delivered has left flight when it returns.
 func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (int, error) {
-	pieces := make(chan piece, pumpDepth)
-	stop := make(chan struct{})
-	go func() {
-		defer close(pieces)
+	read := func(send func(piece) bool) {
 		for j := i; ; j++ {
 			st.mu.Lock()
 			if j >= st.limit {
@@ -598,18 +598,42 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 				raw = getBuf(int(c.CompressedSize))
 				_, err = io.ReadFull(rc, raw)
 			}
-			select {
-			case pieces <- piece{j, raw, err}:
-			case <-stop:
-				if raw != nil {
-					putBuf(raw)
-				}
-				return
-			}
-			if err != nil {
+			if !send(piece{i: j, n: 1, raw: raw, err: err}) || err != nil {
 				return
 			}
 		}
+	}
+	return f.pipeline(st, i, read, func(p piece, writes chan<- verified) {
+		if v, ok := f.verify(ctx, st, st.items[p.i], p.raw); ok {
+			writes <- v
+		}
+	})
+}
+
+// pipeline runs a stream's pipeline from item i, shared by pump and
+// pumpZran: read, the network stage, runs in a goroutine of its own and
+// passes each piece to send, which reports false (having put its buffer
+// back) once the pipeline stopped; read returns after a piece with an
+// error. handle, the verify stage, hands out a piece's chunks and passes
+// them on to the cache writer. pipeline returns the index of the first
+// item not handled and the error that stopped read short, if any; every
+// chunk handled has left flight when it returns.
+func (f *Fetcher) pipeline(st *stream, i int, read func(send func(piece) bool), handle func(piece, chan<- verified)) (int, error) {
+	pieces := make(chan piece, pumpDepth)
+	stop := make(chan struct{})
+	go func() {
+		defer close(pieces)
+		read(func(p piece) bool {
+			select {
+			case pieces <- p:
+				return true
+			case <-stop:
+				if p.raw != nil {
+					putBuf(p.raw)
+				}
+				return false
+			}
+		})
 	}()
 	w := f.startWriter(st.bs)
 	defer func() {
@@ -624,10 +648,8 @@ func (f *Fetcher) pump(ctx context.Context, st *stream, rc io.Reader, i int) (in
 			}
 			return p.i, p.err
 		}
-		if v, ok := f.verify(ctx, st, st.items[p.i], p.raw); ok {
-			w.ch <- v
-		}
-		next = p.i + 1
+		handle(p, w.ch)
+		next = p.i + p.n
 	}
 	return next, nil
 }

@@ -77,26 +77,13 @@ func zranContext(b *rafs.Blob, c *rafs.Chunk) (uint32, bool) {
 	return ci, int64(ci) < int64(len(z.Contexts))
 }
 
-// zranPiece is a run of a stream's chunks that inflate from one context:
-// items [i, i+n), and raw, the layer's bytes [lo, lo+len(raw)) covering
-// their extents. err ends the stream.
-type zranPiece struct {
-	i, n int
-	lo   uint64
-	raw  []byte
-	err  error
-}
-
 // pumpZran is pump for a zran blob's stream: the network stage reads the
 // body a context's run of chunks at a time (keeping the bytes the next
 // run shares with it: extents overlap), the verify stage inflates each
 // run once and hands out its chunks, the cache stage writes them.
 func (f *Fetcher) pumpZran(ctx context.Context, st *stream, rc io.Reader, i int) (int, error) {
 	b := st.bs.blob
-	pieces := make(chan zranPiece, pumpDepth)
-	stop := make(chan struct{})
-	go func() {
-		defer close(pieces)
+	read := func(send func(piece) bool) {
 		pos := st.items[i].c.CompressedOffset // the body's next byte
 		// carry holds the layer's bytes [cbase, +len(carry)) that the
 		// last run fetched and the next one needs too.
@@ -154,37 +141,15 @@ func (f *Fetcher) pumpZran(ctx context.Context, st *stream, rc io.Reader, i int)
 				}
 				carry, cbase = keep, next
 			}
-			select {
-			case pieces <- zranPiece{i: j, n: g - j, lo: lo, raw: raw, err: err}:
-			case <-stop:
-				if raw != nil {
-					putBuf(raw)
-				}
-				return
-			}
-			if err != nil {
+			if !send(piece{i: j, n: g - j, lo: lo, raw: raw, err: err}) || err != nil {
 				return
 			}
 			j = g
 		}
-	}()
-	w := f.startWriter(st.bs)
-	defer func() {
-		close(stop)
-		w.close()
-	}()
-	next := i
-	for p := range pieces {
-		if p.err != nil {
-			if p.raw != nil {
-				putBuf(p.raw)
-			}
-			return p.i, p.err
-		}
-		f.verifyZran(ctx, st, p, w.ch)
-		next = p.i + p.n
 	}
-	return next, nil
+	return f.pipeline(st, i, read, func(p piece, writes chan<- verified) {
+		f.verifyZran(ctx, st, p, writes)
+	})
 }
 
 // copyRange copies into dst, which holds bytes [at, at+len(dst)) of the
@@ -201,7 +166,7 @@ func copyRange(dst []byte, at uint64, src []byte, from uint64) {
 // run does not inflate, or a chunk fails its check, that chunk goes
 // through verify alone (inflated from its own extent, then fetched again
 // alone once): a corrupt layer is still EIO for the chunks it spoils.
-func (f *Fetcher) verifyZran(ctx context.Context, st *stream, p zranPiece, writes chan<- verified) {
+func (f *Fetcher) verifyZran(ctx context.Context, st *stream, p piece, writes chan<- verified) {
 	defer putBuf(p.raw)
 	b := st.bs.blob
 	items := st.items[p.i : p.i+p.n]
