@@ -3,6 +3,7 @@ package rafs
 import (
 	"fmt"
 
+	"github.com/rafsd/rafsd/rafs/blobmeta"
 	"github.com/rafsd/rafsd/rafs/zran/deflate"
 )
 
@@ -59,12 +60,9 @@ type ZranChunk struct {
 // MaxZranDict is deflate's window: the most output a checkpoint needs.
 const MaxZranDict = 32 << 10
 
-// blobFeatureZran is nydus's BlobFeatures::ZRAN bit.
-const blobFeatureZran = 0x8
-
 // IsZran reports whether b is a gzip layer read through zran contexts
 // (nydus's ZRAN feature bit or a loaded Zran).
-func (b *Blob) IsZran() bool { return b.Zran != nil || b.Features&blobFeatureZran != 0 }
+func (b *Blob) IsZran() bool { return b.Zran != nil || b.Features&blobmeta.FeatureZran != 0 }
 
 // decodeZran inflates chunk c of zran blob b from its stored extent raw.
 func decodeZran(b *Blob, c *Chunk, raw []byte) ([]byte, error) {
