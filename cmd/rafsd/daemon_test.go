@@ -698,20 +698,10 @@ func TestTakeoverNoErrors(t *testing.T) {
 	r := startReader(t, mnt, big, img.files["dir/big.bin"])
 	r.waitReads(t, 3)
 
-	recv := sup.receive(t)
-	a.mustCall("PUT", "/api/v1/daemon/fuse/sendfd", "")
-	if err := <-recv; err != nil {
-		t.Fatalf("supervisor receive: %v", err)
-	}
+	fetchStates(t, sup, a)
 
 	bd := startDaemon(t, mnt, "--supervisor", sup.path, "--id", "d1", "--upgrade", "--thread-num", "2")
-	bd.waitState("INIT")
-	sent := sup.send(t)
-	bd.mustCall("PUT", "/api/v1/daemon/fuse/takeover", "")
-	if err := <-sent; err != nil {
-		t.Fatalf("supervisor send: %v", err)
-	}
-	bd.waitState("READY")
+	takeOver(t, sup, bd)
 
 	a.mustCall("PUT", "/api/v1/daemon/exit", "")
 	if err := a.waitExit(10 * time.Second); err != nil {
@@ -750,6 +740,20 @@ func fetchStates(t *testing.T, sup *supervisor, d *proc) {
 	if err := <-recv; err != nil {
 		t.Fatalf("supervisor receive: %v", err)
 	}
+}
+
+// takeOver is the supervisor's side of a takeover by d, a daemon started
+// with --supervisor: once d waits in INIT, the supervisor stands ready to
+// send the kept state and fd, d is told to take over, and d ends READY.
+func takeOver(t *testing.T, sup *supervisor, d *proc) {
+	t.Helper()
+	d.waitState("INIT")
+	sent := sup.send(t)
+	d.mustCall("PUT", "/api/v1/daemon/fuse/takeover", "")
+	if err := <-sent; err != nil {
+		t.Fatalf("supervisor send: %v", err)
+	}
+	d.waitState("READY")
 }
 
 // TestFailoverAfterSIGKILL is nydus-snapshotter's recover_policy=failover
@@ -802,18 +806,12 @@ func TestFailoverAfterSIGKILL(t *testing.T) {
 			t.Fatalf("round %d (%s): the mount went away with the daemon", round, tc.name)
 		}
 		atKill := big.reads.Load() + small.reads.Load()
-		sent := sup.send(t)
 		next := args
 		if tc.upgrade {
 			next = append(append([]string(nil), args...), "--upgrade")
 		}
 		d = startDaemonAt(t, mnt, apisock, next...)
-		d.waitState("INIT")
-		d.mustCall("PUT", "/api/v1/daemon/fuse/takeover", "")
-		if err := <-sent; err != nil {
-			t.Fatalf("round %d (%s): supervisor send: %v", round, tc.name, err)
-		}
-		d.waitState("READY")
+		takeOver(t, sup, d)
 		d.mustCall("PUT", "/api/v1/daemon/start", "")
 		d.waitState("RUNNING")
 		fetchStates(t, sup, d)
@@ -1167,13 +1165,7 @@ func TestTakeoverPassthroughKeepsNodes(t *testing.T) {
 
 	fetchStates(t, sup, a)
 	b := startDaemon(t, mnt, "--writable", "--supervisor", sup.path, "--id", "p1", "--upgrade")
-	b.waitState("INIT")
-	sent := sup.send(t)
-	b.mustCall("PUT", "/api/v1/daemon/fuse/takeover", "")
-	if err := <-sent; err != nil {
-		t.Fatalf("supervisor send: %v", err)
-	}
-	b.waitState("READY")
+	takeOver(t, sup, b)
 	a.mustCall("PUT", "/api/v1/daemon/exit", "")
 	if err := a.waitExit(10 * time.Second); err != nil {
 		t.Fatalf("old daemon exit: %v", err)
