@@ -374,7 +374,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 // DaemonLogs lists the nydusd (rafsd) log files under the snapshotter root.
 func DaemonLogs(root string) []string {
 	var out []string
-	WalkOutsideMounts(root, func(p string, d fs.DirEntry) {
+	walkOutsideMounts(root, func(p string, d fs.DirEntry) {
 		if d.Type().IsRegular() && strings.HasSuffix(p, ".log") {
 			out = append(out, p)
 		}
@@ -382,13 +382,13 @@ func DaemonLogs(root string) []string {
 	return out
 }
 
-// WalkOutsideMounts calls fn for every entry under root (root itself
+// walkOutsideMounts calls fn for every entry under root (root itself
 // included) but never enters, or stats, a mount point below root: a FUSE
 // mount whose daemon was killed while a supervisor still holds the
 // session answers nothing, and a lstat of it blocks for good (a failed
 // failover test's log dump hung its package until the test binary's
 // 40 min timeout). Errors are skipped: this is for diagnostics.
-func WalkOutsideMounts(root string, fn func(p string, d fs.DirEntry)) {
+func walkOutsideMounts(root string, fn func(p string, d fs.DirEntry)) {
 	mounts := map[string]bool{}
 	for _, m := range Mounts(root) {
 		mounts[m] = true

@@ -354,7 +354,7 @@ func (cs *coldSetup) start(tb testing.TB, tag, snapshotter, fsPrefetch string) c
 // the snapshotter runs under root, for the log.
 func daemonMetrics(root string) string {
 	var out []string
-	WalkOutsideMounts(root, func(p string, d fs.DirEntry) {
+	walkOutsideMounts(root, func(p string, d fs.DirEntry) {
 		if d.Type()&fs.ModeSocket == 0 || filepath.Base(p) != "api.sock" {
 			return
 		}
