@@ -39,6 +39,10 @@ const MaxChunks = 1 << 24
 // MaxChunkSize is the largest chunk size the 24-bit size fields can hold.
 const MaxChunkSize = 1 << 24
 
+// MaxTableSize bounds a ci table, stored or uncompressed: nydus caps it
+// at 24 times the largest chunk (BLOB_CCT_V2_MAX_SIZE).
+const MaxTableSize = 24 * MaxChunkSize
+
 // Blob feature bits (nydus BlobFeatures). Only the ones this project sets
 // or must reject are named.
 const (
@@ -151,8 +155,7 @@ func (h *Header) check() error {
 	} else if h.CIUncompressedSize != need {
 		return fmt.Errorf("%w: table of %d bytes for %d entries of %d bytes", ErrFormat, h.CIUncompressedSize, h.CIEntries, h.EntrySize())
 	}
-	// nydus caps a table at 24 times the maximum chunk size (BLOB_CCT_V2_MAX_SIZE).
-	if h.CIUncompressedSize > 24*MaxChunkSize || h.CICompressedSize > 24*MaxChunkSize {
+	if h.CIUncompressedSize > MaxTableSize || h.CICompressedSize > MaxTableSize {
 		return fmt.Errorf("%w: table of %d/%d bytes is too large", ErrFormat, h.CICompressedSize, h.CIUncompressedSize)
 	}
 	// A table of distinct, increasing offsets never compresses 256:1; a
@@ -353,7 +356,7 @@ func Write(w io.Writer, off uint64, c codec.Compressor, features uint32, infos [
 // and is compressedSize bytes long (both from the bootstrap's blob table);
 // the header follows the table.
 func Read(r io.ReaderAt, ciOffset, compressedSize uint64) (*Meta, error) {
-	if compressedSize > 24*MaxChunkSize {
+	if compressedSize > MaxTableSize {
 		return nil, fmt.Errorf("%w: table of %d bytes is too large", ErrFormat, compressedSize)
 	}
 	hb := make([]byte, HeaderSize)

@@ -236,10 +236,9 @@ func Attach(img *rafs.Image, bi uint32, z *rafs.Zran, ends []uint64, readLayer f
 // name it by their own file name; merged bootstraps by digest).
 var ErrNoMeta = errors.New("zran: blob meta not named")
 
-// maxMetaBlob bounds a meta blob read whole: a ci table of at most 24
-// times the largest chunk (nydus's BLOB_CCT_V2_MAX_SIZE) and 32 bytes of
-// digest per chunk.
-const maxMetaBlob = 24*blobmeta.MaxChunkSize + 32*blobmeta.MaxChunks + 1<<20
+// maxMetaBlob bounds a meta blob read whole: a ci table of at most
+// blobmeta.MaxTableSize and 32 bytes of digest per chunk.
+const maxMetaBlob = blobmeta.MaxTableSize + 32*blobmeta.MaxChunks + 1<<20
 
 // Source reads blobs by id (a storage backend).
 type Source interface {
@@ -349,7 +348,7 @@ func loadMeta(ctx context.Context, b *rafs.Blob, id string, src Source) (*rafs.Z
 // which must agree with the bootstrap's entry (nydus validate_header).
 func ReadMeta(ctx context.Context, b *rafs.Blob, read func(p []byte, off int64) error) (*blobmeta.Meta, error) {
 	bm := &b.Meta
-	if bm.CompressedSize > 24*blobmeta.MaxChunkSize {
+	if bm.CompressedSize > blobmeta.MaxTableSize {
 		return nil, fmt.Errorf("%w: ci table of %d bytes", rafs.ErrInvalid, bm.CompressedSize)
 	}
 	buf := make([]byte, bm.CompressedSize+blobmeta.HeaderSize)
