@@ -86,10 +86,7 @@ func New(img *rafs.Image, cr rafs.ChunkReader, opts Options) *FS {
 	}
 	f := &FS{img: img, cr: cr, opts: opts, log: l, hasXattrs: img.HasXattrs()}
 	if opts.FilesAccount || opts.AccessPattern || opts.LatestReadFiles {
-		f.acct = newAccounting(len(img.Inodes), opts.FilesAccount, opts.AccessPattern)
-		if opts.LatestReadFiles {
-			f.acct.latest = make([]atomic.Uint64, len(img.Inodes)/64+1)
-		}
+		f.acct = newAccounting(len(img.Inodes), opts.FilesAccount, opts.AccessPattern, opts.LatestReadFiles)
 	}
 	return f
 }

@@ -67,13 +67,16 @@ type accounting struct {
 	latest   []atomic.Uint64 // bit ino%64 of word ino/64: read since last export
 }
 
-func newAccounting(n int, files, patterns bool) *accounting {
+func newAccounting(n int, files, patterns, latest bool) *accounting {
 	a := &accounting{}
 	if files {
 		a.files = make([]atomic.Pointer[FileStats], n)
 	}
 	if patterns {
 		a.patterns = make([]atomic.Pointer[AccessPattern], n)
+	}
+	if latest {
+		a.latest = make([]atomic.Uint64, n/64+1) // inodes 1..n
 	}
 	return a
 }

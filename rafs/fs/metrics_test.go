@@ -1,9 +1,6 @@
 package fs
 
-import (
-	"sync/atomic"
-	"testing"
-)
+import "testing"
 
 // The buckets match nydusd's request_size_index (utils/src/metrics.rs).
 func TestSizeIndex(t *testing.T) {
@@ -22,7 +19,7 @@ func TestSizeIndex(t *testing.T) {
 // Ranges as nydusd's InodeBitmap::bitmap_to_array_and_clear gives them
 // (its test's inode set), cleared by the export; failed reads not marked.
 func TestLatestReadFilesJSON(t *testing.T) {
-	f := &FS{acct: &accounting{latest: make([]atomic.Uint64, 40003/64+1)}}
+	f := &FS{acct: newAccounting(40003, false, false, true)}
 	for _, ino := range []uint64{1, 2, 5, 65, 66, 4000, 40001, 40002, 40003} {
 		f.acct.record(ino, FopRead, 4096, true)
 	}
