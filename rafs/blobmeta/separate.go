@@ -100,9 +100,14 @@ func WriteSeparate(w io.Writer, features uint32, infos []ChunkInfo, zran []byte,
 	out.Write(tarHeader(TOCDigests, uint64(len(dig))))
 
 	tocFlags := map[codec.Compressor]uint32{codec.None: tocCompressNone, codec.Zstd: tocCompressZstd, codec.LZ4Block: tocCompressLZ4}
-	toc := tocEntry(nil, tocFlags[c], TOCBlobMeta, sha256.Sum256(table), 0, uint64(len(stored)), uint64(len(table)))
-	toc = tocEntry(toc, tocCompressNone, TOCMetaHeader, sha256.Sum256(hb), uint64(len(stored)), HeaderSize, HeaderSize)
-	toc = tocEntry(toc, tocCompressNone, TOCDigests, sha256.Sum256(dig), digOff, uint64(len(dig)), uint64(len(dig)))
+	var toc []byte
+	for _, e := range []TOCEntry{
+		{tocFlags[c], TOCBlobMeta, sha256.Sum256(table), 0, uint64(len(stored)), uint64(len(table))},
+		{tocCompressNone, TOCMetaHeader, sha256.Sum256(hb), uint64(len(stored)), HeaderSize, HeaderSize},
+		{tocCompressNone, TOCDigests, sha256.Sum256(dig), digOff, uint64(len(dig)), uint64(len(dig))},
+	} {
+		toc = e.appendTo(toc)
+	}
 	tocStart := out.Len()
 	out.Write(toc)
 	out.Write(tarHeader(TOCName, uint64(len(toc))))
@@ -120,19 +125,20 @@ func WriteSeparate(w io.Writer, features uint32, infos []ChunkInfo, zran []byte,
 	return s, nil
 }
 
-// tocEntry appends a TocEntry (toc.rs, 128 bytes): flags u32 @0, name
-// [16] @8, sha256 of the uncompressed data @24, compressed offset @56,
-// compressed size @64, uncompressed size @72.
-func tocEntry(b []byte, flags uint32, name string, sum [32]byte, off, csize, usize uint64) []byte {
-	e := make([]byte, TOCEntrySize)
+// appendTo appends e as a TocEntry (toc.rs, 128 bytes), the layout
+// ReadTOC decodes: flags u32 @0, name [16] @8, sha256 of the uncompressed
+// data @24, compressed offset @56, compressed size @64, uncompressed size
+// @72.
+func (e *TOCEntry) appendTo(b []byte) []byte {
+	r := make([]byte, TOCEntrySize)
 	le := binary.LittleEndian
-	le.PutUint32(e[0:], flags)
-	copy(e[8:24], name)
-	copy(e[24:56], sum[:])
-	le.PutUint64(e[56:], off)
-	le.PutUint64(e[64:], csize)
-	le.PutUint64(e[72:], usize)
-	return append(b, e...)
+	le.PutUint32(r[0:], e.Flags)
+	copy(r[8:24], e.Name)
+	copy(r[24:56], e.UncompressedDigest[:])
+	le.PutUint64(r[56:], e.CompressedOffset)
+	le.PutUint64(r[64:], e.CompressedSize)
+	le.PutUint64(r[72:], e.UncompressedSize)
+	return append(b, r...)
 }
 
 // tarHeader is the 512-byte header nydus-image writes after a section:
