@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/rafsd/rafsd/rafs/fusedev"
-
 	"github.com/rafsd/rafsd/rafs/storage"
 )
 
