@@ -36,7 +36,7 @@ func TestZranBlobEntry(t *testing.T) {
 		{"blob_meta_digest[0] @168", uint64(e[168]), 0xa0},
 		{"blob_toc_digest[31] @167", uint64(e[167]), 31},
 		{"blob_meta_size @200", le.Uint64(e[200:]), 777777},
-		{"reserved @216..256", uint64(len(bytes.Trim(e[220:], "\x00"))), 0},
+		{"reserved @220..256", uint64(len(bytes.Trim(e[220:], "\x00"))), 0},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("%s = %#x, want %#x", tc.field, tc.got, tc.want)
