@@ -257,13 +257,16 @@ func checkBlobMeta(img *rafs.Image, src *blobSource, b *rafs.Blob) error {
 	if b.Meta.CompressedSize == 0 {
 		return nil
 	}
-	p, err := src.path(b, img)
-	if id := zran.MetaBlobID(b); id != "" {
+	var p string
+	var err error
+	switch id := zran.MetaBlobID(b); {
+	case id == "":
+		p, err = src.path(b, img)
+	case src.dir == "":
+		err = fmt.Errorf("zran blob %s: its blob meta %s needs --blob-dir", b.ID, id)
+	default:
 		// A zran blob's meta is a blob of its own (nydus's ref blob).
-		p, err = filepath.Join(src.dir, id), nil
-		if src.dir == "" {
-			err = fmt.Errorf("zran blob %s: its blob meta %s needs --blob-dir", b.ID, id)
-		}
+		p = filepath.Join(src.dir, id)
 	}
 	if err != nil {
 		return err
