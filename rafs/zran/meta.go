@@ -266,19 +266,27 @@ func Resolve(ctx context.Context, img *rafs.Image, src Source) error {
 		z    *rafs.Zran
 		ends []uint64
 	}
+	// Every blob that needs its contexts must name its meta blob: checked
+	// before any fetch starts, so a refusal leaves no fetch running.
+	ids := make([]string, len(img.Blobs))
+	for bi, b := range img.Blobs {
+		if !b.IsZran() || b.Zran != nil {
+			continue
+		}
+		if ids[bi] = MetaBlobID(b); ids[bi] == "" {
+			return fmt.Errorf("%w: zran blob %s names no separate blob meta (features %#x)", ErrNoMeta, b.ID, b.Features)
+		}
+	}
 	out := make([]loaded, len(img.Blobs))
 	// The meta blobs are fetched in parallel (a mount waits for them);
 	// attaching, which walks the image, is done one blob at a time.
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(4)
-	for bi, b := range img.Blobs {
-		if !b.IsZran() || b.Zran != nil {
+	for bi, id := range ids {
+		if id == "" {
 			continue
 		}
-		id := MetaBlobID(b)
-		if id == "" {
-			return fmt.Errorf("%w: zran blob %s names no separate blob meta (features %#x)", ErrNoMeta, b.ID, b.Features)
-		}
+		b := img.Blobs[bi]
 		g.Go(func() error {
 			z, ends, err := loadMeta(gctx, b, id, src)
 			if err != nil {
