@@ -478,7 +478,7 @@ func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch
 	if len(group) > 1 {
 		bs.readAhead(st, c.CompressedOffset)
 	}
-	bs.placeMark(group, mark, stop)
+	bs.placeMark(st, mark, stop)
 	cl := st.items[0]
 	st.waiters.Add(1)
 	cl.refs.Add(1)

@@ -217,30 +217,27 @@ func (f *Fetcher) abandon(st *stream, j int) bool {
 // starts a window at the chunk stored at next, which must stay below stop.
 type readMark struct{ next, stop uint64 }
 
-// placeMark puts a read-ahead marker on group as mark says, unless the
-// next window would start at or past stop (the end of the file being
+// placeMark puts a read-ahead marker on st's chunks as mark says, unless
+// the next window would start at or past stop (the end of the file being
 // read: what lies beyond belongs to other files). bs.mu is held.
-func (bs *blobState) placeMark(group []*rafs.Chunk, mark int, stop uint64) {
-	if mark == noMark || len(group) == 0 || bs.cache == nil {
+func (bs *blobState) placeMark(st *stream, mark int, stop uint64) {
+	if mark == noMark || len(st.items) == 0 || bs.cache == nil {
 		return
 	}
-	last := group[len(group)-1]
-	end := uint64(0)
-	for _, c := range group {
-		end = max(end, chunkEnd(c))
-	}
+	last := st.items[len(st.items)-1].c
+	end := st.hi
 	if end >= stop {
 		return
 	}
-	// The next window starts at the chunk stored after the group's last
-	// one if it follows it (zran extents overlap: it starts before end).
+	// The next window starts at the chunk stored after st's last one if
+	// it follows it (zran extents overlap: it starts before end).
 	next := end
 	if k := bs.chunkIndex(last); k >= 0 && k+1 < len(bs.chunks) && bs.follows(end, bs.chunks[k+1]) {
 		next = bs.chunks[k+1].CompressedOffset
 	}
-	m := group[0]
+	m := st.items[0].c
 	if mark == markHalf {
-		m = group[len(group)/2]
+		m = st.items[len(st.items)/2].c
 	}
 	if bs.marks == nil {
 		bs.marks = map[uint64]readMark{}
@@ -445,13 +442,10 @@ func (f *Fetcher) touch(bs *blobState, c *rafs.Chunk) {
 		next := bs.chunks[k]
 		if _, busy := bs.inflight[end]; !busy && !bs.cached(next, f.compressed) {
 			n, _ := f.window(bs, k, f.readBatch)
-			if rm.stop != math.MaxUint64 {
-				n = fitWindow(end, n, rm.stop)
-			}
-			group := f.plan(bs, next, n, rm.stop)
-			st = f.newStream(bs, group, false)
+			n = fitWindow(end, n, rm.stop)
+			st = f.newStream(bs, f.plan(bs, next, n, rm.stop), false)
 			bs.readAhead(st, c.CompressedOffset)
-			bs.placeMark(group, markFirst, rm.stop)
+			bs.placeMark(st, markFirst, rm.stop)
 		}
 	}
 	bs.mu.Unlock()
