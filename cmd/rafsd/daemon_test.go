@@ -373,6 +373,15 @@ func directRead(path string, buf []byte) ([]byte, error) {
 }
 
 // reader loops over O_DIRECT reads of path, counting reads and errors.
+// checkedRead is one directRead of path into buf that must give want.
+func checkedRead(path string, buf, want []byte) error {
+	got, err := directRead(path, buf)
+	if err == nil && !bytes.Equal(got, want) {
+		err = fmt.Errorf("%s: wrong bytes (%d, want %d)", path, len(got), len(want))
+	}
+	return err
+}
+
 type reader struct {
 	reads, errs atomic.Int64
 	firstErr    atomic.Value
@@ -397,11 +406,7 @@ func startReader(t *testing.T, mnt, path string, want []byte) *reader {
 				return
 			default:
 			}
-			got, err := directRead(path, buf)
-			if err == nil && !bytes.Equal(got, want) {
-				err = fmt.Errorf("%s: wrong bytes (%d, want %d)", path, len(got), len(want))
-			}
-			if err != nil {
+			if err := checkedRead(path, buf, want); err != nil {
 				r.errs.Add(1)
 				r.firstErr.CompareAndSwap(nil, err)
 				continue
@@ -860,11 +865,7 @@ func readerMain(path, want string) int {
 	}
 	w := bufio.NewWriter(os.Stdout)
 	for {
-		got, err := directRead(path, buf)
-		if err == nil && !bytes.Equal(got, wantB) {
-			err = fmt.Errorf("%s: wrong bytes (%d, want %d)", path, len(got), len(wantB))
-		}
-		if err != nil {
+		if err := checkedRead(path, buf, wantB); err != nil {
 			fmt.Fprintln(w, "err:", err)
 		} else {
 			fmt.Fprintln(w, "ok")
