@@ -121,7 +121,9 @@ func TestMountImageRef(t *testing.T) {
 	// blob, the layer's separate blob meta, is only in the registry), with
 	// the registry gone once the bootstrap is fetched.
 	blobDir := t.TempDir()
-	copyDir(t, filepath.Join(layout, "blobs", "sha256"), blobDir)
+	if err := os.CopyFS(blobDir, os.DirFS(filepath.Join(layout, "blobs", "sha256"))); err != nil {
+		t.Fatal(err)
+	}
 	pullLayers(t, reg, "rafsd/app", "nydus-oci-ref", "u", "p", blobDir)
 	cfg := filepath.Join(t.TempDir(), "localfs.json")
 	if err := os.WriteFile(cfg, []byte(localfsConfig(blobDir)), 0o600); err != nil {
@@ -132,27 +134,6 @@ func TestMountImageRef(t *testing.T) {
 	ld.waitState("RUNNING")
 	reg.Stop()
 	diffTree(t, img.src, lmnt)
-}
-
-// copyDir copies the regular files of src into dst.
-func copyDir(t *testing.T, src, dst string) {
-	t.Helper()
-	ents, err := os.ReadDir(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		if !e.Type().IsRegular() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(src, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
 }
 
 // pullLayers downloads the layers of repo:tag's manifest from reg into dir,
