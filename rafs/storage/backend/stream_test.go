@@ -51,6 +51,9 @@ func TestRegistryOpenRange(t *testing.T) {
 		t.Fatalf("first bytes: %v", err)
 	}
 	rc.Close()
+	if got := bytesSeen.Load(); got != 30000+100 {
+		t.Fatalf("closed after 100 bytes: %d bytes reported in all, want %d", got, 30000+100)
+	}
 	if _, err := r.OpenRange(context.Background(), "abc", 0, 0); err == nil {
 		t.Fatal("empty range opened")
 	}
