@@ -51,10 +51,10 @@ func (bs *blobState) sameContext(p, n *rafs.Chunk, span uint64) bool {
 	if span > maxZranGroup {
 		return false
 	}
-	b := bs.blob
-	cp, ok1 := zranContext(b, p)
-	cn, ok2 := zranContext(b, n)
-	return ok1 && ok2 && cp == cn && b.IsZran()
+	// zranContext finds no context outside a zran blob.
+	cp, ok1 := zranContext(bs.blob, p)
+	cn, ok2 := zranContext(bs.blob, n)
+	return ok1 && ok2 && cp == cn
 }
 
 // spanEnd is where the union of cs's extents ends.
