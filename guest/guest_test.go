@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"os"
@@ -52,17 +51,6 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 	}
-}
-
-// exited reports whether pid has exited (a zombie or already reaped).
-func exited(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	// The state follows the parenthesised command name, which may hold spaces.
-	i := bytes.LastIndexByte(b, ')')
-	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
 }
 
 func TestExec(t *testing.T) {
@@ -209,7 +197,7 @@ func TestBackgroundProcess(t *testing.T) {
 				return strings.Count(console.String(), "[bg] started\n") == i+1
 			})
 			if tt.exit >= 0 {
-				waitUntil(t, "the process to exit", func() bool { return exited(s.PID) })
+				waitUntil(t, "the process to exit", func() bool { return testutil.Exited(s.PID) })
 			}
 			// A process that obeys SIGTERM gets a grace a starved box
 			// cannot overrun; the trapping one must wait it out.
