@@ -372,11 +372,6 @@ type ahead struct {
 	// the same reader's.
 	start   int
 	workers int
-	// busy holds, by layout position, the chunks a fill (a worker or an
-	// event) claimed: closed when they are present or failed. Another
-	// fill waits for them instead of asking the fetcher again, so a chunk
-	// counts once in the window's bookkeeping.
-	busy map[int]chan struct{}
 }
 
 // AheadWorkers bounds the goroutines filling ahead of one reader: each
@@ -456,7 +451,7 @@ func (s *Server) fillAhead(bf *blobFile) {
 		}
 		a.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.timeout.Load()))
-		filled, err := s.fillPositions(ctx, bf, lo, hi)
+		filled, err := s.fillRange(ctx, bf, lo, hi)
 		cancel()
 		if err != nil {
 			// The event that needs these chunks fetches them again and
@@ -474,74 +469,26 @@ func (s *Server) fillAhead(bf *blobFile) {
 	}
 }
 
-// fillPositions makes the chunks at layout positions [lo,hi) present
-// that are neither present nor being filled (the ones it claims, which
-// an event waits for instead of fetching them again), and returns their
-// bytes. Chunks another fill claimed it leaves to that one.
-func (s *Server) fillPositions(ctx context.Context, bf *blobFile, lo, hi int) (uint64, error) {
-	a := &bf.ahead
-	done := make(chan struct{})
-	var claimed []int
+// fillRange makes the chunks at layout positions [lo,hi) present through
+// the fetcher and returns the bytes of those that were missing. The
+// fetcher skips present chunks and joins ones another fill is fetching
+// (it is single-flight), so workers and events need no claims of their
+// own.
+func (s *Server) fillRange(ctx context.Context, bf *blobFile, lo, hi int) (uint64, error) {
 	var bytes uint64
-	a.mu.Lock()
 	for i := lo; i < hi; i++ {
-		if _, busy := a.busy[i]; busy || bf.has(i) {
-			continue
+		if !bf.has(i) {
+			bytes += uint64(bf.layout.Chunks[i].UncompressedSize)
 		}
-		if a.busy == nil {
-			a.busy = map[int]chan struct{}{}
-		}
-		a.busy[i] = done
-		claimed = append(claimed, i)
-		bytes += uint64(bf.layout.Chunks[i].UncompressedSize)
 	}
-	a.mu.Unlock()
-	if len(claimed) == 0 {
+	if bytes == 0 {
 		return 0, nil
 	}
-	err := s.fillUnit(ctx, bf, claimed)
-	for _, i := range claimed {
-		bf.has(i)
+	err := bf.f.EnsureChunks(ctx, bf.layout.Blob, bf.layout.Chunks[lo:hi])
+	for i := lo; i < hi; i++ {
+		bf.has(i) // counts what is present now out of missing
 	}
-	a.mu.Lock()
-	for _, i := range claimed {
-		delete(a.busy, i)
-	}
-	a.mu.Unlock()
-	close(done)
 	return bytes, err
-}
-
-// waitBusy waits until no fill claims a chunk at layout positions
-// [lo,hi), or ctx ends.
-func (bf *blobFile) waitBusy(ctx context.Context, lo, hi int) {
-	a := &bf.ahead
-	for {
-		var ch chan struct{}
-		a.mu.Lock()
-		for i := lo; i < hi && ch == nil; i++ {
-			ch = a.busy[i]
-		}
-		a.mu.Unlock()
-		if ch == nil {
-			return
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return
-		}
-	}
-}
-
-// fillUnit makes the chunks at layout positions (missing ones of bf's
-// blob) present through the fetcher.
-func (s *Server) fillUnit(ctx context.Context, bf *blobFile, positions []int) error {
-	chunks := make([]*rafs.Chunk, len(positions))
-	for k, i := range positions {
-		chunks[k] = bf.layout.Chunks[i]
-	}
-	return bf.f.EnsureChunks(ctx, bf.layout.Blob, chunks)
 }
 
 // maybeUnmark removes the mark of a file every chunk of which is present:
@@ -597,19 +544,16 @@ func (s *Server) Fill(ctx context.Context, f *os.File, ev fanotify.Event) error 
 	chunks := bf.layout.Chunks[lo:hi]
 	done := make(chan error, 1)
 	go func() {
-		// Chunks another fill (a fill-ahead worker, another event) is
-		// writing are waited for, not fetched again; the rest are filled
-		// here as the workers fill them. Whatever that did not make
-		// present (a failure) the fetcher fetches, retries and reports.
-		bf.waitBusy(ctx, lo, hi)
-		if _, err := s.fillPositions(ctx, bf, lo, hi); err != nil {
-			s.log.Debug("fanotifyfs: fill failed, fetching through the fetcher", "blob", b.ID, "err", err)
-		}
-		bf.waitBusy(ctx, lo, hi)
-		if bf.allPresent(lo, hi) {
-			done <- nil
+		// Chunks a fill-ahead worker or another event is fetching the
+		// fetcher joins rather than fetching them again; a failure this
+		// event shared with such a fill (or had itself) is fetched once
+		// more, as this reader's own, before it is reported.
+		err := bf.f.EnsureChunks(ctx, b, chunks)
+		if err == nil || ctx.Err() != nil {
+			done <- err
 			return
 		}
+		s.log.Debug("fanotifyfs: fill failed, fetching again", "blob", b.ID, "err", err)
 		done <- bf.f.EnsureChunks(ctx, b, chunks)
 	}()
 	select {
