@@ -621,16 +621,7 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 	// The guard notices, detaches the mount and fails reads.
 	waitDetached(t, st.Mountpoint)
 	t.Log("mount detached")
-	res := make(chan error, 1)
-	go func() { _, err := fh.ReadAt(p, 1<<20+12345); res <- err }()
-	select {
-	case err = <-res:
-	case <-time.After(10 * time.Second):
-		t.Fatal("read after the daemon died still blocked after 10s")
-	}
-	if !errors.Is(err, syscall.EIO) {
-		t.Fatalf("read after the daemon died: %v (zeros: %v), want EIO", err, bytes.Equal(p, make([]byte, len(p))))
-	}
+	readIsEIO(t, fh, 1<<20+12345, "read after the daemon died")
 	cache := cacheDataFile(t, im, st.WorkDir)
 	if err := readDirect(cache); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("direct read of the cache file while the guard lives: %v, want EIO (the guard's mark)", err)
@@ -764,9 +755,7 @@ func TestRestartOnSameCacheWithoutSupervisor(t *testing.T) {
 		// The old guard fails the held file's reads that miss the page
 		// cache (the last round's tree check read the whole file).
 		unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
-		if _, err := fh.ReadAt(make([]byte, 4096), 1<<20-4096); !errors.Is(err, syscall.EIO) {
-			t.Fatalf("kill %d: read of a held file after the kill: %v, want EIO", k, err)
-		}
+		readIsEIO(t, fh, 1<<20-4096, fmt.Sprintf("kill %d: read of a held file after the kill", k))
 		nd := startDaemon(t, nil, st, false)
 		mu.Lock()
 		d = nd
@@ -835,21 +824,31 @@ func TestCloseLeavesBusyMountToGuard(t *testing.T) {
 		t.Fatalf("daemon did not exit cleanly on SIGTERM:\n%s", textOf(d.stderr))
 	}
 	waitDetached(t, st.Mountpoint)
-	res := make(chan error, 1)
-	go func() { _, err := fh.ReadAt(p, 1<<20+4321); res <- err }()
-	select {
-	case err = <-res:
-	case <-time.After(10 * time.Second):
-		t.Fatal("read after the daemon closed still blocked after 10s")
-	}
-	if !errors.Is(err, syscall.EIO) {
-		t.Fatalf("read of a lazily detached mount after the daemon closed: %v (zeros: %v), want EIO", err, bytes.Equal(p, make([]byte, len(p))))
-	}
+	readIsEIO(t, fh, 1<<20+4321, "read of a lazily detached mount after the daemon closed")
 	if procGone(d.guard) {
 		t.Fatal("guard gone while a reader still holds a file of the detached mount")
 	}
 	fh.Close()
 	waitGone(t, 5*time.Second, "guard after the last reader closed", d.guard)
+}
+
+// readIsEIO reads 4 KiB of fh at off and fails t unless the read ends
+// within 10 s with EIO: a read of a dead daemon's mount that hangs or
+// returns the cache file's holes (zeros) is the bug these tests catch.
+func readIsEIO(t *testing.T, fh *os.File, off int64, what string) {
+	t.Helper()
+	p := make([]byte, 4096)
+	res := make(chan error, 1)
+	go func() { _, err := fh.ReadAt(p, off); res <- err }()
+	var err error
+	select {
+	case err = <-res:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: still blocked after 10s", what)
+	}
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("%s: %v (zeros: %v), want EIO", what, err, bytes.Equal(p, make([]byte, len(p))))
+	}
 }
 
 func textOf(path string) string {
