@@ -65,6 +65,37 @@ const benchSize = 64 << 20
 var traceEvents = os.Getenv("FANOTIFYFS_TRACE") != ""
 
 // median of three or more durations.
+// serveBench mounts im for one measured mode over a fresh group, server
+// (keeping marks if keepMarks) and fetcher with its cache in workDir; stop
+// tears all of them down, so no mode runs beside the next one.
+func serveBench(b *testing.B, im *image, workDir string, opts Options, keepMarks bool, serve fanotify.Options) (*Server, *Mount, func()) {
+	b.Helper()
+	g, err := fanotify.New()
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := NewServer(g, nil)
+	s.keepMarks = keepMarks
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, serve) }()
+	f := newFetcher(b, im.blobDir, workDir)
+	opts.Bootstrap, opts.Mountpoint, opts.Fetcher = im.boot, b.TempDir(), f
+	m, err := s.Mount(opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return s, m, func() {
+		if err := m.Unmount(); err != nil {
+			b.Fatal(err)
+		}
+		cancel()
+		<-done
+		g.Close()
+		f.Close()
+	}
+}
+
 func median(ds []time.Duration) time.Duration {
 	s := slices.Clone(ds)
 	slices.Sort(s)
@@ -157,25 +188,11 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 			// Cold: a fresh cache, mounted buffered and with directio
 			// in turn.
 			dio := i%2 == 1
-			g, err := fanotify.New()
-			if err != nil {
-				b.Fatal(err)
-			}
-			s := NewServer(g, nil)
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() {
-				done <- s.Serve(ctx, fanotify.Options{Observe: func(ev fanotify.Event, err error, took time.Duration) {
-					if traceEvents {
-						b.Logf("event pid %d [%d,+%d) %v %s", ev.Pid, ev.Offset, ev.Count, err, took)
-					}
-				}})
-			}()
-			f := newFetcher(b, im.blobDir, b.TempDir())
-			m, err := s.Mount(Options{Bootstrap: im.boot, Mountpoint: b.TempDir(), Fetcher: f, DirectIO: dio})
-			if err != nil {
-				b.Fatal(err)
-			}
+			s, m, stop := serveBench(b, im, b.TempDir(), Options{DirectIO: dio}, false, fanotify.Options{Observe: func(ev fanotify.Event, err error, took time.Duration) {
+				if traceEvents {
+					b.Logf("event pid %d [%d,+%d) %v %s", ev.Pid, ev.Offset, ev.Count, err, took)
+				}
+			}})
 			if dio {
 				kdread()
 			} else {
@@ -190,33 +207,14 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 				coldEvents += s.Stats().Events
 				ahead += s.Stats().AheadBytes
 			}
-			if err := m.Unmount(); err != nil {
-				b.Fatal(err)
-			}
-			cancel()
-			<-done
-			g.Close()
-			f.Close()
+			stop()
 		}
 
 		// Warm, with the mark kept and without: this mode over the
 		// baseline's own complete blob (same bytes, same disk blocks). The
 		// baseline opened it unmarked, so its reads raise no events.
 		for _, keep := range []bool{true, false} {
-			g, err := fanotify.New()
-			if err != nil {
-				b.Fatal(err)
-			}
-			s := NewServer(g, nil)
-			s.keepMarks = keep
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- s.Serve(ctx, fanotify.Options{}) }()
-			f := newFetcher(b, im.blobDir, fillWork)
-			m, err := s.Mount(Options{Bootstrap: im.boot, Mountpoint: b.TempDir(), Fetcher: f})
-			if err != nil {
-				b.Fatal(err)
-			}
+			s, m, stop := serveBench(b, im, fillWork, Options{}, keep, fanotify.Options{})
 			for range reps {
 				kread()
 				dropCache(b, m.Mountpoint()+"/data", full)
@@ -230,13 +228,7 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 					warmEvents += s.Stats().Events - before
 				}
 			}
-			if err := m.Unmount(); err != nil {
-				b.Fatal(err)
-			}
-			cancel()
-			<-done
-			g.Close()
-			f.Close()
+			stop()
 		}
 
 		// The FUSE mode over a fetcher with its own fresh cache.
