@@ -656,17 +656,11 @@ func (d *Daemon) serveAdopted(h guard.Holding) {
 	s := d.srv
 	go func() {
 		defer close(a.done)
-		err := a.Group.Serve(ctx, s, fanotify.Options{
+		err := s.serveGroup(ctx, a.Group, fanotify.Options{
 			Timeout: d.opts.Timeout, Workers: d.opts.Workers, Logger: d.log,
 			// The group marked the cache files before this process
 			// opened them: its own I/O raises events in it.
 			Trusted: fanotify.SelfPid,
-			Observe: func(ev fanotify.Event, err error, took time.Duration) {
-				s.events.Add(1)
-				if err != nil {
-					s.failures.Add(1)
-				}
-			},
 		})
 		if err != nil {
 			d.log.Error("fanotifyfs: serving an adopted group", "err", err)

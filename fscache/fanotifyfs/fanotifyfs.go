@@ -317,6 +317,15 @@ func (s *Server) Stats() Stats {
 // package doc).
 func (s *Server) Serve(ctx context.Context, opts fanotify.Options) error {
 	opts.Trusted = func(ev fanotify.Event) bool { return s.trustSelf.Load() && fanotify.SelfPid(ev) }
+	if opts.Timeout > 0 {
+		s.timeout.Store(int64(opts.Timeout))
+	}
+	return s.serveGroup(ctx, s.g, opts)
+}
+
+// serveGroup answers g's events with s until ctx ends, counting them in
+// s's Stats: s's own group, or one a daemon adopted (daemon.go).
+func (s *Server) serveGroup(ctx context.Context, g *fanotify.Group, opts fanotify.Options) error {
 	obs := opts.Observe
 	opts.Observe = func(ev fanotify.Event, err error, took time.Duration) {
 		s.events.Add(1)
@@ -330,10 +339,7 @@ func (s *Server) Serve(ctx context.Context, opts fanotify.Options) error {
 	if opts.Logger == nil {
 		opts.Logger = s.log
 	}
-	if opts.Timeout > 0 {
-		s.timeout.Store(int64(opts.Timeout))
-	}
-	return s.g.Serve(ctx, s, opts)
+	return g.Serve(ctx, s, opts)
 }
 
 // Present implements fanotify.Prober: the reading loop's fast path, a few
