@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rafsd/rafsd/internal/capproxy"
 	"github.com/rafsd/rafsd/internal/testutil"
 	"github.com/rafsd/rafsd/rafs/fusedev"
 	"github.com/rafsd/rafsd/rafs/storage/registrytest"
@@ -1016,15 +1017,9 @@ func TestMetricsFilesPatternInflight(t *testing.T) {
 	}
 }
 
-// TestBackendKilledMidRead serves an image from a real registry, kills the
-// registry in the middle of reading a file: the read fails with EIO after
-// the configured retries, the daemon stays up and serves what its blob
-// cache holds; with the registry back, the same read goes on and the
-// bytes are right.
-func TestBackendKilledMidRead(t *testing.T) {
-	requireRoot(t)
-	img := makeImage(t, "backend")
-	reg := registrytest.Start(t, registrytest.Options{})
+// pushBlobs pushes img's blobs to repo of reg.
+func pushBlobs(t *testing.T, reg *registrytest.Registry, repo string, img *image) {
+	t.Helper()
 	blobs, err := os.ReadDir(img.blobs)
 	if err != nil || len(blobs) == 0 {
 		t.Fatalf("blobs: %v %v", blobs, err)
@@ -1034,26 +1029,108 @@ func TestBackendKilledMidRead(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if id := reg.PushBlob(t, "test/backend", data); id != b.Name() {
+		if id := reg.PushBlob(t, repo, data); id != b.Name() {
 			t.Fatalf("pushed blob %s as %s", b.Name(), id)
 		}
 	}
+}
+
+// registryConfig writes a nydusd config reading blobs from repo on the
+// plain-HTTP registry at host (2 retries, short timeouts, a blob cache)
+// and returns its path.
+func registryConfig(t *testing.T, host, repo string) string {
+	t.Helper()
 	cfg, _ := json.Marshal(map[string]any{
 		"device": map[string]any{
 			"backend": map[string]any{"type": "registry", "config": map[string]any{
-				"scheme": "http", "host": reg.Addr, "repo": "test/backend",
+				"scheme": "http", "host": host, "repo": repo,
 				"timeout": 2, "connect_timeout": 1, "retry_limit": 2,
 			}},
 			"cache": map[string]any{"type": "blobcache", "config": map[string]any{"work_dir": t.TempDir()}},
 		},
 		"mode": "direct", "digest_validate": true, "amplify_io": 0,
 	})
-	cfgPath := filepath.Join(t.TempDir(), "config.json")
-	if err := os.WriteFile(cfgPath, cfg, 0o644); err != nil {
+	path := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(path, cfg, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return path
+}
+
+// TestMetricsInflightDuringRead: while a READ waits on a slow backend,
+// /api/v1/metrics/inflight lists it (nydusd's per-thread record); idle,
+// the endpoint answers 204 (TestMetricsFilesPatternInflight).
+func TestMetricsInflightDuringRead(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "inflight")
+	reg := registrytest.Start(t, registrytest.Options{})
+	pushBlobs(t, reg, "test/inflight", img)
+	// 32 KiB/s once the proxy's 256 KiB burst is spent: a chunk of big.bin
+	// takes many seconds to come, the READ stays in flight meanwhile.
+	p := capproxy.Start(t, reg.Addr, 32<<10)
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", cfgPath)
+	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", registryConfig(t, p.Addr, "test/inflight"), "--thread-num", "2")
+	d.waitState("RUNNING")
+	done := make(chan error, 1)
+	go func() {
+		_, err := directRead(filepath.Join(mnt, "dir/big.bin"), make([]byte, 4<<20))
+		done <- err
+	}()
+	var ops []struct {
+		Inode  uint64 `json:"inode"`
+		Opcode uint32 `json:"opcode"`
+		Unique uint64 `json:"unique"`
+		Secs   int64  `json:"timestamp_secs"`
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		st, b := d.call("GET", "/api/v1/metrics/inflight", "")
+		if st == http.StatusOK {
+			if err := json.Unmarshal(b, &ops); err != nil {
+				t.Fatalf("inflight: %v: %s", err, b)
+			}
+			break
+		}
+		if st != http.StatusNoContent {
+			t.Fatalf("inflight: %d %s", st, b)
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("big.bin read ended (%v) before inflight listed it", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("inflight listed nothing while big.bin's read waited on the capped link")
+		}
+	}
+	const fuseRead = 15
+	var sawRead bool
+	for _, op := range ops {
+		sawRead = sawRead || (op.Opcode == fuseRead && op.Inode != 0 && op.Unique != 0 && time.Since(time.Unix(op.Secs, 0)) < time.Minute)
+	}
+	if !sawRead {
+		t.Fatalf("inflight during a read lists no READ: %+v", ops)
+	}
+	// Cut the link: the read ends (EIO) instead of trickling on.
+	p.Close()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("big.bin's read not ended after the backend went away")
+	}
+}
+
+// TestBackendKilledMidRead serves an image from a real registry, kills the
+// registry in the middle of reading a file: the read fails with EIO after
+// the configured retries, the daemon stays up and serves what its blob
+// cache holds; with the registry back, the same read goes on and the
+// bytes are right.
+func TestBackendKilledMidRead(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "backend")
+	reg := registrytest.Start(t, registrytest.Options{})
+	pushBlobs(t, reg, "test/backend", img)
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", registryConfig(t, reg.Addr, "test/backend"))
 	d.waitState("RUNNING")
 	small := filepath.Join(mnt, "dir/sub/a.txt")
 	if got, err := directRead(small, make([]byte, 1<<20)); err != nil || !bytes.Equal(got, img.files["dir/sub/a.txt"]) {
