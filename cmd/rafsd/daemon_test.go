@@ -949,6 +949,20 @@ func TestMetricsFilesPatternInflight(t *testing.T) {
 	checkTree(t, img, filepath.Join(mnt, "acct"))
 	checkTree(t, img, filepath.Join(mnt, "plain"))
 
+	// The per-mount metrics say which accounting each mount has on.
+	for _, m := range []struct {
+		id   string
+		want bool
+	}{{"/acct", true}, {"/plain", false}} {
+		var fm struct {
+			Files   bool `json:"files_account_enabled"`
+			Pattern bool `json:"access_pattern_enabled"`
+		}
+		if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics?id="+m.id, ""), &fm); err != nil || fm.Files != m.want || fm.Pattern != m.want {
+			t.Fatalf("metrics?id=%s: %+v, %v; want files_account_enabled and access_pattern_enabled %v", m.id, fm, err, m.want)
+		}
+	}
+
 	var files map[string]struct {
 		DataRead  uint64   `json:"data_read"`
 		TotalFops uint64   `json:"total_fops"`

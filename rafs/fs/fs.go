@@ -97,6 +97,9 @@ func (f *FS) Image() *rafs.Image { return f.img }
 // Stats returns the filesystem's counters.
 func (f *FS) Stats() *Stats { return &f.stats }
 
+// Options returns the options the filesystem was made with.
+func (f *FS) Options() Options { return f.opts }
+
 // String implements fuse.RawFileSystem.
 func (f *FS) String() string { return "rafs" }
 

@@ -48,6 +48,9 @@ func (d *Daemon) FsMetrics(id string) (FsMetrics, error) {
 		out.Xattrs += s.Xattrs.Load()
 		out.Reads += s.Reads.Load()
 		out.ReadErrors += s.ReadErrors.Load()
+		o := in.rafs.Options()
+		out.FilesAccount = out.FilesAccount || o.FilesAccount
+		out.AccessPattern = out.AccessPattern || o.AccessPattern
 		out.FsType, out.Source = FsTypeRafs, in.cmd.Source
 	}
 	if !found && id != "" {
