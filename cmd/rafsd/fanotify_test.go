@@ -253,20 +253,10 @@ func TestFanotifyAPIMountUmount(t *testing.T) {
 	}
 }
 
-// pidGone reports whether pid has exited (absent or an unreaped zombie).
-func pidGone(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	k := bytes.LastIndexByte(b, ')')
-	return k < 0 || k+2 >= len(b) || b[k+2] == 'Z'
-}
-
 func waitPidGone(t *testing.T, pid int, what string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for !pidGone(pid) {
+	for !testutil.Exited(pid) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s (pid %d) still running after 10s", what, pid)
 		}

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/fscache/fanotifyfs/guard"
+	"github.com/rafsd/rafsd/internal/testutil"
 	"github.com/rafsd/rafsd/rafs/fusedev"
 
 	"github.com/rafsd/rafsd/rafs/config"
@@ -488,7 +489,7 @@ func guardsOf(daemon int) []int {
 	var out []int
 	for _, e := range ents {
 		var pid int
-		if _, err := fmt.Sscan(e.Name(), &pid); err != nil || procGone(pid) {
+		if _, err := fmt.Sscan(e.Name(), &pid); err != nil || testutil.Exited(pid) {
 			continue
 		}
 		env, _ := os.ReadFile("/proc/" + e.Name() + "/environ")
@@ -499,17 +500,6 @@ func guardsOf(daemon int) []int {
 	return out
 }
 
-// procGone reports whether pid has exited (absent, or a zombie nobody
-// reaped: an orphaned guard's parent is whatever pid 1 is here).
-func procGone(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	k := bytes.LastIndexByte(b, ')')
-	return k < 0 || k+2 >= len(b) || b[k+2] == 'Z'
-}
-
 // waitGone waits up to d for every pid to exit.
 func waitGone(t *testing.T, d time.Duration, what string, pids ...int) {
 	t.Helper()
@@ -517,7 +507,7 @@ func waitGone(t *testing.T, d time.Duration, what string, pids ...int) {
 	for {
 		var left []int
 		for _, p := range pids {
-			if !procGone(p) {
+			if !testutil.Exited(p) {
 				left = append(left, p)
 			}
 		}
@@ -626,7 +616,7 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 	if err := readDirect(cache); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("direct read of the cache file while the guard lives: %v, want EIO (the guard's mark)", err)
 	}
-	if procGone(d.guard) {
+	if testutil.Exited(d.guard) {
 		t.Fatal("guard exited while a reader still holds a file of the detached mount")
 	}
 	// The last reader closes: the superblock goes, so does the guard.
@@ -825,7 +815,7 @@ func TestCloseLeavesBusyMountToGuard(t *testing.T) {
 	}
 	waitDetached(t, st.Mountpoint)
 	readIsEIO(t, fh, 1<<20+4321, "read of a lazily detached mount after the daemon closed")
-	if procGone(d.guard) {
+	if testutil.Exited(d.guard) {
 		t.Fatal("guard gone while a reader still holds a file of the detached mount")
 	}
 	fh.Close()
@@ -880,7 +870,7 @@ func TestSupervisedDaemonRefusesGuardedCache(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), "still guarded by guard") {
 		t.Fatalf("supervised daemon on a guarded cache: %v, want a refusal naming the guard\n%s", err, out)
 	}
-	if procGone(d.guard) {
+	if testutil.Exited(d.guard) {
 		t.Fatal("the old guard exited while its reader still holds a file")
 	}
 	fh.Close()
