@@ -65,11 +65,14 @@ type Stats struct {
 
 // Daemon serves the cachefiles on-demand requests of one bound cache.
 type Daemon struct {
-	dev     *Device
-	cmd     func(string) error // writes a reply to the device
-	log     *slog.Logger
-	threads int
-	timeout time.Duration
+	dev *Device
+	cmd func(string) error // writes a reply to the device
+	// complete answers a READ on its object's anon fd (readComplete;
+	// tests without the real device record the calls instead).
+	complete func(fd int, msgID uint32) error
+	log      *slog.Logger
+	threads  int
+	timeout  time.Duration
 
 	mu      sync.Mutex
 	images  map[key]*image
@@ -142,9 +145,10 @@ func New(cfg Config) (*Daemon, error) {
 // newDaemon is a daemon without a device yet.
 func newDaemon(cfg Config) *Daemon {
 	d := &Daemon{
-		log:     cfg.Logger,
-		threads: cfg.Threads,
-		timeout: cfg.ReadTimeout,
+		complete: readComplete,
+		log:      cfg.Logger,
+		threads:  cfg.Threads,
+		timeout:  cfg.ReadTimeout,
 
 		noReadAhead: cfg.NoReadAhead,
 		images:      map[key]*image{},
@@ -441,7 +445,7 @@ func (d *Daemon) finishRead(o *object, m Msg, err error, start time.Time) {
 		d.log.Error("cachefiles: READ failed", "object", o.id, "cookie", o.cookie, "off", m.Read.Off, "len", m.Read.Len, "err", err)
 	}
 	t := time.Now()
-	if cerr := readComplete(o.fd, m.ID); cerr != nil {
+	if cerr := d.complete(o.fd, m.ID); cerr != nil {
 		d.log.Error("cachefiles: completing READ", "object", o.id, "err", cerr)
 	}
 	now := time.Now()

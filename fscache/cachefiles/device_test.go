@@ -2,8 +2,11 @@ package cachefiles
 
 import (
 	"context"
+	"encoding/binary"
+	"fmt"
 	"log/slog"
 	"os"
+	"syscall"
 	"testing"
 	"time"
 
@@ -81,6 +84,116 @@ func TestAdoptedDeviceRestoresOnServe(t *testing.T) {
 	}
 	// The socket blocks in read where the device would return 0: closing
 	// our end lets the daemon's read return so it sees the wake-up.
+	cancel()
+	unix.Close(peer)
+	peerOpen = false
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after its context ended")
+	}
+}
+
+// TestServeBadRequests drives Serve through the fake device with what a
+// broken or hostile kernel could send: a READ for an object never opened
+// (nothing to answer it on: dropped and counted, as nydusd does), a READ
+// past the object's end (completed with nothing written, so the kernel
+// fails the reader with EIO), an OPEN whose keys do not add up (refused
+// with -EINVAL), bytes that are no message at all. The daemon survives
+// each and then serves a good READ with the right bytes.
+func TestServeBadRequests(t *testing.T) {
+	src := t.TempDir()
+	writeTree(t, src, 9, map[string]int{"f": 300 << 10})
+	im := buildImage(t, src, t.TempDir())
+	f, peer := fakeDevice(t)
+	peerOpen := true
+	d, err := New(Config{Device: f, Threads: 2, NoReadAhead: true, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		unix.Close(peer)
+		t.Fatal(err)
+	}
+	defer d.Close()
+	defer func() {
+		if peerOpen {
+			unix.Close(peer)
+		}
+	}()
+	completed := make(chan uint32, 16)
+	d.complete = func(fd int, id uint32) error { completed <- id; return nil }
+	if err := d.BindBlob(bindReq("img", "", im)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(ctx) }()
+	if got := nextCommand(t, peer); got != "restore" {
+		t.Fatalf("first command = %q, want restore", got)
+	}
+	send := func(b []byte) {
+		t.Helper()
+		if _, err := unix.Write(peer, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fd, cachePath := cacheFile(t)
+	blob := im.img.Blobs[0]
+	send(AppendMsg(nil, Msg{ID: 1, Opcode: OpOpen, ObjectID: 5, Open: &OpenMsg{VolumeKey: "erofs,img", CookieKey: blob.ID, FD: uint32(fd)}}))
+	reply := nextCommand(t, peer)
+	var size uint64
+	if _, err := fmt.Sscanf(reply, "copen 1,%d", &size); err != nil || size < blob.UncompressedSize {
+		t.Fatalf("OPEN of the blob: reply %q, want copen 1,<size >= %d>", reply, blob.UncompressedSize)
+	}
+	noCompletion := func(what string) {
+		t.Helper()
+		select {
+		case id := <-completed:
+			t.Fatalf("%s: READ %d completed", what, id)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+
+	send(AppendMsg(nil, Msg{ID: 2, Opcode: OpRead, ObjectID: 77, Read: &ReadMsg{Off: 0, Len: 4096}}))
+	noCompletion("READ of an unknown object")
+	send(AppendMsg(nil, Msg{ID: 3, Opcode: OpRead, ObjectID: 5, Read: &ReadMsg{Off: size + 1<<20, Len: 4096}}))
+	select {
+	case id := <-completed:
+		if id != 3 {
+			t.Fatalf("completed READ %d, want 3", id)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a READ past the object's end was never completed: its reader would hang")
+	}
+	bad := AppendMsg(nil, Msg{ID: 4, Opcode: OpOpen, ObjectID: 6, Open: &OpenMsg{VolumeKey: "erofs,img", CookieKey: blob.ID, FD: 1000}})
+	binary.LittleEndian.PutUint32(bad[headerSize+4:], 9999) // cookie key size
+	send(bad)
+	if got, want := nextCommand(t, peer), fmt.Sprintf("copen 4,%d", -int(syscall.EINVAL)); got != want {
+		t.Fatalf("reply to an OPEN with bad key sizes = %q, want %q", got, want)
+	}
+	send([]byte{1, 2, 3})
+	send(AppendMsg(nil, Msg{ID: 5, Opcode: Opcode(9), ObjectID: 5}))
+	noCompletion("garbage")
+
+	// Still serving: a good READ of the whole object fills the cache file.
+	send(AppendMsg(nil, Msg{ID: 6, Opcode: OpRead, ObjectID: 5, Read: &ReadMsg{Off: 0, Len: size}}))
+	select {
+	case id := <-completed:
+		if id != 6 {
+			t.Fatalf("completed READ %d, want 6", id)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the good READ was never completed")
+	}
+	cache, _ := os.ReadFile(cachePath)
+	if checkFiles(t, im, blob, cache, nil) == 0 {
+		t.Fatal("no chunk checked")
+	}
+	s := d.Stats()
+	if s.BadMessages != 4 || s.Reads != 2 || s.ReadFailures != 1 || s.BytesWritten == 0 {
+		t.Errorf("stats %+v: want 4 bad messages (unknown object, bad OPEN, short, unknown opcode), 2 READs answered, 1 failed", s)
+	}
 	cancel()
 	unix.Close(peer)
 	peerOpen = false
