@@ -372,6 +372,7 @@ func (s *singleton) handler() http.Handler {
 	mux.HandleFunc("/api/v1/daemon", h.daemonInfo)
 	mux.HandleFunc("/api/v2/daemon", h.daemonInfo)
 	mux.HandleFunc("/api/v2/blobs", h.blobs)
+	mux.HandleFunc("/api/v1/metrics/backend", h.backendMetrics)
 	mux.HandleFunc("/api/v1/daemon/fuse/sendfd", h.control(s.sendFD))
 	mux.HandleFunc("/api/v1/daemon/fuse/takeover", h.control(s.takeover))
 	mux.HandleFunc("/api/v1/daemon/start", h.control(s.start))
@@ -426,6 +427,28 @@ func (h *singletonAPI) daemonInfo(w http.ResponseWriter, r *http.Request) {
 		State:      h.s.State(),
 		Supervisor: h.s.opts.Supervisor,
 	}, stats})
+}
+
+// backendMetrics is nydusd's GET /api/v1/metrics/backend[?id=fsid]:
+// what the bound images' fetchers read from their backends (without id,
+// summed over all of them).
+func (h *singletonAPI) backendMetrics(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		h.fail(w, r, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed", r.Method))
+		return
+	}
+	d := h.s.daemon()
+	if d == nil {
+		h.fail(w, r, http.StatusServiceUnavailable, fmt.Errorf("no cachefiles device yet (state %s)", h.s.State()))
+		return
+	}
+	m, err := d.BackendMetrics(r.URL.Query().Get("id"))
+	if err != nil {
+		h.fail(w, r, http.StatusNotFound, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(m)
 }
 
 func (h *singletonAPI) blobs(w http.ResponseWriter, r *http.Request) {

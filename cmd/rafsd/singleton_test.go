@@ -145,6 +145,7 @@ func TestSingletonTakeoverAPI(t *testing.T) {
 
 	stateIs("INIT")
 	call("GET", "/api/v2/blobs", 503)
+	call("GET", "/api/v1/metrics/backend", 503)
 	call("PUT", "/api/v1/daemon/start", 409)
 	call("PUT", "/api/v1/daemon/fuse/sendfd", 503)
 	call("GET", "/api/v1/daemon/fuse/takeover", 405)
@@ -176,6 +177,18 @@ func TestSingletonTakeoverAPI(t *testing.T) {
 	if err := json.Unmarshal([]byte(call("GET", "/api/v2/blobs?domain_id=dom", 200)), &list); err != nil || len(list) != 2 {
 		t.Fatalf("bindings after takeover: %v %+v (want the bootstrap and its blob)", err, list)
 	}
+
+	// Backend metrics: nothing read yet; an unknown image is a 404.
+	var m struct {
+		BackendType string  `json:"backend_type"`
+		ReadCount   *uint64 `json:"read_count"`
+	}
+	if err := json.Unmarshal([]byte(call("GET", "/api/v1/metrics/backend?id=img1", 200)), &m); err != nil || m.BackendType != "localfs" || m.ReadCount == nil || *m.ReadCount != 0 {
+		t.Fatalf("metrics/backend of img1: %v %+v", err, m)
+	}
+	call("GET", "/api/v1/metrics/backend", 200)
+	call("GET", "/api/v1/metrics/backend?id=nosuch", 404)
+	call("PUT", "/api/v1/metrics/backend", 405)
 
 	// sendfd gives the supervisor the same bindings and one fd.
 	sv.fd = -1 // null's own fd stays with null

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/storage"
 )
 
 // Config describes a daemon.
@@ -192,6 +193,36 @@ func (d *Daemon) BackendBytes() uint64 {
 		n += im.fetcher.BackendMetrics().ReadAmountTotal
 	}
 	return n
+}
+
+// BackendMetrics returns the backend counters (nydusd's
+// /api/v1/metrics/backend) of the image bound with fsid id in any domain,
+// or with id "" the sums over every bound image.
+func (d *Daemon) BackendMetrics(id string) (storage.BackendMetrics, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var (
+		sum   storage.BackendMetrics
+		found bool
+	)
+	for k, im := range d.images {
+		if id != "" && k.name != id {
+			continue
+		}
+		m := im.fetcher.BackendMetrics()
+		if !found {
+			sum.BackendType = m.BackendType
+		}
+		found = true
+		sum.ReadCount += m.ReadCount
+		sum.ReadErrors += m.ReadErrors
+		sum.ReadAmountTotal += m.ReadAmountTotal
+		sum.ReadCumulativeLatencyMillisTotal += m.ReadCumulativeLatencyMillisTotal
+	}
+	if !found && id != "" {
+		return sum, fmt.Errorf("%w: image %q", ErrNotFound, id)
+	}
+	return sum, nil
 }
 
 // Serve reads and answers kernel requests until ctx is done or Close is

@@ -251,6 +251,16 @@ func TestBindOpenRead(t *testing.T) {
 		if moved == 0 || moved > 64<<10+4096 {
 			t.Fatalf("a 4 KiB read moved %d backend bytes (one 64 KiB chunk expected)", moved)
 		}
+		m2, err := d.BackendMetrics("fsid2")
+		if err != nil || m2.ReadAmountTotal < moved || m2.ReadCount == 0 || m2.BackendType != "localfs" {
+			t.Fatalf("BackendMetrics(fsid2) = %+v, %v; want at least the %d bytes moved", m2, err, moved)
+		}
+		if all, err := d.BackendMetrics(""); err != nil || all.ReadAmountTotal != d.BackendBytes() {
+			t.Fatalf("BackendMetrics(\"\") = %+v, %v; want the %d bytes of all images", all, err, d.BackendBytes())
+		}
+		if _, err := d.BackendMetrics("nosuch"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("BackendMetrics(nosuch) = %v, want ErrNotFound", err)
+		}
 		cache, _ := os.ReadFile(path)
 		mid := o.size / 2
 		if checkFiles(t, im2, own, cache, func(c *rafs.Chunk) bool {
