@@ -20,8 +20,12 @@ import (
 
 // TestGuestRafsdSingleton drives `rafsd singleton --fscache` in the guest
 // the way nydus-snapshotter does: PUT /api/v2/blobs for two images sharing
-// a blob in one domain, `mount -t erofs -o domain_id=,fsid=`, tree hashes
-// equal to the host's, GET/DELETE /api/v2/blobs, SIGTERM.
+// a blob in one domain and a third in its own whose blob is corrupt on the
+// backend (a localfs dir on a virtio-blk disk), `mount -t erofs -o
+// domain_id=,fsid=`. Reading 5% of image 1 moves at most 10% of its blob
+// through the backend, as GET /api/v1/metrics/backend counts it; reading
+// image 3 fails with EIO and the daemon keeps serving images 1 and 2,
+// whose tree hashes equal the host's; GET/DELETE /api/v2/blobs, SIGTERM.
 func TestGuestRafsdSingleton(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("the guest scenarios run as root (QEMU, kernel cache in /var/cache)")
@@ -43,14 +47,30 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	im1 := buildImage(t, src1, blobs)
 	src2 := scenarioTree(t, 11, map[string]int{"new/file": 300 << 10})
 	im2 := buildImage(t, src2, blobs, im1.img)
-	for i, im := range []*testImage{im1, im2} {
+	badBlobs := filepath.Join(dir, "badblobs")
+	os.MkdirAll(badBlobs, 0o755)
+	im3 := buildImage(t, scenarioTree(t, 12, nil), badBlobs)
+	bad := filepath.Join(badBlobs, im3.img.Blobs[0].ID)
+	data, err := os.ReadFile(bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range data {
+		data[i] ^= 0xa5
+	}
+	os.WriteFile(bad, data, 0o644)
+	for i, im := range []*testImage{im1, im2, im3} {
 		n := fmt.Sprint(i + 1)
 		os.MkdirAll(filepath.Join(dir, n), 0o755)
 		b, _ := os.ReadFile(im.boot)
 		os.WriteFile(filepath.Join(dir, n, "bootstrap"), b, 0o644)
-		req := bindReq("fsid"+n, "dom", im)
+		domain, blobDir := "dom", "/img/blobs"
+		if im == im3 {
+			domain, blobDir = "", "/img/badblobs"
+		}
+		req := bindReq("fsid"+n, domain, im)
 		req.Config.MetadataPath = "/img/" + n + "/bootstrap"
-		req.Config.BackendConfig = json.RawMessage(`{"dir":"/img/blobs"}`)
+		req.Config.BackendConfig, _ = json.Marshal(map[string]string{"dir": blobDir})
 		j, _ := json.Marshal(req)
 		os.WriteFile(filepath.Join(dir, "bind"+n+".json"), j, 0o644)
 	}
@@ -111,17 +131,56 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	}
 	expect("PUT", "/api/v2/blobs", "/img/bind1.json", 204)
 	expect("PUT", "/api/v2/blobs", "/img/bind2.json", 204)
+	expect("PUT", "/api/v2/blobs", "/img/bind3.json", 204)
 	expect("PUT", "/api/v2/blobs", "/img/bind1.json", 409)
 	var list []BlobInfo
 	if err := json.Unmarshal([]byte(expect("GET", "/api/v2/blobs?domain_id=dom", "", 200)), &list); err != nil || len(list) != 4 {
 		t.Fatalf("GET /api/v2/blobs: %v %+v (want 2 bootstraps and 2 data blobs)", err, list)
 	}
-	for n, src := range []string{src1, src2} {
-		mnt := fmt.Sprintf("/mnt/%d", n+1)
-		if err := a.Mount(ctx, guest.MountRequest{Source: "none", Target: mnt, FSType: "erofs", Data: fmt.Sprintf("domain_id=dom,fsid=fsid%d", n+1), Mkdir: true}); err != nil {
-			t.Fatal(err)
+	mount := func(mnt, data string) {
+		t.Helper()
+		if err := a.Mount(ctx, guest.MountRequest{Source: "none", Target: mnt, FSType: "erofs", Data: data, Mkdir: true}); err != nil {
+			t.Fatalf("mount -t erofs -o %s: %v", data, err)
 		}
 		mounts = append(mounts, mnt)
+	}
+	mount("/mnt/1", "domain_id=dom,fsid=fsid1")
+	// 5% of image 1: one 512 KiB part of ~10 MiB. The daemon's metrics
+	// count what its fetcher read from the backend.
+	part, err := a.ReadFile(ctx, "/mnt/1/data/part-07", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, _ := os.ReadFile(filepath.Join(src1, "data/part-07")); string(part) != string(want) {
+		t.Fatalf("data/part-07 differs in the guest (%d bytes, want %d)", len(part), len(want))
+	}
+	var m struct {
+		ReadCount       uint64 `json:"read_count"`
+		ReadAmountTotal uint64 `json:"read_amount_total"`
+	}
+	if err := json.Unmarshal([]byte(expect("GET", "/api/v1/metrics/backend?id=fsid1", "", 200)), &m); err != nil {
+		t.Fatal(err)
+	}
+	blob := im1.img.Blobs[0]
+	t.Logf("reading %d of %d bytes (%.1f%%) moved %d of %d blob bytes (%.1f%%) in %d backend reads", len(part), blob.UncompressedSize,
+		100*float64(len(part))/float64(blob.UncompressedSize), m.ReadAmountTotal, blob.CompressedSize,
+		100*float64(m.ReadAmountTotal)/float64(blob.CompressedSize), m.ReadCount)
+	if m.ReadAmountTotal == 0 || m.ReadAmountTotal > blob.CompressedSize/10 {
+		t.Errorf("reading 5%% of the image moved %d of %d blob bytes (want <= 10%%)", m.ReadAmountTotal, blob.CompressedSize)
+	}
+	// The corrupt image fails with EIO; the others keep serving below.
+	mount("/mnt/3", "fsid=fsid3")
+	if _, err := a.ReadFile(ctx, "/mnt/3/data/part-01", 0); err == nil || !strings.Contains(err.Error(), "input/output error") {
+		t.Errorf("reading a file of the corrupt blob: %v, want EIO", err)
+	}
+	if _, err := a.ReadFile(ctx, "/mnt/3/bin/tool", 0); err == nil || !strings.Contains(err.Error(), "input/output error") {
+		t.Errorf("reading a second file of the corrupt blob: %v, want EIO", err)
+	}
+	for n, src := range []string{src1, src2} {
+		mnt := fmt.Sprintf("/mnt/%d", n+1)
+		if n > 0 {
+			mount(mnt, fmt.Sprintf("domain_id=dom,fsid=fsid%d", n+1))
+		}
 		got, err := a.TreeHash(ctx, mnt, true)
 		if err != nil {
 			t.Fatal(err)
@@ -137,13 +196,13 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	}
 	json.Unmarshal([]byte(expect("GET", "/api/v2/daemon", "", 200)), &info)
 	t.Logf("daemon: %+v", info)
-	if info.State != "RUNNING" || info.Fscache.OpenFailures != 0 || info.Fscache.ReadFailures != 0 {
-		t.Errorf("daemon info %+v", info)
+	if info.State != "RUNNING" || info.Fscache.OpenFailures != 0 || info.Fscache.ReadFailures == 0 {
+		t.Errorf("daemon info %+v (want RUNNING, no OPEN refused, the corrupt blob's READs failed)", info)
 	}
-	// Two bootstraps, image 2's own blob and the shared blob opened once
-	// for both images.
-	if info.Fscache.Opens != 4 {
-		t.Errorf("%d OPENs, want 4 (the shared blob once)", info.Fscache.Opens)
+	// Three bootstraps, image 2's own blob, the shared blob opened once
+	// for both images, image 3's blob.
+	if info.Fscache.Opens != 6 {
+		t.Errorf("%d OPENs, want 6 (the shared blob once)", info.Fscache.Opens)
 	}
 	for _, m := range mounts {
 		if err := a.Unmount(ctx, m, 0); err != nil {
@@ -154,6 +213,7 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	expect("DELETE", "/api/v2/blobs?domain_id=dom&blob_id=fsid1", "", 204)
 	expect("DELETE", "/api/v2/blobs?domain_id=dom&blob_id=fsid1", "", 404)
 	expect("DELETE", "/api/v2/blobs?domain_id=dom", "", 204)
+	expect("DELETE", "/api/v2/blobs?domain_id=fsid3", "", 204)
 	if out := expect("GET", "/api/v2/blobs", "", 200); strings.TrimSpace(out) != "[]" {
 		t.Errorf("after unbinding all: %s", out)
 	}
