@@ -27,10 +27,12 @@ import (
 // group and the mounts are handed to the supervisor, and --upgrade takes
 // them back after a restart (answering the events the dead daemon held);
 // without one a guard process fails reads with EIO if the daemon dies, and
-// exits once the last reader of its detached mounts closes. A daemon
-// restarted without a supervisor takes the group over from that guard when
-// it mounts from the same cache directory (package fscache/fanotifyfs/guard):
-// its mount reads right, and so do the readers of the old detached mounts.
+// exits once the last reader of its detached mounts closes. A restarted
+// daemon, with a supervisor or without, takes the groups over from that
+// guard at start in every cache directory it knows (its mounts', and
+// --config's for later API mounts) and at every mount from another one
+// (package fscache/fanotifyfs/guard): its mounts read right, and so do the
+// readers of the old detached mounts once their image is mounted again.
 func runFanotify(a *args, log *slog.Logger) error {
 	if a.upgrade && a.supervisor == "" {
 		return errors.New("--upgrade needs --supervisor")
@@ -64,9 +66,14 @@ func runFanotify(a *args, log *slog.Logger) error {
 			return err
 		}
 	}
+	var cacheDirs []string
+	if dir := fanotifyfs.ConfigCacheDir(defaultConfig); dir != "" {
+		cacheDirs = append(cacheDirs, dir)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	d, err := fanotifyfs.StartDaemon(fanotifyfs.DaemonOptions{
+		CacheDirs:  cacheDirs,
 		Mounts:     mounts,
 		Supervisor: a.supervisor,
 		Upgrade:    a.upgrade,

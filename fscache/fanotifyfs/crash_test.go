@@ -103,16 +103,16 @@ func runDaemon() error {
 		Upgrade:        os.Getenv("FANOTIFYFS_TAKEOVER") == "1",
 		Timeout:        20 * time.Second,
 		FetcherOptions: []storage.Option{storage.WithBackend(be)},
-		Guard:          os.Getenv("FANOTIFYFS_SUPERVISOR") == "",
+		Guard:          true,
 		// Every pass of the reader must raise events, complete or not.
 		KeepMarks: true,
 		Ready: func(s *Server, g *guard.Guard) {
+			pid := 0
 			if g != nil {
-				fmt.Printf("ready guard=%d\n", g.Pid())
-				return
+				pid = g.Pid()
 			}
 			st := s.Stats()
-			fmt.Printf("ready recovered=%d orphans=%d\n", st.Recovered, st.Orphans)
+			fmt.Printf("ready guard=%d recovered=%d orphans=%d\n", pid, st.Recovered, st.Orphans)
 		},
 	})
 }
@@ -260,8 +260,7 @@ func startDaemon(t *testing.T, sup *supervisor, st daemonState, takeover bool, e
 			t.Fatalf("daemon did not start: %q\n%s", line, fileText(stderr))
 		}
 		t.Logf("daemon %d: %s", cmd.Process.Pid, strings.TrimSpace(line))
-		fmt.Sscanf(strings.TrimSpace(line), "ready guard=%d", &d.guard)
-		fmt.Sscanf(strings.TrimSpace(line), "ready recovered=%d orphans=%d", &d.recovered, &d.orphans)
+		fmt.Sscanf(strings.TrimSpace(line), "ready guard=%d recovered=%d orphans=%d", &d.guard, &d.recovered, &d.orphans)
 	case <-time.After(30 * time.Second):
 		d.kill()
 		t.Fatalf("daemon not ready in 30s\n%s", fileText(stderr))
@@ -846,33 +845,172 @@ func textOf(path string) string {
 	return string(b)
 }
 
-// A daemon with a supervisor cannot hold an adopted group across its own
-// death (the supervisor protocol carries one fd), so it refuses, with a
-// clear error, a cache directory that a crashed daemon's guard still
-// guards, instead of having its fills denied by that guard.
-func TestSupervisedDaemonRefusesGuardedCache(t *testing.T) {
-	st, d, _ := guardedDaemon(t, fstest.Bytes(9, 1<<20))
-	fh, err := os.Open(st.Mountpoint + "/f")
+// nydus-snapshotter's failover on a cache directory that a crashed daemon
+// without a supervisor left guarded: a daemon WITH a supervisor starts on
+// it and takes the groups over from the dead daemon's guard, which exits;
+// it starts a guard of its own holding those groups only (the supervisor
+// holds its own group, and keeps one fd). Its mount reads the tree right,
+// and so does the reader of the old, detached mount. Then it is SIGKILLed
+// too, with a reader of its mount (bytes not fetched yet) and the old
+// reader each reading: both wait, neither EIO nor zeros, until the
+// upgraded daemon takes its group back from the supervisor and, at start,
+// the old groups from its guard (which exits: one holder answers); then
+// both complete with the right bytes. When the old reader closes the
+// daemon drops the old group and stops its guard.
+func TestRestartOnSameCacheWithSupervisor(t *testing.T) {
+	fstest.RequireRoot(t)
+	src := t.TempDir()
+	want := map[string][]byte{}
+	for i := range 3 {
+		name := fmt.Sprintf("f%d", i)
+		want[name] = fstest.Bytes(int64(60+i), 1<<20+i*4099)
+		os.WriteFile(filepath.Join(src, name), want[name], 0o644)
+	}
+	im := buildImage(t, src, 64<<10)
+	st := daemonState{Bootstrap: im.boot, BlobDir: im.blobDir, WorkDir: t.TempDir(), Mountpoint: t.TempDir()}
+	var mu sync.Mutex
+	var daemons []*daemonProc
+	t.Cleanup(func() {
+		unix.Unmount(st.Mountpoint, unix.MNT_DETACH)
+		mu.Lock()
+		defer mu.Unlock()
+		for _, d := range daemons {
+			d.kill()
+		}
+	})
+	start := func(sup *supervisor, upgrade bool) *daemonProc {
+		t.Helper()
+		d := startDaemon(t, sup, st, upgrade)
+		mu.Lock()
+		daemons = append(daemons, d)
+		mu.Unlock()
+		return d
+	}
+	kill := func(d *daemonProc) {
+		mu.Lock()
+		d.kill()
+		mu.Unlock()
+	}
+	// readAll reads fh whole from the cache file (not the page cache, so
+	// through events) in the background.
+	type result struct {
+		got []byte
+		err error
+	}
+	readAll := func(fh *os.File, n int) chan result {
+		res := make(chan result, 1)
+		go func() {
+			unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+			got := make([]byte, n)
+			_, err := fh.ReadAt(got, 0)
+			if err == io.EOF {
+				err = nil
+			}
+			res <- result{got, err}
+		}()
+		return res
+	}
+	check := func(what string, res chan result, want []byte) {
+		t.Helper()
+		select {
+		case r := <-res:
+			if r.err != nil {
+				t.Fatalf("%s: %v", what, r.err)
+			}
+			if !bytes.Equal(r.got, want) {
+				t.Fatalf("%s: %s", what, describeDiff(r.got, want))
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s: still blocked after 20s", what)
+		}
+	}
+
+	// A: no supervisor, so a guard. Killed while a reader holds f0.
+	a := start(nil, false)
+	oldFh, err := os.Open(filepath.Join(st.Mountpoint, "f0"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer fh.Close()
-	d.kill()
+	defer oldFh.Close()
+	if _, err := oldFh.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	aGuards := guardsOf(a.cmd.Process.Pid)
+	if len(aGuards) != 1 {
+		t.Fatalf("daemon without a supervisor has guards %v, want one", aGuards)
+	}
+	kill(a)
 	waitDetached(t, st.Mountpoint)
+	readIsEIO(t, oldFh, 1<<20-4096, "read of the old mount while only the guard holds it")
+
+	// B: a supervisor, fresh start on the same cache and mountpoint.
 	sup := startSupervisor(t)
-	raw, _ := json.Marshal(st)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), roleEnv+"=daemon", "FANOTIFYFS_SUPERVISOR="+sup.sock(), "FANOTIFYFS_STATE="+string(raw))
-	out, err := cmd.CombinedOutput()
-	unix.Unmount(st.Mountpoint, unix.MNT_DETACH) // had it mounted after all
-	if err == nil || !strings.Contains(string(out), "still guarded by guard") {
-		t.Fatalf("supervised daemon on a guarded cache: %v, want a refusal naming the guard\n%s", err, out)
+	b := start(sup, false)
+	waitGone(t, 5*time.Second, "the crashed daemon's guard after the supervised daemon took over", aGuards...)
+	if b.guard == 0 {
+		t.Fatal("supervised daemon took groups over but started no guard to hold them")
 	}
-	if testutil.Exited(d.guard) {
-		t.Fatal("the old guard exited while its reader still holds a file")
+	if n := fanotifyFDs(b.guard); n != 1 {
+		out, _ := exec.Command("ls", "-l", fmt.Sprintf("/proc/%d/fd", b.guard)).CombinedOutput()
+		t.Fatalf("the supervised daemon's guard holds %d groups, want the taken one only\n%s", n, out)
 	}
-	fh.Close()
-	waitGone(t, 5*time.Second, "old guard after its reader closed", d.guard)
+	if n := fanotifyFDs(b.cmd.Process.Pid); n != 2 {
+		t.Fatalf("supervised daemon holds %d groups, want its own and the taken one", n)
+	}
+	// f0 and f1 through the new mount; f2 stays unfetched.
+	for _, name := range []string{"f0", "f1"} {
+		got, err := os.ReadFile(filepath.Join(st.Mountpoint, name))
+		if err != nil || !bytes.Equal(got, want[name]) {
+			t.Fatalf("new mount, %s: %v (right bytes: %v)", name, err, bytes.Equal(got, want[name]))
+		}
+	}
+	check("old reader after the supervised daemon took over", readAll(oldFh, len(want["f0"])), want["f0"])
+	t.Logf("supervised daemon %d took over from guard %v; its guard %d holds the old group", b.cmd.Process.Pid, aGuards, b.guard)
+
+	// B dies: its own readers and the old one wait for the upgrade.
+	newFh, err := os.Open(filepath.Join(st.Mountpoint, "f2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer newFh.Close()
+	kill(b)
+	oldRes := readAll(oldFh, len(want["f0"]))
+	newRes := readAll(newFh, len(want["f2"]))
+	time.Sleep(500 * time.Millisecond)
+	for what, res := range map[string]chan result{"old reader": oldRes, "reader of the supervised mount": newRes} {
+		select {
+		case r := <-res:
+			t.Fatalf("%s finished while no daemon serves: %v (%s)", what, r.err, describeDiff(r.got, want["f0"]))
+		default:
+		}
+	}
+	if testutil.Exited(b.guard) {
+		t.Fatal("the supervised daemon's guard exited while the old reader holds its file")
+	}
+	c := start(sup, true)
+	check("reader of the supervised mount after the upgrade", newRes, want["f2"])
+	check("old reader after the upgrade", oldRes, want["f0"])
+	waitGone(t, 5*time.Second, "the dead supervised daemon's guard after the upgrade", b.guard)
+	if c.guard == 0 || fanotifyFDs(c.cmd.Process.Pid) != 2 {
+		t.Fatalf("upgraded daemon: guard %d, %d groups; want a guard and two groups", c.guard, fanotifyFDs(c.cmd.Process.Pid))
+	}
+	fstest.CompareTrees(t, src, st.Mountpoint)
+
+	// The old reader closes: its detached mount goes, the old group is
+	// dropped, and with it the guard.
+	oldFh.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for fanotifyFDs(c.cmd.Process.Pid) != 1 || !testutil.Exited(c.guard) {
+		if time.Now().After(deadline) {
+			t.Fatalf("10s after the old reader closed: daemon holds %d groups, guard %d exited: %v", fanotifyFDs(c.cmd.Process.Pid), c.guard, testutil.Exited(c.guard))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if left := guardsOf(c.cmd.Process.Pid); len(left) > 0 {
+		t.Fatalf("guards left: %v", left)
+	}
+	if socks := guard.Sockets(st.WorkDir); len(socks) > 0 {
+		t.Fatalf("guard sockets left in the cache directory: %v", socks)
+	}
+	fstest.CompareTrees(t, src, st.Mountpoint)
 }

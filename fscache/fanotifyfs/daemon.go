@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -39,6 +40,12 @@ type savedState struct {
 	// Journal is the file recording the events the daemon holds
 	// (fanotify.Journal), for its successor to answer.
 	Journal string `json:"journal,omitempty"`
+	// Dirs are the cache directories the daemon's guard, if any, listens
+	// in: the successor takes its groups over there at start.
+	Dirs []string `json:"dirs,omitempty"`
+	// MaxFD is the highest fd number the daemon could hold: the numbers
+	// the successor tries when answering the events it left unanswered.
+	MaxFD int `json:"max_fd,omitempty"`
 }
 
 // ErrMountExists and ErrNoMount are wrapped by Daemon.Mount and Unmount.
@@ -66,12 +73,22 @@ type DaemonOptions struct {
 	Logger  *slog.Logger
 	// FetcherOptions are passed to storage.New for every mount.
 	FetcherOptions []storage.Option
-	// Guard, without a supervisor, starts a guard process before
-	// mounting, so that the daemon's death fails reads with EIO instead of
-	// letting them see holes (package guard). A daemon with a guard takes
-	// over the groups of a crashed daemon's guard in a cache directory it
-	// mounts from. The binary must call MaybeRunGuard first thing in main.
+	// Guard lets the daemon start guard processes (package guard; the
+	// binary must call MaybeRunGuard first thing in main). Without a
+	// supervisor one starts before mounting and holds every group, so
+	// that the daemon's death fails reads with EIO instead of letting them
+	// see holes. With a supervisor, which holds the daemon's own group,
+	// one runs only while the daemon serves groups taken over from a
+	// crashed daemon's guard. Either way, a daemon with Guard takes over,
+	// at start and at every mount, the groups of a crashed daemon's guard
+	// in each of its cache directories; one without refuses such a
+	// directory.
 	Guard bool
+	// CacheDirs are cache directories to take guarded groups over from at
+	// start besides those of Mounts (or, with Upgrade, of the mounts and
+	// directories handed back by the supervisor): the cache directory of
+	// the default config of mounts made later through the API.
+	CacheDirs []string
 	// JournalPath is where a fresh daemon with a supervisor journals the
 	// events it holds (default: rafsd-fanotify-<pid>.journal in
 	// os.TempDir()); a successor finds it in the saved state.
@@ -94,16 +111,21 @@ type Daemon struct {
 	srv     *Server
 	journal *fanotify.Journal
 	guard   atomic.Pointer[guard.Guard]
-	// ino, with a guard, is the inotify instance watching the roots of
-	// the daemon's mounts (-1 without a guard): the guard's exit condition.
+	// ino, with a guard and no supervisor, is the inotify instance
+	// watching the roots of the daemon's mounts (-1 otherwise): the
+	// guard's exit condition.
 	ino int
+	// maxFD bounds the fd numbers of the events the daemon reads (its
+	// RLIMIT_NOFILE less one, at most guard.MaxFD).
+	maxFD int
 
 	mu     sync.Mutex
 	mounts []*daemonMount
 	// adopted are groups taken over from a crashed daemon's guard,
 	// served until no mount reads through them any more.
 	adopted []*adoptedGroup
-	// dirs are the cache directories of every mount made, where the
+	// dirs are the cache directories of every mount made and every
+	// directory guarded groups were looked for in at start, where the
 	// guard listens for a successor.
 	dirs []string
 	// lingering fetchers serve mounts detached lazily while busy.
@@ -148,7 +170,7 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Daemon{opts: opts, log: log, served: make(chan error, 1), ino: -1}
+	d := &Daemon{opts: opts, log: log, served: make(chan error, 1), ino: -1, maxFD: boundFDs(log)}
 	var state savedState
 	if opts.Upgrade {
 		if opts.Supervisor == "" {
@@ -217,10 +239,30 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 				return nil, err
 			}
 		}
-		d.recoverAndServe()
+		// After the mounts are registered, so that the events of their
+		// readers waiting in the groups taken over are filled, not
+		// denied as events of unknown files; before serving.
+		if err := d.takeOverAtStart(state.Mounts, state.Dirs); err != nil {
+			return nil, err
+		}
+		d.recoverAndServe(state.MaxFD)
 	} else {
+		// Before any mount: the old groups' marks are on the cache files
+		// the fetchers open.
+		if err := d.takeOverAtStart(opts.Mounts, nil); err != nil {
+			return nil, err
+		}
 		for _, ms := range opts.Mounts {
 			if err := d.addMount(ms, false); err != nil {
+				return nil, err
+			}
+		}
+		gd := d.guard.Load()
+		if gd != nil {
+			d.mu.Lock()
+			err := gd.Update(d.guardUpdate())
+			d.mu.Unlock()
+			if err != nil {
 				return nil, err
 			}
 		}
@@ -228,14 +270,7 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 			if err := d.sendState(); err != nil {
 				return nil, err
 			}
-		} else if gd := d.guard.Load(); gd != nil {
-			d.mu.Lock()
-			err := gd.Update(d.guardUpdate())
-			d.mu.Unlock()
-			if err != nil {
-				return nil, err
-			}
-		} else {
+		} else if gd == nil {
 			log.Warn("fanotifyfs: no supervisor and no guard: if this daemon dies, readers of its mounts see holes (zeros)")
 		}
 	}
@@ -249,9 +284,10 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 // answered, and serves. Those its journal names are filled and allowed
 // (their readers complete) while Serve runs; any other pending one is an
 // orphan nobody can fill, denied with EIO before Serve reads anything so
-// its reader does not hang. It returns once the journaled ones are
-// answered.
-func (d *Daemon) recoverAndServe() {
+// its reader does not hang: every fd number up to maxFD, the previous
+// daemon's bound (0: it did not say: guard.MaxFD). It returns
+// once the journaled ones are answered.
+func (d *Daemon) recoverAndServe(maxFD int) {
 	var held []fanotify.Event
 	if d.journal != nil {
 		held = d.journal.Pending()
@@ -260,7 +296,10 @@ func (d *Daemon) recoverAndServe() {
 	for _, ev := range held {
 		except = append(except, ev.Fd)
 	}
-	orphans := d.g.DenyOrphans(4096, except...)
+	if maxFD <= 0 || maxFD > guard.MaxFD {
+		maxFD = guard.MaxFD
+	}
+	orphans := d.g.DenyOrphans(maxFD, except...)
 	done := make(chan [2]int, 1)
 	d.startServing(held, func(a, dn int) { done <- [2]int{a, dn} })
 	r := <-done
@@ -372,12 +411,15 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 		return fmt.Errorf("fanotifyfs: mount %s: %w: config: %w", ms.Mountpoint, ErrInvalid, err)
 	}
 	var dir string
-	if wd := cfg.Cache.WorkDir(); wd != "" && !adopt {
+	if wd := cfg.Cache.WorkDir(); wd != "" {
 		if dir, err = filepath.Abs(wd); err != nil {
 			return fmt.Errorf("fanotifyfs: mount %s: %w: %w", ms.Mountpoint, ErrInvalid, err)
 		}
+	}
+	if dir != "" && !adopt {
 		// Before the fetcher opens a cache file: a dead daemon's guard
-		// would deny its I/O.
+		// would deny its I/O. (An upgraded daemon takes over once its
+		// mounts are registered: StartDaemon.)
 		if err := d.takeOverGuards(dir); err != nil {
 			return fmt.Errorf("fanotifyfs: mount %s: %w", ms.Mountpoint, err)
 		}
@@ -402,11 +444,87 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 		if err := guard.WatchRoot(d.ino, ms.Mountpoint); err != nil {
 			d.log.Error("fanotifyfs: mount not watched; if the daemon dies its guard may exit while the mount is still read", "err", err)
 		}
-		if dir != "" && !slices.Contains(d.dirs, dir) {
-			d.dirs = append(d.dirs, dir)
+	}
+	if dir != "" && !slices.Contains(d.dirs, dir) {
+		d.dirs = append(d.dirs, dir)
+	}
+	return nil
+}
+
+// configCacheDir is the absolute cache directory of a mount config ("":
+// none, or a config addMount will refuse).
+func configCacheDir(text string) string {
+	text, _, err := splitTuning(text)
+	if err != nil {
+		return ""
+	}
+	cfg, err := config.Parse([]byte(text))
+	if err != nil || cfg.Cache.WorkDir() == "" {
+		return ""
+	}
+	dir, err := filepath.Abs(cfg.Cache.WorkDir())
+	if err != nil {
+		return ""
+	}
+	return dir
+}
+
+// ConfigCacheDir is the cache directory a daemon config (JSON or TOML, as
+// MountSpec.Config) names, "" if none: for DaemonOptions.CacheDirs.
+func ConfigCacheDir(config string) string { return configCacheDir(config) }
+
+// takeOverAtStart takes over the groups of crashed daemons' guards in
+// every cache directory the daemon starts with: those of mounts, dirs
+// and opts.CacheDirs. At start rather than at the first mount of each
+// directory: until then the old guard fails every read of its detached
+// mounts and every I/O on the cache files with EIO, though a daemon is
+// there to serve them (it fills those of images it mounts again), and a
+// supervised successor, whose predecessor's guard leaves events waiting,
+// must answer those of its own readers.
+func (d *Daemon) takeOverAtStart(mounts []MountSpec, dirs []string) error {
+	for _, ms := range mounts {
+		dirs = append(dirs, configCacheDir(ms.Config))
+	}
+	dirs = append(dirs, d.opts.CacheDirs...)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	seen := map[string]bool{"": true}
+	for _, dir := range dirs {
+		if abs, err := filepath.Abs(dir); err == nil && dir != "" {
+			dir = abs
+		}
+		if seen[dir] {
+			continue
+		}
+		seen[dir] = true
+		if err := d.takeOverGuards(dir); err != nil {
+			return fmt.Errorf("fanotifyfs: %w", err)
 		}
 	}
 	return nil
+}
+
+// boundFDs keeps the process's fd numbers at most guard.MaxFD (lowering
+// its RLIMIT_NOFILE, which Go raises to the hard limit, if need be) and
+// returns its bound. Events it reads and never answers (it dies first)
+// can only be answered by number; a successor tries every number up to
+// this bound, at one write(2) each.
+func boundFDs(log *slog.Logger) int {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		log.Warn("fanotifyfs: RLIMIT_NOFILE unknown; orphaned events above fd guard.MaxFD would never be answered", "err", err)
+		return guard.MaxFD
+	}
+	if rl.Cur > guard.MaxFD+1 {
+		old := rl.Cur
+		rl.Cur = guard.MaxFD + 1
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+			log.Warn("fanotifyfs: cannot lower RLIMIT_NOFILE; orphaned events above fd guard.MaxFD would never be answered", "limit", old, "err", err)
+			return guard.MaxFD
+		}
+		log.Debug("fanotifyfs: RLIMIT_NOFILE lowered so that a successor can answer every orphaned event", "from", old, "to", rl.Cur)
+	}
+	return int(rl.Cur) - 1
 }
 
 // Tuning is the "fanotify" object a JSON daemon config may carry for this
@@ -476,7 +594,10 @@ func (d *Daemon) SendState() error {
 
 // sendState hands the supervisor the group fd and the mounts.
 func (d *Daemon) sendState() error {
-	st := savedState{Mode: "fanotify", Mounts: d.Mounts()}
+	st := savedState{Mode: "fanotify", Mounts: d.Mounts(), MaxFD: d.maxFD}
+	d.mu.Lock()
+	st.Dirs = slices.Clone(d.dirs)
+	d.mu.Unlock()
 	if d.journal != nil {
 		st.Journal = d.journal.Path()
 	}
@@ -536,6 +657,15 @@ func (d *Daemon) Close() error {
 		}
 		if live > 0 {
 			d.log.Warn("fanotifyfs: closing with mounts still read; the guard fails their reads with EIO until they close", "guard", gd.Pid(), "mounts", live)
+			if d.opts.Supervisor != "" {
+				// A clean exit: the old readers of the groups it took
+				// over fail rather than wait for a successor.
+				u := d.guardUpdate()
+				u.Supervised = false
+				if err := gd.Update(u); err != nil {
+					d.log.Warn("fanotifyfs: guard not told to deny", "err", err)
+				}
+			}
 			gd.LetGo()
 		} else {
 			gd.Stop()
@@ -569,10 +699,13 @@ func inos(as []*adoptedGroup) []int {
 	return out
 }
 
-// holdings are the groups the guard must hold, the daemon's own first;
-// d.mu is held.
+// holdings are the groups the guard must hold, the daemon's own first
+// unless the supervisor holds it; d.mu is held.
 func (d *Daemon) holdings() []guard.Holding {
-	hs := []guard.Holding{{Group: d.g, Inotify: d.ino}}
+	var hs []guard.Holding
+	if d.opts.Supervisor == "" {
+		hs = append(hs, guard.Holding{Group: d.g, Inotify: d.ino})
+	}
 	for _, a := range d.adopted {
 		hs = append(hs, a.Holding)
 	}
@@ -581,7 +714,10 @@ func (d *Daemon) holdings() []guard.Holding {
 
 // guardUpdate is what the guard is to know now; d.mu is held.
 func (d *Daemon) guardUpdate() guard.Update {
-	u := guard.Update{Dirs: slices.Clone(d.dirs)}
+	u := guard.Update{Dirs: slices.Clone(d.dirs), MaxFD: d.maxFD, Supervised: d.opts.Supervisor != ""}
+	if u.Supervised {
+		return u // the supervisor's copy keeps the mounts' readers waiting
+	}
 	for _, dm := range d.mounts {
 		u.Mounts = append(u.Mounts, dm.spec.Mountpoint)
 	}
@@ -590,11 +726,15 @@ func (d *Daemon) guardUpdate() guard.Update {
 
 // replaceGuard starts a guard holding the current holdings and stops the
 // old one; d.mu is held. The new one holds its copies before the old
-// lets go, so no group is ever held by the daemon alone.
+// lets go, so no group is ever held by the daemon alone. A supervised
+// daemon with no group taken over needs no guard: the old one stops.
 func (d *Daemon) replaceGuard() error {
-	gd, err := guard.Start(d.holdings(), d.guardUpdate())
-	if err != nil {
-		return err
+	var gd *guard.Guard
+	if hs := d.holdings(); len(hs) > 0 {
+		var err error
+		if gd, err = guard.Start(hs, d.guardUpdate()); err != nil {
+			return err
+		}
 	}
 	if old := d.guard.Swap(gd); old != nil {
 		old.Stop()
@@ -605,10 +745,15 @@ func (d *Daemon) replaceGuard() error {
 // takeOverGuards asks every guard listening in cache directory dir and
 // takes the groups of those whose daemon is gone; d.mu is held. Their
 // marks are on the cache files this mount will use, so until then the
-// fetcher's I/O and this mount's reads would be denied.
+// fetcher's I/O and this mount's reads would be denied (or, from a
+// supervised daemon's guard, wait). The directory is remembered: the
+// daemon's guard listens there for the daemon's own successor.
 func (d *Daemon) takeOverGuards(dir string) error {
+	if !slices.Contains(d.dirs, dir) {
+		d.dirs = append(d.dirs, dir)
+	}
 	for _, p := range guard.Sockets(dir) {
-		rep, ho, err := guard.Ask(p, d.ino >= 0)
+		rep, ho, err := guard.Ask(p, d.opts.Guard)
 		if err != nil {
 			d.log.Warn("fanotifyfs: guard socket in the cache directory did not answer", "socket", p, "err", err)
 			continue
@@ -616,11 +761,13 @@ func (d *Daemon) takeOverGuards(dir string) error {
 		switch {
 		case rep.Guard == 0: // a stale socket, removed
 			continue
+		case rep.Daemon == os.Getpid(): // this daemon's own guard
+			continue
 		case rep.Alive:
 			d.log.Warn("fanotifyfs: cache directory shared with a live daemon; each serves the other's events", "dir", dir, "daemon", rep.Daemon)
 			continue
-		case d.ino < 0:
-			return fmt.Errorf("cache directory %s is still guarded by guard %d of crashed daemon %d (a detached mount of it is still read): only a daemon without a supervisor takes such a guard over", dir, rep.Guard, rep.Daemon)
+		case !d.opts.Guard:
+			return fmt.Errorf("cache directory %s is still guarded by guard %d of crashed daemon %d (a detached mount of it is still read): only a daemon that can start a guard (DaemonOptions.Guard) takes such a guard over", dir, rep.Guard, rep.Daemon)
 		case ho == nil:
 			continue
 		}

@@ -50,9 +50,11 @@ func Start(holds []Holding, u Update) (*Guard, error) {
 		}
 	}()
 	for _, h := range holds {
-		// Dups: an *os.File closes its fd when collected.
+		// Dups: an *os.File closes its fd when collected. Close-on-exec:
+		// the child gets them as ExtraFiles only, not also at these
+		// numbers (nor does any other child started meanwhile).
 		for _, fd := range []int{h.Group.FD(), h.Inotify} {
-			dfd, err := unix.Dup(fd)
+			dfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 			if err != nil {
 				pw.Close()
 				return nil, fmt.Errorf("guard: %w", err)

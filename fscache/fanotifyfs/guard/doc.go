@@ -42,6 +42,20 @@
 // inotify instance has no watch left. A guard whose daemon lives refuses
 // (two daemons on one cache directory serve each other's events).
 //
+// Supervised daemons. A daemon with a supervisor hands it its own group,
+// and the supervisor (nydus-snapshotter's protocol) keeps one fd. A group
+// it takes over from a crashed daemon's guard needs another holder, so it
+// starts a guard holding those groups only (Update.Supervised). If that
+// daemon dies, the guard detaches nothing and denies nothing but the
+// events the daemon had read: the rest wait, as on the supervisor's copy,
+// for the upgraded daemon, which takes the groups over at start like any
+// successor.
+//
+// Orphans. An event the daemon read and never answered can only be
+// answered by the fd number the daemon saw, which died with it, so every
+// number up to the daemon's RLIMIT_NOFILE is tried (Update.MaxFD; a daemon
+// keeps that limit at most MaxFD+1, so that this takes about 0.1 s).
+//
 // Protocol, on a guard's socket: the client sends one byte, '?' (query)
 // or 'T' (take); the guard answers a Reply (JSON) and, for a take when
 // its daemon is gone, the fds of its holdings with it (group, inotify,

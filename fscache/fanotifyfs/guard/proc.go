@@ -68,10 +68,16 @@ func (gp *proc) run() {
 			fds = append(fds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
 			lnFDs = append(lnFDs, fd)
 		}
-		gAt, gone := len(fds), gp.gone
+		// A supervised daemon's guard reads no event: they wait for the
+		// successor.
+		gAt, gone, deny := len(fds), gp.gone, gp.gone && !gp.update.Supervised
 		if gone {
 			for _, h := range gp.holds {
-				fds = append(fds, unix.PollFd{Fd: int32(h.Group.FD()), Events: unix.POLLIN})
+				ev := int16(unix.POLLIN)
+				if !deny {
+					ev = 0
+				}
+				fds = append(fds, unix.PollFd{Fd: int32(h.Group.FD()), Events: ev})
 			}
 			// Woken by IN_IGNORED, so it exits at once; the timeout
 			// covers a watch that went while another process read the
@@ -98,7 +104,7 @@ func (gp *proc) run() {
 		if gone {
 			// Events first, so none is held across a hand-over below.
 			for i, h := range gp.holds {
-				if fds[gAt+i].Revents&unix.POLLIN != 0 {
+				if deny && fds[gAt+i].Revents&unix.POLLIN != 0 {
 					denyAll(h.Group, buf, gp.log)
 				}
 				if fds[gAt+len(gp.holds)+i].Revents&unix.POLLIN != 0 {
@@ -191,7 +197,10 @@ func (gp *proc) listen(dirs []string) {
 // daemonGone detaches the daemon's mounts and denies the events it held.
 func (gp *proc) daemonGone() {
 	gp.gone = true
-	mnts := gp.update.Mounts
+	var mnts []string
+	if !gp.update.Supervised {
+		mnts = gp.update.Mounts
+	}
 	for _, m := range mnts {
 		// The daemon watches each mount it makes; this covers one it
 		// made right before dying. Not an EROFS root: already gone.
@@ -204,10 +213,16 @@ func (gp *proc) daemonGone() {
 	}
 	// Events the daemon read and never answered stay pending until
 	// answered by their fd number: their readers would block forever
-	// (and keep a detached mount, and so this guard, alive).
+	// (and keep a detached mount, and so this guard, alive). Every
+	// number the daemon could have been given is tried.
 	orphans := 0
 	for _, h := range gp.holds {
-		orphans += h.Group.DenyOrphans(4096)
+		orphans += h.Group.DenyOrphans(gp.update.maxFD())
+	}
+	if gp.update.Supervised {
+		gp.log.Error("fanotify guard: supervised daemon gone; the groups it took over from a crashed daemon are held, their events waiting for its successor",
+			"groups", len(gp.holds), "orphans_denied", orphans)
+		return
 	}
 	gp.log.Error("fanotify guard: daemon gone without a supervisor; its mounts are detached and their reads fail with EIO until a new daemon on the same cache takes over or the last reader closes",
 		"mounts", mnts, "orphans_denied", orphans)

@@ -32,6 +32,12 @@ const (
 	// too (a shared file description), so the guard does not rely on
 	// waking for them.
 	poll = 500 * time.Millisecond
+	// MaxFD is the highest fd number an event of a daemon that did not
+	// say (Update.MaxFD 0) may carry, and the highest a daemon may name:
+	// answering orphans by number costs one write(2) per number (about
+	// 1.5 us), so a daemon keeps its fd numbers below this (its
+	// RLIMIT_NOFILE) for its orphans to be answered in about 0.1 s.
+	MaxFD = 1<<16 - 1
 )
 
 // Operations a client sends on a guard's socket (see the package doc).
@@ -55,6 +61,28 @@ type Update struct {
 	Mounts []string `json:"mounts"`
 	// Dirs are the cache directories to listen in for a successor.
 	Dirs []string `json:"dirs"`
+	// Supervised: the daemon has a supervisor holding its own group, and
+	// the guard holds only groups it took over from a crashed daemon's
+	// guard. If it dies, its mounts stay (the supervisor's copy makes
+	// their readers wait for an upgraded daemon), so the guard detaches
+	// nothing, answers only the events it had read (EIO), and leaves every
+	// later event waiting for the successor that takes the groups over,
+	// as the supervisor does: denying them would fail the reads of the
+	// daemon's own mounts, whose cache files these groups mark too.
+	Supervised bool `json:"supervised,omitempty"`
+	// MaxFD is the highest fd number the daemon can hold (its
+	// RLIMIT_NOFILE less one): the numbers tried when answering the events
+	// it read and never answered. 0: MaxFD; larger values are cut to it.
+	MaxFD int `json:"max_fd,omitempty"`
+}
+
+// maxFD is the highest fd number to try when answering u's daemon's
+// orphans.
+func (u Update) maxFD() int {
+	if u.MaxFD <= 0 || u.MaxFD > MaxFD {
+		return MaxFD
+	}
+	return u.MaxFD
 }
 
 // Reply is a guard's answer on its socket.
