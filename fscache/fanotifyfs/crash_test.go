@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,6 +94,14 @@ func runDaemon() error {
 	var be backend.Backend = slowBackend{inner, 2 * time.Millisecond}
 	if os.Getenv("FANOTIFYFS_HANG") == "1" {
 		be = hungBackend{inner}
+	}
+	// A daemon with many fds open: its events get high fd numbers.
+	if n, _ := strconv.Atoi(os.Getenv("FANOTIFYFS_PAD_FDS")); n > 0 {
+		for range n {
+			if _, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+				return fmt.Errorf("pad fds: %w", err)
+			}
+		}
 	}
 	// SIGTERM closes the daemon cleanly (Close).
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
@@ -536,6 +545,20 @@ func waitDetached(t *testing.T, mp string) {
 	}
 }
 
+// maxEventFD is the highest fd of process pid open on a blob cache file
+// (the fd of a fanotify event it holds), -1 if none.
+func maxEventFD(pid int) int {
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	hi := -1
+	for _, e := range ents {
+		l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name()))
+		if n, err := strconv.Atoi(e.Name()); err == nil && strings.HasSuffix(l, blobcache.DataSuffix) {
+			hi = max(hi, n)
+		}
+	}
+	return hi
+}
+
 // fanotifyFDs counts the fanotify groups process pid holds.
 func fanotifyFDs(pid int) int {
 	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
@@ -636,9 +659,24 @@ func TestGuardFailsReadsWhenDaemonDies(t *testing.T) {
 
 // A read whose fill is in progress when a daemon without a supervisor is
 // SIGKILLed gets EIO from the guard (it answers the events the dead daemon
-// held), not a hang; then, with no file left open, the guard exits.
+// held), not a hang; then, with no file left open, the guard exits. The
+// guard answers them by number, which it cannot know: a daemon with 5000
+// fds open holds its events at numbers above 5000, and they are answered
+// too (every number below the daemon's RLIMIT_NOFILE is tried).
 func TestGuardDeniesReadInFlightAtKill(t *testing.T) {
-	st, d, _ := guardedDaemon(t, fstest.Bytes(6, 3<<20), "FANOTIFYFS_HANG=1")
+	for _, pad := range []int{0, 5000} {
+		t.Run(fmt.Sprintf("fds=%d", pad), func(t *testing.T) {
+			var rl unix.Rlimit
+			if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Max < uint64(pad)+200 {
+				t.Fatalf("RLIMIT_NOFILE %+v (%v): the daemon cannot open %d fds", rl, err, pad)
+			}
+			guardDeniesReadInFlightAtKill(t, pad)
+		})
+	}
+}
+
+func guardDeniesReadInFlightAtKill(t *testing.T, pad int) {
+	st, d, _ := guardedDaemon(t, fstest.Bytes(6, 3<<20), "FANOTIFYFS_HANG=1", "FANOTIFYFS_PAD_FDS="+strconv.Itoa(pad))
 	res := make(chan error, 1)
 	go func() {
 		b, err := os.ReadFile(st.Mountpoint + "/f")
@@ -652,6 +690,11 @@ func TestGuardDeniesReadInFlightAtKill(t *testing.T) {
 	case err := <-res:
 		t.Fatalf("read finished against a hung backend: %v", err)
 	default:
+	}
+	if held := maxEventFD(d.cmd.Process.Pid); held < pad {
+		t.Fatalf("the daemon holds its events at fds up to %d, want above %d", held, pad)
+	} else {
+		t.Logf("the daemon holds events at fds up to %d", held)
 	}
 	d.kill()
 	select {
@@ -1013,4 +1056,48 @@ func TestRestartOnSameCacheWithSupervisor(t *testing.T) {
 		t.Fatalf("guard sockets left in the cache directory: %v", socks)
 	}
 	fstest.CompareTrees(t, src, st.Mountpoint)
+}
+
+// boundFDs keeps the daemon's fd numbers at most its bound (guard.MaxFD),
+// lowering a larger RLIMIT_NOFILE (Go raises it to the hard limit), so
+// that a successor answering its orphans by number tries a bounded range;
+// a smaller limit is the bound as it is. (Bounds below this machine's
+// limit stand in for guard.MaxFD: the hard limit cannot be raised here.)
+func TestBoundFDs(t *testing.T) {
+	var orig syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &orig); err != nil {
+		t.Fatal(err)
+	}
+	if orig.Max < 2000 {
+		t.Fatalf("hard RLIMIT_NOFILE %d: too small for this test", orig.Max)
+	}
+	t.Cleanup(func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &orig); err != nil {
+			t.Errorf("restore RLIMIT_NOFILE: %v", err)
+		}
+	})
+	for _, tc := range []struct {
+		cur       uint64
+		bound     int
+		want      int
+		wantLimit uint64
+	}{
+		{orig.Max, 999, 999, 1000},
+		{1001, 999, 999, 1000},
+		{1000, 999, 999, 1000},
+		{900, 999, 899, 900},
+		{orig.Max, guard.MaxFD, min(int(orig.Max)-1, guard.MaxFD), min(orig.Max, guard.MaxFD+1)},
+	} {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: tc.cur, Max: orig.Max}); err != nil {
+			t.Fatal(err)
+		}
+		if got := boundFDs(testLogger(t), tc.bound); got != tc.want {
+			t.Errorf("limit %d, bound %d: %d, want %d", tc.cur, tc.bound, got, tc.want)
+		}
+		var now syscall.Rlimit
+		syscall.Getrlimit(syscall.RLIMIT_NOFILE, &now)
+		if now.Cur != tc.wantLimit || now.Max != orig.Max {
+			t.Errorf("limit %d, bound %d: now %+v, want soft %d, hard %d", tc.cur, tc.bound, now, tc.wantLimit, orig.Max)
+		}
+	}
 }

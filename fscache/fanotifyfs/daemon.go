@@ -170,7 +170,7 @@ func StartDaemon(opts DaemonOptions) (_ *Daemon, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Daemon{opts: opts, log: log, served: make(chan error, 1), ino: -1, maxFD: boundFDs(log)}
+	d := &Daemon{opts: opts, log: log, served: make(chan error, 1), ino: -1, maxFD: boundFDs(log, guard.MaxFD)}
 	var state savedState
 	if opts.Upgrade {
 		if opts.Supervisor == "" {
@@ -504,23 +504,25 @@ func (d *Daemon) takeOverAtStart(mounts []MountSpec, dirs []string) error {
 	return nil
 }
 
-// boundFDs keeps the process's fd numbers at most guard.MaxFD (lowering
-// its RLIMIT_NOFILE, which Go raises to the hard limit, if need be) and
-// returns its bound. Events it reads and never answers (it dies first)
-// can only be answered by number; a successor tries every number up to
-// this bound, at one write(2) each.
-func boundFDs(log *slog.Logger) int {
+// boundFDs keeps the process's fd numbers at most maxFD (guard.MaxFD),
+// lowering its RLIMIT_NOFILE (which Go raises to the hard limit) if need
+// be, and returns its bound. Events it reads and never answers (it dies
+// first) can only be answered by number; a successor tries every number
+// up to this bound, at one write(2) each. A daemon that needs more fds
+// fails to open them with EMFILE: loud, where an orphan above the bound
+// would leave its reader blocked for good.
+func boundFDs(log *slog.Logger, maxFD int) int {
 	var rl syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
-		log.Warn("fanotifyfs: RLIMIT_NOFILE unknown; orphaned events above fd guard.MaxFD would never be answered", "err", err)
-		return guard.MaxFD
+		log.Warn("fanotifyfs: RLIMIT_NOFILE unknown; orphaned events above the bound would never be answered", "bound", maxFD, "err", err)
+		return maxFD
 	}
-	if rl.Cur > guard.MaxFD+1 {
+	if rl.Cur > uint64(maxFD)+1 {
 		old := rl.Cur
-		rl.Cur = guard.MaxFD + 1
+		rl.Cur = uint64(maxFD) + 1
 		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
-			log.Warn("fanotifyfs: cannot lower RLIMIT_NOFILE; orphaned events above fd guard.MaxFD would never be answered", "limit", old, "err", err)
-			return guard.MaxFD
+			log.Warn("fanotifyfs: cannot lower RLIMIT_NOFILE; orphaned events above the bound would never be answered", "limit", old, "bound", maxFD, "err", err)
+			return maxFD
 		}
 		log.Debug("fanotifyfs: RLIMIT_NOFILE lowered so that a successor can answer every orphaned event", "from", old, "to", rl.Cur)
 	}
