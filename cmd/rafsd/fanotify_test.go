@@ -25,9 +25,15 @@ import (
 // Cleanup: SIGTERM, SIGKILL after 5 s, then lazy unmounts of mnts.
 func startFanotify(t *testing.T, mnts ...string) *proc {
 	t.Helper()
+	return startFanotifyArgs(t, nil, mnts...)
+}
+
+// startFanotifyArgs is startFanotify with more arguments.
+func startFanotifyArgs(t *testing.T, args []string, mnts ...string) *proc {
+	t.Helper()
 	apisock := filepath.Join(t.TempDir(), "api.sock")
 	d := &proc{t: t, apisock: apisock, out: &testutil.SyncBuffer{}, exited: make(chan struct{})}
-	full := []string{"fanotify", "--apisock", apisock, "--log-level", "debug"}
+	full := append([]string{"fanotify", "--apisock", apisock, "--log-level", "debug"}, args...)
 	d.cmd = exec.Command(filepath.Join(binDir, "rafsd"), full...)
 	// A file, not a pipe: the guard child inherits it, and Wait would
 	// wait for a pipe's last writer.
@@ -321,9 +327,28 @@ func TestFanotifyAPIGuardOnCrash(t *testing.T) {
 		t.Fatalf("read after the daemon died: %v, want EIO", err)
 	}
 
-	d2 := startFanotify(t, mp)
+	// The new daemon's --config names the same cache directory: it takes
+	// the groups over at start, before any mount (the old guard would
+	// fail every I/O on the cache files until then).
+	cfgPath := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(cfgPath, []byte(blobcacheConfig(a.blobs, work)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d2 := startFanotifyArgs(t, []string{"--config", cfgPath}, mp)
+	waitPidGone(t, info.Guard, "the dead daemon's guard after the new daemon started")
+	// No mount of that image yet: the daemon fails the old reader's
+	// reads as the guard did (it has nothing to fill them from).
+	unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
+	go func() { _, err := fh.ReadAt(p, 1<<20+333); res <- err }()
+	select {
+	case err = <-res:
+	case <-time.After(10 * time.Second):
+		t.Fatal("old reader's read before the new mount still blocked after 10s")
+	}
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("old reader's read before the new mount: %v, want EIO", err)
+	}
 	d2.mustCall("POST", "/api/v1/mount?mountpoint="+mp, string(body))
-	waitPidGone(t, info.Guard, "the dead daemon's guard after the take-over")
 	diffR(t, a.src, mp)
 	unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
 	got := make([]byte, len(want))
