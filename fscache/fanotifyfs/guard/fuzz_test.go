@@ -54,6 +54,7 @@ func FuzzSplitUpdates(f *testing.F) {
 	f.Add(append(append(one, '\n'), one[:5]...))
 	f.Add([]byte("garbage\n{\"dirs\":[\"/x\"]}\n\n"))
 	f.Add([]byte("{\"mounts\":3}\n"))
+	f.Add([]byte("{\"dirs\":[\"/c\"],\"supervised\":true,\"max_fd\":-7}\n{\"max_fd\":1e99}\n"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, buf []byte) {
 		us, rest := splitUpdates(buf)
@@ -62,6 +63,13 @@ func FuzzSplitUpdates(f *testing.F) {
 		}
 		if lines := bytes.Count(buf, []byte("\n")); len(us) > lines {
 			t.Fatalf("%d updates from %d lines", len(us), lines)
+		}
+		for _, u := range us {
+			// The orphans a guard tries stay within MaxFD, whatever
+			// the daemon said.
+			if n := u.maxFD(); n < 1 || n > MaxFD {
+				t.Fatalf("update %+v: orphans tried up to fd %d", u, n)
+			}
 		}
 		// Fed in two pieces, the same updates come out.
 		for _, cut := range []int{len(buf) / 2, len(buf) / 3} {

@@ -2,7 +2,9 @@ package guard
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -244,4 +246,62 @@ func TestDaemonEnv(t *testing.T) {
 	if !bytes.Contains(env, []byte(DaemonEnv+"="+strconv.Itoa(os.Getpid())+"\x00")) {
 		t.Fatalf("guard environment lacks %s=%d", DaemonEnv, os.Getpid())
 	}
+}
+
+// allowAll is a Filler that has nothing to fill: every event is allowed.
+type allowAll struct{}
+
+func (allowAll) Fill(context.Context, *os.File, fanotify.Event) error { return nil }
+
+// The guard of a supervised daemon, once the daemon is gone, answers no
+// event: a read of the marked file waits (neither EIO nor the file's
+// bytes unfilled) until a successor takes the group over and answers it.
+func TestSupervisedGuardLeavesEventsWaiting(t *testing.T) {
+	gd := newGuarded(t)
+	guard, err := Start([]Holding{{gd.g, gd.ino}}, Update{Dirs: []string{gd.cache}, Supervised: true, MaxFD: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(guard.Stop)
+	sock := sockPath(gd.cache, guard.Pid())
+	waitFor(t, "the guard's socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	guard.LetGo()
+	res := make(chan error, 1)
+	go func() {
+		b, err := os.ReadFile(gd.file)
+		if err == nil && string(b) != "cached bytes" {
+			err = fmt.Errorf("read %q", b)
+		}
+		res <- err
+	}()
+	select {
+	case err := <-res:
+		t.Fatalf("read answered while only the guard of a dead supervised daemon holds the group: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	rep, ho, err := Ask(sock, true)
+	if err != nil || ho == nil || rep.Alive || len(ho.Holds) != 1 {
+		t.Fatalf("take: %+v, %v, %v; want one holding", rep, ho, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- ho.Holds[0].Group.Serve(ctx, allowAll{}, fanotify.Options{}) }()
+	defer func() {
+		cancel()
+		<-served
+		ho.Holds[0].Group.Close()
+		unix.Close(ho.Holds[0].Inotify)
+	}()
+	select {
+	case err := <-res:
+		if err != nil {
+			t.Fatalf("read answered by the successor: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("read still waiting 10s after the successor took the group")
+	}
+	if err := ho.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the guard to exit after the hand-over", func() bool { return exited(guard) })
 }
