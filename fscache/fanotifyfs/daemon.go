@@ -146,8 +146,9 @@ type daemonMount struct {
 // dies uncleanly leaves its mounts to the supervisor's copy of the group:
 // their readers block until an upgraded daemon answers. Without a
 // supervisor its guard detaches them and fails their reads with EIO until
-// a new daemon mounting from the same cache directory takes the group
-// over, or their last reader closes (package guard).
+// a new daemon starting on (or mounting from) the same cache directory
+// takes the group over, with or without a supervisor, or their last reader
+// closes (package guard).
 func RunDaemon(ctx context.Context, opts DaemonOptions) error {
 	d, err := StartDaemon(opts)
 	if err != nil {
@@ -451,9 +452,10 @@ func (d *Daemon) addMount(ms MountSpec, adopt bool) error {
 	return nil
 }
 
-// configCacheDir is the absolute cache directory of a mount config ("":
-// none, or a config addMount will refuse).
-func configCacheDir(text string) string {
+// ConfigCacheDir is the absolute cache directory a daemon config (JSON
+// or TOML, as MountSpec.Config) names: "" if none, or if the config is one
+// a mount would refuse. For DaemonOptions.CacheDirs.
+func ConfigCacheDir(text string) string {
 	text, _, err := splitTuning(text)
 	if err != nil {
 		return ""
@@ -469,10 +471,6 @@ func configCacheDir(text string) string {
 	return dir
 }
 
-// ConfigCacheDir is the cache directory a daemon config (JSON or TOML, as
-// MountSpec.Config) names, "" if none: for DaemonOptions.CacheDirs.
-func ConfigCacheDir(config string) string { return configCacheDir(config) }
-
 // takeOverAtStart takes over the groups of crashed daemons' guards in
 // every cache directory the daemon starts with: those of mounts, dirs
 // and opts.CacheDirs. At start rather than at the first mount of each
@@ -483,7 +481,7 @@ func ConfigCacheDir(config string) string { return configCacheDir(config) }
 // must answer those of its own readers.
 func (d *Daemon) takeOverAtStart(mounts []MountSpec, dirs []string) error {
 	for _, ms := range mounts {
-		dirs = append(dirs, configCacheDir(ms.Config))
+		dirs = append(dirs, ConfigCacheDir(ms.Config))
 	}
 	dirs = append(dirs, d.opts.CacheDirs...)
 	d.mu.Lock()
@@ -751,7 +749,8 @@ func (d *Daemon) replaceGuard() error {
 // supervised daemon's guard, wait). The directory is remembered: the
 // daemon's guard listens there for the daemon's own successor.
 func (d *Daemon) takeOverGuards(dir string) error {
-	if !slices.Contains(d.dirs, dir) {
+	// One that does not exist yet is added once a mount creates it.
+	if fi, err := os.Stat(dir); err == nil && fi.IsDir() && !slices.Contains(d.dirs, dir) {
 		d.dirs = append(d.dirs, dir)
 	}
 	for _, p := range guard.Sockets(dir) {
