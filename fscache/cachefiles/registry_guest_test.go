@@ -54,10 +54,13 @@ func pushBlob(t *testing.T, addr, repo, id string, data []byte) {
 	}
 }
 
-// TestGuestFscacheRegistry: the blob lives in a real registry on the
-// host, reached from the guest over QEMU user networking (10.0.2.2 is the
-// host's loopback); the guest mounts the image over fscache and its tree
-// hash equals the host's.
+// TestGuestFscacheRegistry: `rafsd singleton --fscache` in the guest with
+// the registry backend: the blobs live in a real registry on the host,
+// reached over QEMU user networking (10.0.2.2 is the host's loopback).
+// Two images sharing chunks are bound in one domain through PUT
+// /api/v2/blobs; reading 5% of the first moves at most 10% of its blob
+// from the registry (GET /api/v1/metrics/backend); both mounts' tree
+// hashes equal the host's.
 func TestGuestFscacheRegistry(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("the guest scenarios run as root (QEMU, kernel cache in /var/cache)")
@@ -69,29 +72,47 @@ func TestGuestFscacheRegistry(t *testing.T) {
 
 	dir := t.TempDir()
 	blobs := t.TempDir()
-	src := scenarioTree(t, 31, nil)
-	im := buildImage(t, src, blobs)
-	id := im.img.Blobs[0].ID
-	data, err := os.ReadFile(filepath.Join(blobs, id))
-	if err != nil {
-		t.Fatal(err)
+	src1 := scenarioTree(t, 31, nil)
+	im1 := buildImage(t, src1, blobs)
+	src2 := scenarioTree(t, 31, map[string]int{"new/file": 300 << 10})
+	im2 := buildImage(t, src2, blobs, im1.img)
+	pushed := map[string]bool{}
+	for i, im := range []*testImage{im1, im2} {
+		for _, b := range im.img.Blobs {
+			if pushed[b.ID] {
+				continue
+			}
+			data, err := os.ReadFile(filepath.Join(blobs, b.ID))
+			if err != nil {
+				t.Fatal(err)
+			}
+			pushBlob(t, reg.Addr, "test/fscache", b.ID, data)
+			pushed[b.ID] = true
+		}
+		n := fmt.Sprint(i + 1)
+		os.MkdirAll(filepath.Join(dir, n), 0o755)
+		bt, _ := os.ReadFile(im.boot)
+		os.WriteFile(filepath.Join(dir, n, "bootstrap"), bt, 0o644)
+		req := bindReq("reg"+n, "regdom", im)
+		req.Config.BackendType = "registry"
+		req.Config.BackendConfig, _ = json.Marshal(map[string]any{"scheme": "http", "host": "10.0.2.2:" + port, "repo": "test/fscache", "timeout": 30})
+		req.Config.MetadataPath = "/img/" + n + "/bootstrap"
+		j, _ := json.Marshal(req)
+		os.WriteFile(filepath.Join(dir, "bind"+n+".json"), j, 0o644)
 	}
-	pushBlob(t, reg.Addr, "test/fscache", id, data)
-	b, _ := os.ReadFile(im.boot)
-	os.WriteFile(filepath.Join(dir, "bootstrap"), b, 0o644)
-	req := bindReq("regimg", "", im)
-	req.Config.BackendType = "registry"
-	req.Config.BackendConfig, _ = json.Marshal(map[string]any{"scheme": "http", "host": "10.0.2.2:" + port, "repo": "test/fscache", "timeout": 30})
-	req.Config.MetadataPath = "/img/bootstrap"
-	j, _ := json.Marshal(req)
-	os.WriteFile(filepath.Join(dir, "bind.json"), j, 0o644)
+	if len(pushed) != 2 {
+		t.Fatalf("%d blobs pushed, want 2 (image 2 shares image 1's and has its own)", len(pushed))
+	}
 
-	daemon, err := testbed.BuildStatic(ctx, "./fscache/cachefiles/internal/cachefilesd")
-	if err != nil {
-		t.Fatal(err)
+	var files []initramfs.File
+	for _, p := range []string{"./cmd/rafsd", "./fscache/cachefiles/internal/unixhttp"} {
+		bin, err := testbed.BuildStatic(ctx, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, initramfs.File{Path: "/bin/" + filepath.Base(p), Source: bin})
 	}
-	vm := testbed.StartTB(t, testbed.Options{Net: true, Disks: []string{ext4Disk(t, dir, 32), ext4Disk(t, "", 64)}, Console: consoleLog(t),
-		Files: []initramfs.File{{Path: "/bin/cachefilesd", Source: daemon}}})
+	vm := testbed.StartTB(t, testbed.Options{Net: true, Disks: []string{ext4Disk(t, dir, 32), ext4Disk(t, "", 64)}, Console: consoleLog(t), Files: files})
 	a := vm.Agent()
 	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vda", Target: "/img", FSType: "ext4", Flags: 1, Mkdir: true}); err != nil {
 		t.Fatal(err)
@@ -99,52 +120,102 @@ func TestGuestFscacheRegistry(t *testing.T) {
 	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vdb", Target: "/var/cache/fscache", FSType: "ext4", Mkdir: true}); err != nil {
 		t.Fatal(err)
 	}
-	p, err := a.Start(ctx, guest.StartRequest{Name: "cachefilesd", Argv: []string{"/bin/cachefilesd",
-		"-dir", "/var/cache/fscache", "-stats", "/stats.json", "-bind", "/img/bind.json"}})
+	p, err := a.Start(ctx, guest.StartRequest{Name: "rafsd", Argv: []string{"/bin/rafsd", "singleton",
+		"--fscache", "/var/cache/fscache", "--apisock", "/api.sock", "--id", "reg", "--log-level", "info"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	mounted, stopped := false, false
+	var mounts []string
+	stopped := false
 	t.Cleanup(func() {
-		if mounted {
-			a.Unmount(context.Background(), "/mnt/reg", 2)
+		for _, m := range mounts {
+			a.Unmount(context.Background(), m, 2)
 		}
 		if !stopped {
 			a.StopProcess(context.Background(), guest.StopRequest{Handle: p.Handle, Signal: "KILL"})
 		}
 	})
-	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer wcancel()
-	if err := waitFile(wctx, a, "/stats.json"); err != nil {
-		t.Fatal(err)
+	expect := func(method, path, body string, want int) string {
+		t.Helper()
+		st, out := guestAPI(ctx, t, a, "/api.sock", method, path, body)
+		if st != want {
+			t.Fatalf("%s %s: %d %s, want %d", method, path, st, out, want)
+		}
+		return out
 	}
-	if err := a.Mount(ctx, guest.MountRequest{Source: "none", Target: "/mnt/reg", FSType: "erofs", Data: "fsid=regimg", Mkdir: true}); err != nil {
-		t.Fatal(err)
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		if st, _ := guestAPI(ctx, t, a, "/api.sock", "GET", "/api/v1/daemon", ""); st == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("rafsd singleton API never answered")
+		}
 	}
-	mounted = true
-	got, err := a.TreeHash(ctx, "/mnt/reg", true)
+	expect("PUT", "/api/v2/blobs", "/img/bind1.json", 204)
+	expect("PUT", "/api/v2/blobs", "/img/bind2.json", 204)
+	mount := func(mnt, data string) {
+		t.Helper()
+		if err := a.Mount(ctx, guest.MountRequest{Source: "none", Target: mnt, FSType: "erofs", Data: data, Mkdir: true}); err != nil {
+			t.Fatalf("mount -t erofs -o %s: %v", data, err)
+		}
+		mounts = append(mounts, mnt)
+	}
+	mount("/mnt/reg1", "domain_id=regdom,fsid=reg1")
+	part, err := a.ReadFile(ctx, "/mnt/reg1/data/part-07", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, _ := treehash.Walk(src)
-	if got.Hash != treehash.Sum(want) {
-		t.Errorf("guest tree hash differs from the host's:\n%s", strings.Join(treehash.Diff(want, got.Entries, 30), "\n"))
+	if want, _ := os.ReadFile(filepath.Join(src1, "data/part-07")); string(part) != string(want) {
+		t.Fatalf("data/part-07 differs in the guest (%d bytes, want %d)", len(part), len(want))
 	}
-	var s guestStats
-	if b, err := a.ReadFile(ctx, "/stats.json", 0); err == nil {
-		json.Unmarshal(b, &s)
+	var m struct {
+		BackendType     string `json:"backend_type"`
+		ReadCount       uint64 `json:"read_count"`
+		ReadAmountTotal uint64 `json:"read_amount_total"`
 	}
-	t.Logf("stats %+v", s)
-	if err := a.Unmount(ctx, "/mnt/reg", 0); err != nil {
-		t.Errorf("umount: %v", err)
+	if err := json.Unmarshal([]byte(expect("GET", "/api/v1/metrics/backend?id=reg1", "", 200)), &m); err != nil {
+		t.Fatal(err)
 	}
-	mounted = false
+	blob := im1.img.Blobs[0]
+	t.Logf("reading %d of %d bytes (%.1f%%) moved %d of %d blob bytes (%.1f%%) in %d registry requests", len(part), blob.UncompressedSize,
+		100*float64(len(part))/float64(blob.UncompressedSize), m.ReadAmountTotal, blob.CompressedSize,
+		100*float64(m.ReadAmountTotal)/float64(blob.CompressedSize), m.ReadCount)
+	if m.BackendType != "registry" || m.ReadAmountTotal == 0 || m.ReadAmountTotal > blob.CompressedSize/10 {
+		t.Errorf("reading 5%% of the image moved %d of %d blob bytes through %q (want <= 10%% through the registry)", m.ReadAmountTotal, blob.CompressedSize, m.BackendType)
+	}
+	mount("/mnt/reg2", "domain_id=regdom,fsid=reg2")
+	for i, src := range []string{src1, src2} {
+		mnt := fmt.Sprintf("/mnt/reg%d", i+1)
+		got, err := a.TreeHash(ctx, mnt, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ := treehash.Walk(src)
+		if got.Hash != treehash.Sum(want) {
+			t.Errorf("%s: guest tree hash differs from the host's:\n%s", mnt, strings.Join(treehash.Diff(want, got.Entries, 30), "\n"))
+		}
+	}
+	var info struct {
+		Fscache Stats `json:"fscache"`
+	}
+	json.Unmarshal([]byte(expect("GET", "/api/v2/daemon", "", 200)), &info)
+	t.Logf("daemon: %+v", info.Fscache)
+	// Two bootstraps, the shared blob once, image 2's own blob.
+	if s := info.Fscache; s.Opens != 4 || s.OpenFailures != 0 || s.ReadFailures != 0 {
+		t.Errorf("daemon counters %+v: want 4 OPENs (the shared blob once), no failures", s)
+	}
+	for _, mnt := range mounts {
+		if err := a.Unmount(ctx, mnt, 0); err != nil {
+			t.Errorf("umount %s: %v", mnt, err)
+		}
+	}
+	mounts = nil
 	stopped = true
 	r, err := a.StopProcess(ctx, guest.StopRequest{Handle: p.Handle, GraceMS: 10000})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if r.ExitCode != 0 || r.Killed {
-		t.Errorf("cachefilesd did not exit cleanly: %+v\n%s", r, r.Output)
+		t.Errorf("rafsd singleton did not exit cleanly: %+v\n%s", r, r.Output)
 	}
 }
