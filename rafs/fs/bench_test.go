@@ -1,11 +1,17 @@
 package fs_test
 
 import (
+	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -13,6 +19,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/rafsd/rafsd/rafs/builder"
 	"github.com/rafsd/rafsd/rafs/codec"
 	rfs "github.com/rafsd/rafsd/rafs/fs"
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
@@ -191,6 +198,148 @@ func BenchmarkWalk100k(b *testing.B) {
 	b.ReportMetric(td.Seconds()/float64(b.N), "disk-s/walk")
 	b.ReportMetric(tf.Seconds()/td.Seconds(), "fuse/disk-time")
 	b.ReportMetric(float64(requests()-before)/float64(b.N), "fuse-requests/walk")
+	b.StopTimer()
+	daemonLsR(b, disk, dirs*per+dirs+1)
+}
+
+// daemonLsR is the issue's measure as a user sees it: the same tree built
+// into a real bootstrap and blob dir, served by the rafsd binary (its
+// shipped 5 s entry/attr timeouts, its fetcher, its VFS root), `ls -lR`
+// run on that mount and on the disk tree (warm, after one pass each), and
+// the daemon's resident memory once it has served the walk.
+func daemonLsR(b *testing.B, disk string, entries int) {
+	bin := filepath.Join(b.TempDir(), "rafsd")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/rafsd/rafsd/cmd/rafsd").CombinedOutput(); err != nil {
+		b.Fatalf("building rafsd: %v\n%s", err, out)
+	}
+	work := b.TempDir()
+	blobs, boot, mnt := filepath.Join(work, "blobs"), filepath.Join(work, "bootstrap"), filepath.Join(work, "mnt")
+	for _, d := range []string{blobs, mnt} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			b.Fatal(err)
+		}
+	}
+	opts := builder.Options{Version: 6} // defaults: 1 MiB chunks, zstd, blake3
+	if _, err := builder.BuildDirFiles(context.Background(), opts, disk, blobs, boot); err != nil {
+		b.Fatal(err)
+	}
+	bootSize := fileSize(b, boot)
+	d := startRafsd(b, bin, mnt, "--bootstrap", boot, "--localfs-dir", blobs, "--log-level", "warn")
+	idle := rssMiB(b, d.Process.Pid)
+	lsR := func(dir string) time.Duration {
+		start := time.Now()
+		cmd := exec.Command("ls", "-lR", dir)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		lines, _ := countLines(out)
+		if err := cmd.Wait(); err != nil {
+			b.Fatalf("ls -lR %s: %v", dir, err)
+		}
+		// One line per entry plus, per directory, a header, a total and
+		// a blank line: the mount must list as much as the disk.
+		if lines < entries {
+			b.Fatalf("ls -lR %s: %d lines for %d entries", dir, lines, entries)
+		}
+		return time.Since(start)
+	}
+	lsR(mnt) // warm: dentries, inodes, the fetcher's metadata
+	lsR(disk)
+	var tm, td time.Duration
+	const rounds = 2
+	for range rounds {
+		tm += lsR(mnt)
+		td += lsR(disk)
+	}
+	b.ReportMetric(tm.Seconds()/rounds, "daemon-lsR-s")
+	b.ReportMetric(td.Seconds()/rounds, "disk-lsR-s")
+	b.ReportMetric(tm.Seconds()/td.Seconds(), "daemon/disk-lsR-time")
+	b.ReportMetric(idle, "daemon-RSS-MiB-mounted")
+	b.ReportMetric(rssMiB(b, d.Process.Pid), "daemon-RSS-MiB-after-lsR")
+	b.ReportMetric(float64(bootSize)/(1<<20), "bootstrap-MiB")
+}
+
+// startRafsd runs the rafsd binary on mnt and waits for the mount; the
+// cleanup sends SIGTERM (SIGKILL after 10 s) and detaches a mount left.
+func startRafsd(b *testing.B, bin, mnt string, args ...string) *exec.Cmd {
+	cmd := exec.Command(bin, append([]string{"fuse", "--mountpoint", mnt, "--apisock", filepath.Join(b.TempDir(), "api.sock")}, args...)...)
+	var log bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	b.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+		unix.Unmount(mnt, unix.MNT_DETACH)
+	})
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var st, parent unix.Stat_t
+		if unix.Stat(mnt, &st) == nil && unix.Stat(filepath.Dir(mnt), &parent) == nil && st.Dev != parent.Dev {
+			return cmd
+		}
+		select {
+		case <-exited:
+			b.Fatalf("rafsd exited: %s", log.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("rafsd did not mount %s", mnt)
+		}
+	}
+}
+
+// rssMiB is VmRSS of process pid.
+func rssMiB(b *testing.B, pid int) float64 {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			if err != nil {
+				b.Fatalf("VmRSS %q: %v", v, err)
+			}
+			return kb / 1024
+		}
+	}
+	b.Fatalf("no VmRSS for pid %d", pid)
+	return 0
+}
+
+func fileSize(b *testing.B, p string) int64 {
+	fi, err := os.Stat(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return fi.Size()
+}
+
+func countLines(r io.Reader) (int, error) {
+	n := 0
+	buf := make([]byte, 1<<16)
+	for {
+		m, err := r.Read(buf)
+		n += bytes.Count(buf[:m], []byte("\n"))
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
 }
 
 // dropCache evicts p's pages so the next read reaches the filesystem
