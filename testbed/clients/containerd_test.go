@@ -5,10 +5,15 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"io/fs"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -396,7 +401,11 @@ func TestContainerdNydus(t *testing.T) {
 			if len(fuseMounts(s.SnapRoot)) == 0 {
 				t.Fatal("no FUSE mount under the snapshotter root")
 			}
-			t.Logf("%s: %d files, same md5s through overlayfs and nydus+rafsd", mode, len(want))
+			serving := rafsInstances(t, s.SnapRoot)
+			if len(serving) == 0 {
+				t.Fatal("no rafsd lists a RAFS instance while the container exists")
+			}
+			t.Logf("%s: %d files, same md5s through overlayfs and nydus+rafsd; rafsd instances %v", mode, len(want), serving)
 
 			if err := k.remove(ctx); err != nil {
 				t.Fatal(err)
@@ -407,8 +416,25 @@ func TestContainerdNydus(t *testing.T) {
 				wctx, wcancel := context.WithTimeout(ctx, 20*time.Second)
 				WaitNoProcs(wctx, t, f.rafsd)
 				wcancel()
-				if ms := fuseMounts(s.SnapRoot); len(ms) != 0 {
-					t.Fatalf("FUSE mounts left after removing container and image: %v", ms)
+				if ms := Mounts(s.Dir); len(ms) != 0 {
+					t.Fatalf("mounts left after removing container and image: %v", ms)
+				}
+			} else {
+				// The shared daemon stays up for the next image, but
+				// serves nothing of the removed one: its RAFS instance is
+				// unmounted (the snapshotter's umount call), and only the
+				// daemon's own FUSE mount is left under the stack's dir.
+				for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+					left := rafsInstances(t, s.SnapRoot)
+					if len(left) == 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("RAFS instances still mounted in the shared rafsd after removing container and image: %v (while running: %v)", left, serving)
+					}
+				}
+				if ms, fm := Mounts(s.Dir), fuseMounts(s.Dir); len(fm) != 1 || len(ms) != 1 {
+					t.Fatalf("after removing container and image, mounts under the stack: %v (want only the shared daemon's FUSE mount; FUSE: %v)", ms, fm)
 				}
 			}
 			stopStack(t, s)
@@ -505,4 +531,39 @@ func TestContainerdNydusFailover(t *testing.T) {
 func taskPid(ctx context.Context, t *testing.T, k *container) uint32 {
 	t.Helper()
 	return k.task.Pid()
+}
+
+// rafsInstances asks every rafsd under the snapshotter root (each API
+// socket) for the RAFS instances it serves (GET /api/v1/daemon,
+// backend_collection) and returns them as "socket:mountpoint".
+func rafsInstances(t testing.TB, root string) []string {
+	t.Helper()
+	var out []string
+	walkOutsideMounts(root, func(p string, d fs.DirEntry) {
+		if d.Type()&fs.ModeSocket == 0 || filepath.Base(p) != "api.sock" {
+			return
+		}
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "unix", p)
+			},
+		}}
+		defer hc.CloseIdleConnections()
+		resp, err := hc.Get("http://rafsd/api/v1/daemon")
+		if err != nil {
+			return // a dedicated daemon on its way out
+		}
+		defer resp.Body.Close()
+		var info struct {
+			BackendCollection map[string]json.RawMessage `json:"backend_collection"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&info); err != nil {
+			t.Fatalf("GET /api/v1/daemon on %s: %v", p, err)
+		}
+		for mp := range info.BackendCollection {
+			out = append(out, filepath.Base(filepath.Dir(p))+":"+mp)
+		}
+	})
+	sort.Strings(out)
+	return out
 }
