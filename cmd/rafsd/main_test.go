@@ -3,9 +3,14 @@ package main
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
+	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/pelletier/go-toml/v2"
 
 	"github.com/rafsd/rafsd/rafs/config"
 )
@@ -24,6 +29,87 @@ func TestShippedConfigsParse(t *testing.T) {
 		if _, err := config.Parse(b); err != nil {
 			t.Errorf("%s: %v", f, err)
 		}
+	}
+}
+
+// shippedConfig checks that path (as written in a shipped file, e.g.
+// /etc/rafsd/X) names a config that configs/ ships, and that it parses.
+func shippedConfig(t *testing.T, path string) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("../../configs", filepath.Base(path)))
+	if err != nil {
+		t.Fatalf("%s is not one of configs/: %v", path, err)
+	}
+	if _, err := config.Parse(b); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+}
+
+// The nydus-snapshotter snippet: only keys of the snapshotter's [daemon]
+// section, pointing at rafsd and at a config shipped beside it.
+func TestShippedSnapshotterSnippet(t *testing.T) {
+	b, err := os.ReadFile("../../configs/nydus-snapshotter-config.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var snippet struct {
+		Daemon struct {
+			NydusdPath    string `toml:"nydusd_path"`
+			NydusdConfig  string `toml:"nydusd_config"`
+			FsDriver      string `toml:"fs_driver"`
+			RecoverPolicy string `toml:"recover_policy"`
+			ThreadsNumber int    `toml:"threads_number"`
+		} `toml:"daemon"`
+	}
+	dec := toml.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&snippet); err != nil {
+		t.Fatalf("snippet: %v", err)
+	}
+	d := snippet.Daemon
+	if filepath.Base(d.NydusdPath) != "rafsd" || d.FsDriver != "fusedev" || d.ThreadsNumber < 1 {
+		t.Fatalf("snippet [daemon] %+v: want nydusd_path .../rafsd, fs_driver fusedev, threads_number >= 1", d)
+	}
+	// nydus-snapshotter's recover policies; failover needs the supervisor
+	// protocol, which rafsd speaks (TestFailoverAfterSIGKILL).
+	if d.RecoverPolicy != "none" && d.RecoverPolicy != "restart" && d.RecoverPolicy != "failover" {
+		t.Fatalf("recover_policy %q", d.RecoverPolicy)
+	}
+	shippedConfig(t, d.NydusdConfig)
+}
+
+// The systemd unit: systemd itself accepts it (with ExecStart pointing at
+// a real binary), and its command line is one rafsd parses, naming a
+// shipped config.
+func TestShippedSystemdUnit(t *testing.T) {
+	raw, err := os.ReadFile("../../configs/rafsd.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := strings.ReplaceAll(string(raw), "\\\n", " ")
+	m := regexp.MustCompile(`(?m)^ExecStart=(\S+)(.*)$`).FindStringSubmatch(unit)
+	if m == nil || filepath.Base(m[1]) != "rafsd" {
+		t.Fatalf("no ExecStart=.../rafsd in the unit: %q", m)
+	}
+	var stderr bytes.Buffer
+	a, err := parseArgs(strings.Fields(m[2]), &stderr)
+	if err != nil || a.mode != "fuse" || a.mountpoint == "" || a.apisock == "" || a.bootstrap == "" {
+		t.Fatalf("ExecStart args %q: %+v, %v %s", m[2], a, err, stderr.String())
+	}
+	shippedConfig(t, a.config)
+
+	bin, err := os.Executable() // any executable will do for the check
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := filepath.Join(t.TempDir(), "rafsd.service")
+	if err := os.WriteFile(local, []byte(strings.ReplaceAll(string(raw), m[1], bin)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Unknown keys and bad values are only warnings: any output fails.
+	out, err := exec.Command("systemd-analyze", "verify", local).CombinedOutput()
+	if err != nil || len(bytes.TrimSpace(out)) != 0 {
+		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
 	}
 }
 
@@ -74,6 +160,7 @@ func TestRunExitCodes(t *testing.T) {
 		out  string
 	}{
 		{"--version", 0, "rafsd version"},
+		{"-V", 0, "git commit"},
 		{"fuse", 1, "--mountpoint is required"},
 		{"fuse --mountpoint /nonexistent --bootstrap /b --shared-dir /s", 1, "exclusive"},
 		{"fuse --mountpoint /nonexistent --upgrade", 1, "--supervisor"},
@@ -83,6 +170,27 @@ func TestRunExitCodes(t *testing.T) {
 		code := run(strings.Fields(tc.args), &out, &errb)
 		if code != tc.code || !strings.Contains(out.String()+errb.String(), tc.out) {
 			t.Errorf("%q: exit %d (want %d), output %q (want %q)", tc.args, code, tc.code, out.String()+errb.String(), tc.out)
+		}
+	}
+}
+
+// TestVersion: --version names the version, the git commit and the Go
+// version, as stamped by make build's -ldflags.
+func TestVersion(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "rafsd")
+	pkg := "github.com/rafsd/rafsd/internal/version"
+	build := exec.Command("go", "build", "-o", bin, "-ldflags", "-X "+pkg+".Version=v9.8.7 -X "+pkg+".GitCommit=abc1234", ".")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "--version").CombinedOutput()
+	if err != nil {
+		t.Fatalf("rafsd --version: %v\n%s", err, out)
+	}
+	for _, want := range []string{"rafsd version v9.8.7", "git commit abc1234", runtime.Version()} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("rafsd --version: %q lacks %q", out, want)
 		}
 	}
 }
