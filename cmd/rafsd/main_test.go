@@ -194,3 +194,20 @@ func TestVersion(t *testing.T) {
 		}
 	}
 }
+
+// TestDemo runs make demo's script against the binaries under test: the
+// README's first command must keep working.
+func TestDemo(t *testing.T) {
+	requireRoot(t)
+	cmd := exec.Command("bash", "../../scripts/demo.sh")
+	cmd.Env = append(os.Environ(), "BIN="+binDir)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("\ndemo OK\n")) {
+		t.Fatalf("scripts/demo.sh: %v\n%s", err, out)
+	}
+	for _, want := range []string{`"state":"RUNNING"`, "big.bin: identical to the source", `"backend_type":"localfs"`, "rafsd_backend_requests_total"} {
+		if !bytes.Contains(out, []byte(want)) {
+			t.Errorf("demo output lacks %q", want)
+		}
+	}
+}
