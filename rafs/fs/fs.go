@@ -25,10 +25,11 @@ import (
 
 // Options tune how the kernel caches what the filesystem answers.
 type Options struct {
-	// EntryTimeout is how long the kernel may cache a name lookup
-	// (nydusd config entry_timeout); AttrTimeout how long it may cache
-	// attributes (attr_timeout). The image never changes, so long values
-	// are safe; zero means the kernel asks every time.
+	// EntryTimeout is how long the kernel may cache a name lookup;
+	// AttrTimeout how long it may cache attributes. The image never
+	// changes, so long values are safe; zero means the kernel asks every
+	// time. nydusd has no config key for them (RAFS_DEFAULT_ATTR_TIMEOUT
+	// and _ENTRY_TIMEOUT, 2^32 s, in rafs/src/fs.rs).
 	EntryTimeout time.Duration
 	AttrTimeout  time.Duration
 	// NegativeTimeout is how long the kernel may cache a failed lookup.
@@ -46,8 +47,10 @@ type Options struct {
 	LatestReadFiles bool
 }
 
-// DefaultOptions are nydusd's defaults (entry_timeout and attr_timeout of
-// 5 seconds).
+// DefaultOptions are what rafsd's daemon serves RAFS images with: entry
+// and attribute timeouts of 5 seconds, the FUSE defaults of fuse-backend-rs
+// that nydusd's passthrough_fs keeps (nydusd keeps RAFS entries 2^32 s;
+// 5 s bounds what a kernel holds across a remount at the same path).
 func DefaultOptions() Options {
 	return Options{EntryTimeout: 5 * time.Second, AttrTimeout: 5 * time.Second}
 }
