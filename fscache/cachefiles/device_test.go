@@ -3,9 +3,13 @@ package cachefiles
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
+	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -203,6 +207,128 @@ func TestServeBadRequests(t *testing.T) {
 			t.Fatalf("Serve: %v", err)
 		}
 	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after its context ended")
+	}
+}
+
+// TestServeParallelAndHungBackend: READs of different objects are served
+// in parallel, so a READ whose backend never answers (a registry that
+// accepts connections and stays silent) holds up no other object's READ;
+// and it is itself completed, failed, once Config.ReadTimeout passes, so
+// the kernel returns EIO to its reader instead of leaving it hanging.
+func TestServeParallelAndHungBackend(t *testing.T) {
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	var heldMu sync.Mutex
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			heldMu.Lock()
+			held = append(held, c)
+			heldMu.Unlock()
+		}
+	}()
+	defer func() {
+		silent.Close()
+		heldMu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		heldMu.Unlock()
+	}()
+
+	srcA, srcB := t.TempDir(), t.TempDir()
+	writeTree(t, srcA, 10, map[string]int{"a": 200 << 10})
+	writeTree(t, srcB, 11, map[string]int{"b": 200 << 10})
+	imA := buildImage(t, srcA, t.TempDir())
+	imB := buildImage(t, srcB, t.TempDir())
+	f, peer := fakeDevice(t)
+	peerOpen := true
+	const timeout = 3 * time.Second
+	d, err := New(Config{Device: f, Threads: 2, NoReadAhead: true, ReadTimeout: timeout, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		unix.Close(peer)
+		t.Fatal(err)
+	}
+	defer d.Close()
+	defer func() {
+		if peerOpen {
+			unix.Close(peer)
+		}
+	}()
+	completed := make(chan uint32, 16)
+	d.complete = func(fd int, id uint32) error { completed <- id; return nil }
+	reqA := bindReq("hung", "", imA)
+	reqA.Config.BackendType = "registry"
+	reqA.Config.BackendConfig, _ = json.Marshal(map[string]any{"scheme": "http", "host": silent.Addr().String(), "repo": "x/y", "timeout": 60, "retry_limit": 0})
+	if err := d.BindBlob(reqA); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.BindBlob(bindReq("ok", "", imB)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(ctx) }()
+	if got := nextCommand(t, peer); got != "restore" {
+		t.Fatalf("first command = %q, want restore", got)
+	}
+	send := func(m Msg) {
+		t.Helper()
+		if _, err := unix.Write(peer, AppendMsg(nil, m)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, x := range []struct {
+		domain string
+		im     *testImage
+	}{{"hung", imA}, {"ok", imB}} {
+		fd, _ := cacheFile(t)
+		id := uint32(i + 1)
+		send(Msg{ID: id, Opcode: OpOpen, ObjectID: id, Open: &OpenMsg{VolumeKey: "erofs," + x.domain, CookieKey: x.im.img.Blobs[0].ID, FD: uint32(fd)}})
+		if got := nextCommand(t, peer); !strings.HasPrefix(got, fmt.Sprintf("copen %d,", id)) || strings.HasPrefix(got, fmt.Sprintf("copen %d,-", id)) {
+			t.Fatalf("OPEN %d: reply %q", id, got)
+		}
+	}
+	start := time.Now()
+	send(Msg{ID: 10, Opcode: OpRead, ObjectID: 1, Read: &ReadMsg{Off: 0, Len: 64 << 10}})
+	send(Msg{ID: 11, Opcode: OpRead, ObjectID: 2, Read: &ReadMsg{Off: 0, Len: 64 << 10}})
+	wait := func(want uint32, within time.Duration) time.Duration {
+		t.Helper()
+		select {
+		case id := <-completed:
+			if id != want {
+				t.Fatalf("READ %d completed after %s, want %d first", id, time.Since(start), want)
+			}
+		case <-time.After(within):
+			t.Fatalf("READ %d not completed within %s", want, within)
+		}
+		return time.Since(start)
+	}
+	okAt := wait(11, timeout-500*time.Millisecond)
+	hungAt := wait(10, timeout+10*time.Second)
+	t.Logf("READ of the healthy object completed after %s, the hung one failed after %s", okAt.Round(time.Millisecond), hungAt.Round(time.Millisecond))
+	if hungAt < timeout {
+		t.Fatalf("the hung READ completed after %s, before its %s timeout: nothing was waited for", hungAt, timeout)
+	}
+	if s := d.Stats(); s.Reads != 2 || s.ReadFailures != 1 {
+		t.Errorf("stats %+v: want 2 READs answered, the hung one failed", s)
+	}
+	cancel()
+	unix.Close(peer)
+	peerOpen = false
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(10 * time.Second):
 		t.Fatal("Serve did not return after its context ended")
 	}
 }
