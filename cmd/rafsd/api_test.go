@@ -2,9 +2,12 @@ package main
 
 import (
 	"encoding/json"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -12,13 +15,19 @@ import (
 // other tests do not: GET /api/v1/daemon's id and backend_collection (what
 // nydus-snapshotter reads to find a daemon's mounts), PUT /api/v1/mount
 // (nydusd's remount: another bootstrap at the same path, served at once),
-// and GET /api/v1/metrics/blobcache.
+// GET /api/v1/metrics/blobcache and Prometheus on --metrics-addr.
 func TestAPIDaemonInfoRemountBlobcache(t *testing.T) {
 	requireRoot(t)
 	a, b := makeImage(t, "before"), makeImage(t, "after")
 	shared := t.TempDir()
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt, "--id", "daemon-7")
+	l, err := net.Listen("tcp", "127.0.0.1:0") // a free port for --metrics-addr
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := l.Addr().String()
+	l.Close()
+	d := startDaemon(t, mnt, "--id", "daemon-7", "--metrics-addr", metricsAddr)
 	d.waitState("RUNNING")
 
 	work := t.TempDir()
@@ -71,6 +80,18 @@ func TestAPIDaemonInfoRemountBlobcache(t *testing.T) {
 		if _, err := os.Stat(f); err != nil {
 			t.Errorf("blob cache file %s: %v", f, err)
 		}
+	}
+
+	// Prometheus on TCP as well (--metrics-addr), with the fetcher's
+	// counters of the mount just read.
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	prom, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(prom), `rafsd_backend_requests_total{backend="localfs"`) {
+		t.Fatalf("--metrics-addr /metrics: %d\n%.2000s", resp.StatusCode, prom)
 	}
 
 	// Remount: the same path serves the other image, with no stale names
