@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -22,18 +21,18 @@ type LocalFS struct {
 	hooks Hooks
 
 	mu    sync.Mutex
-	files map[string]*os.File
+	files map[string]*blobFile
 }
 
 // NewLocalFS returns a localfs backend.
 func NewLocalFS(cfg config.LocalFS, hooks Hooks) *LocalFS {
-	return &LocalFS{cfg: cfg, hooks: hooks, files: make(map[string]*os.File)}
+	return &LocalFS{cfg: cfg, hooks: hooks, files: make(map[string]*blobFile)}
 }
 
 // Type implements Backend.
 func (l *LocalFS) Type() string { return "localfs" }
 
-func (l *LocalFS) open(id string) (*os.File, error) {
+func (l *LocalFS) open(id string) (*blobFile, error) {
 	if id == "" || strings.ContainsAny(id, "/\x00") || id == "." || id == ".." {
 		return nil, fmt.Errorf("bad blob id %q", id)
 	}
@@ -54,7 +53,7 @@ func (l *LocalFS) open(id string) (*os.File, error) {
 	}
 	var firstErr error
 	for _, p := range paths {
-		f, err := os.Open(p)
+		f, err := openBlobFile(p)
 		if err == nil {
 			l.files[id] = f
 			return f, nil
@@ -105,7 +104,7 @@ func (l *LocalFS) Size(ctx context.Context, id string) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("localfs backend: blob %s: %w", id, err)
 	}
-	st, err := f.Stat()
+	st, err := f.f.Stat()
 	if err != nil {
 		return 0, fmt.Errorf("localfs backend: blob %s: %w", id, err)
 	}
@@ -135,5 +134,5 @@ func (l *LocalFS) OpenRange(ctx context.Context, id string, off, n int64) (io.Re
 		l.hooks.request("localfs", 0, time.Since(start), err)
 		return nil, &ReadError{Backend: "localfs", BlobID: id, Off: off, Len: int(n), Err: err}
 	}
-	return newRangeReader(io.NopCloser(io.NewSectionReader(f, off, n)), "localfs", "localfs", id, off, n, &l.hooks, start, nil, 0), nil
+	return newRangeReader(f.section(off, n), "localfs", "localfs", id, off, n, &l.hooks, start, nil, 0), nil
 }
