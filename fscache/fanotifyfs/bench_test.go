@@ -39,8 +39,16 @@ func dropCache(b *testing.B, paths ...string) {
 // runs after each blocking read (up to a 10 ms time slice behind a
 // hashing worker), which no real reader suffers.
 func timedRead(b *testing.B, p string) time.Duration {
+	d, _ := timedReadCPU(b, p)
+	return d
+}
+
+// timedReadCPU is timedRead that also returns the CPU time (user+system)
+// dd used: for a kernel mount, the whole cost of the read.
+func timedReadCPU(b *testing.B, p string) (time.Duration, time.Duration) {
 	b.Helper()
-	out, err := exec.Command("dd", "if="+p, "of=/dev/null", "bs=1M").CombinedOutput()
+	cmd := exec.Command("dd", "if="+p, "of=/dev/null", "bs=1M")
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		b.Fatalf("dd if=%s: %v\n%s", p, err, out)
 	}
@@ -54,7 +62,18 @@ func timedRead(b *testing.B, p string) time.Duration {
 	if err != nil || n != benchSize {
 		b.Fatalf("read %s: %d bytes in %q s (%v), want %d", p, n, m[2], err, benchSize)
 	}
-	return time.Duration(secs * float64(time.Second))
+	ps := cmd.ProcessState
+	return time.Duration(secs * float64(time.Second)), ps.UserTime() + ps.SystemTime()
+}
+
+// selfCPU is the CPU time (user+system) this process used so far: during
+// a cold read, the daemon's event loop and fills.
+func selfCPU() time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 var ddCopied = regexp.MustCompile(`(?m)^(\d+) bytes .*copied, ([0-9.e+-]+) s`)
@@ -140,6 +159,9 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	const reps = 3
 	var kernel, cold, warm, warmMarked, fuseCold, fuseWarm, fill []time.Duration
 	var kernelDIO, coldDIO []time.Duration
+	// CPU time (user+system) per read: dd's alone for a kernel mount;
+	// dd's plus this process's (the daemon) for cold.
+	var kernelCPU, coldCPU, coldDIOCPU []time.Duration
 	var coldEvents, markedEvents, warmEvents, ahead uint64
 	for range b.N {
 		// The fill path alone: every chunk fetched, verified and written
@@ -171,7 +193,9 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 		}
 		kread := func() {
 			dropCache(b, kmnt+"/data", full)
-			kernel = append(kernel, timedRead(b, kmnt+"/data"))
+			d, cpu := timedReadCPU(b, kmnt+"/data")
+			kernel = append(kernel, d)
+			kernelCPU = append(kernelCPU, cpu)
 		}
 		// The same complete image mounted with directio, the baseline
 		// of cold-directio.
@@ -199,11 +223,15 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 				kread()
 			}
 			dropCache(b, im.blobPath(), m.CacheFiles()[0])
-			d := timedRead(b, m.Mountpoint()+"/data")
+			c0 := selfCPU()
+			d, cpu := timedReadCPU(b, m.Mountpoint()+"/data")
+			cpu += selfCPU() - c0
 			if dio {
 				coldDIO = append(coldDIO, d)
+				coldDIOCPU = append(coldDIOCPU, cpu)
 			} else {
 				cold = append(cold, d)
+				coldCPU = append(coldCPU, cpu)
 				coldEvents += s.Stats().Events
 				ahead += s.Stats().AheadBytes
 			}
@@ -264,6 +292,16 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	b.ReportMetric(mibps(fw), "fuse-warm-MiB/s")
 	b.ReportMetric(mibps(median(fill)), "fill-only-MiB/s")
 	b.ReportMetric(k.Seconds()/c.Seconds(), "cold/kernel")
+	// Why cold/kernel is what it is: the CPU a read costs. On 2 cores a
+	// cold read takes at least half its CPU time, so kernel wall time over
+	// that is the best cold/kernel this machine allows (with nothing else
+	// running); ms are per 64 MiB read.
+	kc, cc, cdc := median(kernelCPU), median(coldCPU), median(coldDIOCPU)
+	b.Logf("CPU per read (median): kernel %v cold %v cold-directio %v; cold/kernel ceiling on 2 idle cores %.2f (measured %.2f)", kc, cc, cdc, k.Seconds()/(cc.Seconds()/2), k.Seconds()/c.Seconds())
+	b.ReportMetric(float64(kc.Microseconds())/1e3, "kernel-cpu-ms")
+	b.ReportMetric(float64(cc.Microseconds())/1e3, "cold-cpu-ms")
+	b.ReportMetric(float64(cdc.Microseconds())/1e3, "cold-directio-cpu-ms")
+	b.ReportMetric(k.Seconds()/(cc.Seconds()/2), "cold/kernel-ceiling")
 	kd, cd := median(kernelDIO), median(coldDIO)
 	b.Logf("medians: kernel-directio %v cold-directio %v", kd, cd)
 	b.ReportMetric(mibps(kd), "kernel-directio-MiB/s")
