@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -1300,4 +1301,66 @@ func TestTakeoverPassthroughKeepsNodes(t *testing.T) {
 	if mounted(mnt) {
 		t.Fatal("mount left behind")
 	}
+}
+
+// TestKernelTimeoutsFromConfig: a mount's rafs entry_timeout/attr_timeout
+// reach the kernel. With both 0 every stat asks the daemon again (GETATTR
+// counted per file by iostats_files); with the default 5 s the attributes
+// the lookup returned serve the repeated stats.
+func TestKernelTimeoutsFromConfig(t *testing.T) {
+	requireRoot(t)
+	img := makeImage(t, "timeouts")
+	mnt := t.TempDir()
+	d := startDaemon(t, mnt)
+	d.waitState("RUNNING")
+	mount := func(path string, extra map[string]any) {
+		cfg := map[string]any{}
+		json.Unmarshal([]byte(localfsConfig(img.blobs)), &cfg)
+		cfg["iostats_files"] = true
+		maps.Copy(cfg, extra)
+		c, _ := json.Marshal(cfg)
+		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": string(c)})
+		d.mustCall("POST", "/api/v1/mount?mountpoint="+path, string(body))
+	}
+	mount("/zero", map[string]any{"entry_timeout": 0, "attr_timeout": 0})
+	mount("/default", nil)
+	const stats = 5
+	getattrs := func(path string) uint64 {
+		for range stats {
+			if _, err := os.Stat(filepath.Join(mnt, path, "hello.txt")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var files map[string]struct {
+			FopHits []uint64 `json:"fop_hits"`
+		}
+		if err := json.Unmarshal(d.mustCall("GET", "/api/v1/metrics/files?id=/"+path, ""), &files); err != nil {
+			t.Fatal(err)
+		}
+		var n uint64
+		for _, f := range files {
+			if len(f.FopHits) > 0 {
+				n += f.FopHits[0] // FopGetattr
+			}
+		}
+		return n
+	}
+	zero, def := getattrs("zero"), getattrs("default")
+	t.Logf("GETATTRs for %d stats: %d with timeouts 0, %d with the defaults", stats, zero, def)
+	if n := zero; n < stats-1 {
+		t.Errorf("entry_timeout=attr_timeout=0: %d GETATTRs for %d stats, want >= %d (the kernel cached attributes)", n, stats, stats-1)
+	}
+	if n := def; n > 1 {
+		t.Errorf("default timeouts: %d GETATTRs for %d stats, want <= 1 (the kernel did not cache)", n, stats)
+	}
+	// Out of range: a 400 naming the key; the daemon keeps serving.
+	cfg := map[string]any{}
+	json.Unmarshal([]byte(localfsConfig(img.blobs)), &cfg)
+	cfg["attr_timeout"] = -1
+	c, _ := json.Marshal(cfg)
+	body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": string(c)})
+	if code, resp := d.call("POST", "/api/v1/mount?mountpoint=/bad", string(body)); code != http.StatusBadRequest || !strings.Contains(string(resp), "attr_timeout") {
+		t.Fatalf("attr_timeout -1: %d %s, want 400 naming attr_timeout", code, resp)
+	}
+	checkTree(t, img, filepath.Join(mnt, "default"))
 }

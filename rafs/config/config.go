@@ -30,6 +30,12 @@ const (
 	DefaultBatchSize         = 1 << 20
 	DefaultPrefetchThreads   = 8
 	DefaultMode              = "direct"
+	// DefaultTimeout (seconds) is the kernel's entry and attribute cache
+	// time for an image: long enough that a walk asks once, short enough
+	// that a remount at the same path (PUT /api/v1/mount) is seen soon.
+	DefaultTimeout = 5
+	// MaxTimeout bounds entry_timeout and attr_timeout (nydusd's 2^32 s).
+	MaxTimeout = 1 << 32
 	// MaxBatchSize bounds batch/merging sizes as nydusd's validate() does.
 	MaxBatchSize = 0x10000000
 )
@@ -302,10 +308,15 @@ type Rafs struct {
 	AccessPattern   bool     `cfg:"access_pattern"`
 	LatestReadFiles bool     `cfg:"latest_read_files"`
 	Prefetch        Prefetch `cfg:"prefetch"`
+	// EntryTimeout and AttrTimeout are how many seconds the kernel may
+	// cache a FUSE/virtio-fs lookup and attributes of the image (rafsd's
+	// keys: nydusd hard-codes 2^32 s; 0 makes the kernel ask every time).
+	EntryTimeout int `cfg:"entry_timeout"`
+	AttrTimeout  int `cfg:"attr_timeout"`
 }
 
 func (r *Rafs) setDefaults() {
-	*r = Rafs{Mode: DefaultMode, BatchSize: DefaultBatchSize}
+	*r = Rafs{Mode: DefaultMode, BatchSize: DefaultBatchSize, EntryTimeout: DefaultTimeout, AttrTimeout: DefaultTimeout}
 	r.Prefetch.setDefaults()
 }
 
@@ -385,11 +396,14 @@ type v1Config struct {
 	AccessPattern   bool       `cfg:"access_pattern"`
 	LatestReadFiles bool       `cfg:"latest_read_files"`
 	AmplifyIO       int        `cfg:"amplify_io"`
+	EntryTimeout    int        `cfg:"entry_timeout"`
+	AttrTimeout     int        `cfg:"attr_timeout"`
 }
 
 func (c *v1Config) setDefaults() {
 	c.Mode = DefaultMode
 	c.AmplifyIO = DefaultBatchSize
+	c.EntryTimeout, c.AttrTimeout = DefaultTimeout, DefaultTimeout
 	c.FsPrefetch.setDefaults()
 }
 
@@ -452,6 +466,8 @@ func parseV1(tree map[string]any) (*Config, error) {
 		IOStatsFiles:    v1.IOStatsFiles,
 		AccessPattern:   v1.AccessPattern,
 		LatestReadFiles: v1.LatestReadFiles,
+		EntryTimeout:    v1.EntryTimeout,
+		AttrTimeout:     v1.AttrTimeout,
 		Prefetch: Prefetch{
 			Enable: fp.Enable, ThreadsCount: fp.ThreadsCount, BatchSize: fp.MergingSize,
 			BandwidthLimit: fp.BandwidthRate, PrefetchAll: fp.PrefetchAll, StreamPrefetch: fp.StreamPrefetch,
@@ -617,6 +633,12 @@ func (cfg *Config) validate() error {
 	}
 	if r.BatchSize < 0 || r.BatchSize > MaxBatchSize {
 		return fmt.Errorf("rafs.batch_size: %d out of range [0, %#x]", r.BatchSize, MaxBatchSize)
+	}
+	if r.EntryTimeout < 0 || r.EntryTimeout > MaxTimeout {
+		return fmt.Errorf("rafs.entry_timeout: %d out of range [0, %d] seconds", r.EntryTimeout, MaxTimeout)
+	}
+	if r.AttrTimeout < 0 || r.AttrTimeout > MaxTimeout {
+		return fmt.Errorf("rafs.attr_timeout: %d out of range [0, %d] seconds", r.AttrTimeout, MaxTimeout)
 	}
 	for _, np := range []struct {
 		name string

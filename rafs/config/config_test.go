@@ -189,6 +189,8 @@ func TestParseErrors(t *testing.T) {
 		// parsing names it instead of ignoring it.
 		{"v2 typo", "version = 2\n[backend.registy]\nhost = \"x\"\n", "backend.registy: unknown field"},
 		{"v2 type", "version = 2\n[rafs]\nvalidate = \"yes\"\n", "rafs.validate: want a boolean, got string"},
+		{"entry_timeout", `{"device":{"backend":{"type":"localfs","config":{"dir":"/b"}}},"entry_timeout":-1}`, "rafs.entry_timeout: -1 out of range"},
+		{"v2 attr_timeout", "version = 2\n[backend]\ntype = \"localfs\"\n[backend.localfs]\ndir = \"/b\"\n[rafs]\nattr_timeout = 4294967297\n", "rafs.attr_timeout: 4294967297 out of range"},
 		{"nested string", `"\"{}\""`, "nested"},
 		{"trailing", `{"device":{}} {}`, "trailing"},
 	}
@@ -306,5 +308,29 @@ func TestSnapshotterConfig(t *testing.T) {
 	}
 	if c.Backend.Registry == nil || c.Backend.Registry.Host != "127.0.0.1:5000" || c.Backend.Registry.Scheme != "http" {
 		t.Fatalf("registry backend: %+v", c.Backend)
+	}
+}
+
+// TestParseTimeouts: rafsd's entry_timeout/attr_timeout keys, top level in
+// v1 and under [rafs] in v2; absent means DefaultTimeout.
+func TestParseTimeouts(t *testing.T) {
+	for _, tt := range []struct {
+		name, in     string
+		entry, attrs int
+	}{
+		{"v1 default", `{"device":{"backend":{"type":"localfs","config":{"dir":"/b"}}}}`, DefaultTimeout, DefaultTimeout},
+		{"v1 set", `{"device":{"backend":{"type":"localfs","config":{"dir":"/b"}}},"entry_timeout":0,"attr_timeout":3600}`, 0, 3600},
+		{"v2 default", "version = 2\n[backend]\ntype = \"localfs\"\n[backend.localfs]\ndir = \"/b\"\n[rafs]\nmode = \"direct\"\n", DefaultTimeout, DefaultTimeout},
+		{"v2 set", "version = 2\n[backend]\ntype = \"localfs\"\n[backend.localfs]\ndir = \"/b\"\n[rafs]\nentry_timeout = 60\nattr_timeout = 0\n", 60, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Parse([]byte(tt.in))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.Rafs.EntryTimeout != tt.entry || cfg.Rafs.AttrTimeout != tt.attrs {
+				t.Fatalf("entry_timeout %d attr_timeout %d, want %d %d", cfg.Rafs.EntryTimeout, cfg.Rafs.AttrTimeout, tt.entry, tt.attrs)
+			}
+		})
 	}
 }

@@ -28,8 +28,9 @@ type Options struct {
 	// EntryTimeout is how long the kernel may cache a name lookup;
 	// AttrTimeout how long it may cache attributes. The image never
 	// changes, so long values are safe; zero means the kernel asks every
-	// time. nydusd has no config key for them (RAFS_DEFAULT_ATTR_TIMEOUT
-	// and _ENTRY_TIMEOUT, 2^32 s, in rafs/src/fs.rs).
+	// time. nydusd hard-codes them (RAFS_DEFAULT_ATTR_TIMEOUT and
+	// _ENTRY_TIMEOUT, 2^32 s, in rafs/src/fs.rs); rafsd's daemon takes
+	// them from its config's entry_timeout/attr_timeout (rafs/config).
 	EntryTimeout time.Duration
 	AttrTimeout  time.Duration
 	// NegativeTimeout is how long the kernel may cache a failed lookup.

@@ -124,6 +124,8 @@ func (d *Daemon) openRafs(cmd MountCmd) (*instance, error) {
 	if cfg.Rafs != nil {
 		opts.FilesAccount, opts.AccessPattern = cfg.Rafs.IOStatsFiles, cfg.Rafs.AccessPattern
 		opts.LatestReadFiles = cfg.Rafs.LatestReadFiles
+		opts.EntryTimeout = time.Duration(cfg.Rafs.EntryTimeout) * time.Second
+		opts.AttrTimeout = time.Duration(cfg.Rafs.AttrTimeout) * time.Second
 	}
 	fs := rafsfs.New(img, f, opts)
 	return &instance{cmd: cmd, fs: fs, rafs: fs, fetcher: f, cancel: cancel}, nil
