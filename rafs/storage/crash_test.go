@@ -145,7 +145,7 @@ func crashChild(t *testing.T, spec string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.AddImage(ti.img)
+	addImage(t, f, ti.img)
 	fmt.Println("CHILD READY")
 	var wg sync.WaitGroup
 	for g := range 8 {

@@ -188,3 +188,11 @@ func (w testWriter) Write(p []byte) (int, error) {
 // settle waits for the fetcher's background streams (read-ahead, the rest
 // of a window whose first chunk was handed out) to end.
 func settle(f *Fetcher) { f.streams.Wait() }
+
+// addImage adds img to f and fails the test if it cannot.
+func addImage(t testing.TB, f *Fetcher, img *rafs.Image) {
+	t.Helper()
+	if err := f.AddImage(img); err != nil {
+		t.Fatal(err)
+	}
+}

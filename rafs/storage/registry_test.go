@@ -64,7 +64,7 @@ func testRegistry(t *testing.T, token bool) {
 
 	t.Run("random ranges", func(t *testing.T) {
 		f, _ := newFetcher(t, parseConfig(t, registryConfig(reg.Addr, "alice", "s3cret", "blobcache", t.TempDir(), nil)))
-		f.AddImage(ti.img)
+		addImage(t, f, ti.img)
 		if n, err := f.Backend().Size(context.Background(), ti.id); err != nil || n != int64(len(ti.blob)) {
 			t.Fatalf("Size = %d, %v; want %d", n, err, len(ti.blob))
 		}

@@ -254,7 +254,7 @@ func TestCorruptBackendEIO(t *testing.T) {
 			flipByte(t, blobPath, int64(bad.CompressedOffset)+int64(bad.CompressedSize)/2)
 			work := filepath.Join(dir, "cache")
 			f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", work, false, false, 1<<20)))
-			f.AddImage(ti.img)
+			addImage(t, f, ti.img)
 			buf := make([]byte, len(ti.content))
 			n, err := ti.img.ReadAt(context.Background(), f, ti.file(), buf, 0)
 			if err == nil || rafs.Errno(err) != syscall.EIO || !errors.Is(err, codec.ErrDigestMismatch) && !errors.Is(err, codec.ErrCorrupt) {

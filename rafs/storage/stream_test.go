@@ -215,7 +215,7 @@ func TestStreamCorruptChunk(t *testing.T) {
 			flipByte(t, blobPath, int64(bad.CompressedOffset)+int64(bad.CompressedSize)/3)
 			be := newStreamBackend(t, dir)
 			f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(dir, "cache"), false, false, 4<<20)), WithBackend(be))
-			f.AddImage(ti.img)
+			addImage(t, f, ti.img)
 			if err := readChunk(t, ti, f, 0); err != nil {
 				t.Fatal(err)
 			}
@@ -348,7 +348,7 @@ func TestReadahead(t *testing.T) {
 	t.Run("sequential", func(t *testing.T) {
 		be := newStreamBackend(t, dir)
 		f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(t.TempDir(), "cache"), false, false, chunk)), WithBackend(be), WithReadahead(1<<20))
-		f.AddImage(ti.img)
+		addImage(t, f, ti.img)
 		p := make([]byte, 16<<10)
 		for off := 0; off < len(ti.content); off += len(p) {
 			if _, err := ti.img.ReadAt(context.Background(), f, ti.file(), p, int64(off)); err != nil || !bytes.Equal(p, ti.content[off:off+len(p)]) {
@@ -377,7 +377,7 @@ func TestReadahead(t *testing.T) {
 		file.Chunks, file.Size = file.Chunks[:40], 40*chunk
 		be := newStreamBackend(t, dir)
 		f, _ := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(t.TempDir(), "cache"), false, false, chunk)), WithBackend(be), WithReadahead(1<<20))
-		f.AddImage(ti.img)
+		addImage(t, f, ti.img)
 		p := make([]byte, 16<<10)
 		for off := 0; off < int(file.Size); off += len(p) {
 			if _, err := ti.img.ReadAt(context.Background(), f, &file, p, int64(off)); err != nil || !bytes.Equal(p, ti.content[off:off+len(p)]) {
@@ -398,7 +398,7 @@ func TestReadahead(t *testing.T) {
 	t.Run("random", func(t *testing.T) {
 		be := newStreamBackend(t, dir)
 		f, _ := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(t.TempDir(), "cache"), false, false, chunk)), WithBackend(be), WithReadahead(1<<20))
-		f.AddImage(ti.img)
+		addImage(t, f, ti.img)
 		for _, i := range []int{50, 10, 70, 30, 90} {
 			if err := readChunk(t, ti, f, i); err != nil {
 				t.Fatal(err)
@@ -425,7 +425,7 @@ func TestStreamSplit(t *testing.T) {
 	be := newStreamBackend(t, dir)
 	be.stallAt = int64(ti.file().Chunks[1].CompressedOffset)
 	f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(dir, "cache"), false, false, 4<<20)), WithBackend(be))
-	f.AddImage(ti.img)
+	addImage(t, f, ti.img)
 	if err := readChunk(t, ti, f, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -504,7 +504,7 @@ func TestReadaheadCancelled(t *testing.T) {
 	setup := func(t *testing.T) (*streamBackend, *Fetcher, *prometheus.Registry) {
 		be := newStreamBackend(t, dir)
 		f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", filepath.Join(t.TempDir(), "cache"), false, false, chunk)), WithBackend(be), WithReadahead(8<<20))
-		f.AddImage(ti.img)
+		addImage(t, f, ti.img)
 		return be, f, reg
 	}
 	// check waits for the fetcher's streams to end, then checks that the
