@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"slices"
 	"sort"
 	"testing"
@@ -46,7 +48,15 @@ const benchSize = 256 << 20
 // shows the work added whatever the machine's load; X/GET-to-file, the
 // median time ratio against the GET written to a file next to the cache
 // (1 MiB writes): the least any fetcher that keeps what it fetched must
-// do. The sub-benchmarks put the cache on disk and on tmpfs.
+// do; X/floor-GET, the median of the mode's CPU floor (the CPU time it
+// and the registry used, spread perfectly over all cores) over the GET's
+// time: where the CPU alone puts the mode, however well it overlaps its
+// stages (GET/floor-GET is the same for the GET itself, below 1 when it
+// left cores idle). X/whole-GET close to X/floor-GET means the fetcher
+// loses little to waiting; a floor above 1.1 means the work per byte
+// (digest, cache write, the registry serving a reader that does more
+// than discard) cannot fit in the GET's time on this machine. The
+// sub-benchmarks put the cache on disk and on tmpfs.
 func BenchmarkColdFetch(b *testing.B) {
 	reg := registrytest.Start(b, registrytest.Options{})
 	ti := buildImage(b, makeContent(31, benchSize), 1<<20, codec.None)
@@ -78,11 +88,15 @@ func BenchmarkColdFetch(b *testing.B) {
 		return get(out)
 	}
 	// measure runs fn and returns its wall time and the CPU time this
-	// process and the registry used meanwhile.
-	measure := func(fn func() error) (wall, cpu time.Duration) {
+	// process and the registry used meanwhile. Its CPU profile samples
+	// carry the label phase (GET, GET-to-file or the mode's name): go test
+	// -cpuprofile, then pprof -tagfocus phase=seq.
+	measure := func(phase string, fn func() error) (wall, cpu time.Duration) {
 		cpu0, reg0 := selfCPU(), reg.CPUTime()
 		start := time.Now()
-		if err := fn(); err != nil {
+		var err error
+		pprof.Do(context.Background(), pprof.Labels("phase", phase), func(context.Context) { err = fn() })
+		if err != nil {
 			b.Fatal(err)
 		}
 		wall = time.Since(start)
@@ -141,6 +155,8 @@ func BenchmarkColdFetch(b *testing.B) {
 			ratios := make([][]float64, len(modes))
 			cpuRatios := make([][]float64, len(modes))
 			fileRatios := make([][]float64, len(modes))
+			floors := make([][]float64, len(modes))
+			var getFloors []float64
 			var getTime time.Duration
 			var gets int
 			newWork := func() string {
@@ -158,7 +174,7 @@ func BenchmarkColdFetch(b *testing.B) {
 				for range benchRounds {
 					unix.Sync() // earlier rounds' writes do not land on this one
 					work := newWork()
-					gf, _ := measure(func() error { return getToFile(work) })
+					gf, _ := measure("GET-to-file", func() error { return getToFile(work) })
 					os.RemoveAll(work)
 					for mi, m := range modes {
 						work := newWork()
@@ -169,12 +185,12 @@ func BenchmarkColdFetch(b *testing.B) {
 								BatchSize: config.DefaultBatchSize, PrefetchAll: true}
 						}
 						f, _ := newFetcher(b, cfg, WithLogger(slog.New(slog.NewTextHandler(testWriter{b}, nil))))
-						f.AddImage(ti.img)
+						addImage(b, f, ti.img)
 						unix.Sync()
-						g, gcpu := measure(func() error { return get(io.Discard) })
+						g, gcpu := measure("GET", func() error { return get(io.Discard) })
 						getTime += g
 						gets++
-						d, dcpu := measure(func() error { return m.run(f) })
+						d, dcpu := measure(m.name, func() error { return m.run(f) })
 						if !bytes.Equal(ti.readAll(b, f), ti.content) {
 							b.Fatalf("%s: wrong bytes", m.name)
 						}
@@ -182,6 +198,8 @@ func BenchmarkColdFetch(b *testing.B) {
 						ratios[mi] = append(ratios[mi], d.Seconds()/g.Seconds())
 						cpuRatios[mi] = append(cpuRatios[mi], dcpu.Seconds()/gcpu.Seconds())
 						fileRatios[mi] = append(fileRatios[mi], d.Seconds()/gf.Seconds())
+						floors[mi] = append(floors[mi], cpuFloor(dcpu).Seconds()/g.Seconds())
+						getFloors = append(getFloors, cpuFloor(gcpu).Seconds()/g.Seconds())
 						os.RemoveAll(work)
 					}
 				}
@@ -192,10 +210,18 @@ func BenchmarkColdFetch(b *testing.B) {
 				b.ReportMetric(slices.Max(ratios[mi]), m.name+"/whole-GET-max")
 				b.ReportMetric(median(cpuRatios[mi]), m.name+"/cpu-GET")
 				b.ReportMetric(median(fileRatios[mi]), m.name+"/GET-to-file")
+				b.ReportMetric(median(floors[mi]), m.name+"/floor-GET")
 			}
+			b.ReportMetric(median(getFloors), "GET/floor-GET")
 			b.ReportMetric(float64(gets)*benchSize/(1<<20)/getTime.Seconds(), "GET-MiB/s")
 		})
 	}
+}
+
+// cpuFloor is the least wall time cpu (CPU time of this process and the
+// registry) takes on this machine: spread perfectly over all its cores.
+func cpuFloor(cpu time.Duration) time.Duration {
+	return cpu / time.Duration(runtime.NumCPU())
 }
 
 // selfCPU is the CPU time (user + system) this process has used.
@@ -232,7 +258,7 @@ func BenchmarkWarmRead(b *testing.B) {
 	ti.writeBlob(b, dir)
 	work := filepath.Join(dir, "cache")
 	f, _ := newFetcher(b, parseConfig(b, localConfig(dir, "blobcache", work, false, false, 8<<20)), WithLogger(slog.New(slog.NewTextHandler(testWriter{b}, nil))))
-	f.AddImage(ti.img)
+	addImage(b, f, ti.img)
 	ti.readAll(b, f) // warm
 	data, err := os.Open(filepath.Join(work, ti.id+blobcache.DataSuffix))
 	if err != nil {
