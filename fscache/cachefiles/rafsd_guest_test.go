@@ -26,6 +26,7 @@ import (
 // through the backend, as GET /api/v1/metrics/backend counts it; reading
 // image 3 fails with EIO and the daemon keeps serving images 1 and 2,
 // whose tree hashes equal the host's; GET/DELETE /api/v2/blobs, SIGTERM.
+// The cache is bound under a tag (--fscache-tag).
 func TestGuestRafsdSingleton(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("the guest scenarios run as root (QEMU, kernel cache in /var/cache)")
@@ -94,7 +95,7 @@ func TestGuestRafsdSingleton(t *testing.T) {
 		t.Fatal(err)
 	}
 	p, err := a.Start(ctx, guest.StartRequest{Name: "rafsd", Argv: []string{"/bin/rafsd", "singleton",
-		"--fscache", "/var/cache/fscache", "--fscache-threads", "4", "--apisock", "/api.sock", "--id", "single", "--log-level", "info"}})
+		"--fscache", "/var/cache/fscache", "--fscache-tag", "rafsdtag", "--fscache-threads", "4", "--apisock", "/api.sock", "--id", "single", "--log-level", "info"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,6 +129,10 @@ func TestGuestRafsdSingleton(t *testing.T) {
 			t.Fatalf("%s %s: %d %s, want %d", method, path, st, out, want)
 		}
 		return out
+	}
+	// The kernel registered the cache under --fscache-tag.
+	if caches, err := a.ReadFile(ctx, "/proc/fs/fscache/caches", 0); err != nil || !strings.Contains(string(caches), "rafsdtag") {
+		t.Errorf("/proc/fs/fscache/caches does not list the tag rafsdtag: %v\n%s", err, caches)
 	}
 	expect("PUT", "/api/v2/blobs", "/img/bind1.json", 204)
 	expect("PUT", "/api/v2/blobs", "/img/bind2.json", 204)
