@@ -141,7 +141,7 @@ func BenchmarkGuestFscacheVsFUSE(b *testing.B) {
 	// through a code path (the guest kernel's EROFS/cachefiles or FUSE
 	// paths, the daemon) pays for translating it, which made whichever
 	// mode ran first look slower (the same fscache variant measured
-	// 1.3-1.6x slower first than third in one guest).
+	// 1.0-1.45x slower run first than run third, 6 paired runs).
 	fscacheRound(-1, 0)
 	fuseRound(-1)
 	cold, warm = [3]time.Duration{}, [3]time.Duration{}
