@@ -137,11 +137,11 @@ func BenchmarkGuestFscacheVsFUSE(b *testing.B) {
 		must(err)
 		a.Unmount(ctx, "/mnt/fuse", 2)
 	}
-	// One untimed round of each mode first: under TCG the first pass
-	// through a code path (the guest kernel's EROFS/cachefiles or FUSE
-	// paths, the daemon) pays for translating it, which made whichever
-	// mode ran first look slower (the same fscache variant measured
-	// 1.0-1.45x slower run first than run third, 6 paired runs).
+	// One untimed round of each mode first: whichever mode ran first
+	// looked slower (the same fscache variant measured 1.0-1.45x slower
+	// run first than run third, 6 paired runs), most likely TCG
+	// translating the guest kernel's and the daemon's code paths on
+	// their first pass.
 	fscacheRound(-1, 0)
 	fuseRound(-1)
 	cold, warm = [3]time.Duration{}, [3]time.Duration{}
