@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -21,18 +22,18 @@ type LocalFS struct {
 	hooks Hooks
 
 	mu    sync.Mutex
-	files map[string]*blobFile
+	files map[string]*os.File
 }
 
 // NewLocalFS returns a localfs backend.
 func NewLocalFS(cfg config.LocalFS, hooks Hooks) *LocalFS {
-	return &LocalFS{cfg: cfg, hooks: hooks, files: make(map[string]*blobFile)}
+	return &LocalFS{cfg: cfg, hooks: hooks, files: make(map[string]*os.File)}
 }
 
 // Type implements Backend.
 func (l *LocalFS) Type() string { return "localfs" }
 
-func (l *LocalFS) open(id string) (*blobFile, error) {
+func (l *LocalFS) open(id string) (*os.File, error) {
 	if id == "" || strings.ContainsAny(id, "/\x00") || id == "." || id == ".." {
 		return nil, fmt.Errorf("bad blob id %q", id)
 	}
@@ -53,7 +54,7 @@ func (l *LocalFS) open(id string) (*blobFile, error) {
 	}
 	var firstErr error
 	for _, p := range paths {
-		f, err := openBlobFile(p)
+		f, err := os.Open(p)
 		if err == nil {
 			l.files[id] = f
 			return f, nil
@@ -104,7 +105,7 @@ func (l *LocalFS) Size(ctx context.Context, id string) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("localfs backend: blob %s: %w", id, err)
 	}
-	st, err := f.f.Stat()
+	st, err := f.Stat()
 	if err != nil {
 		return 0, fmt.Errorf("localfs backend: blob %s: %w", id, err)
 	}
@@ -134,5 +135,5 @@ func (l *LocalFS) OpenRange(ctx context.Context, id string, off, n int64) (io.Re
 		l.hooks.request("localfs", 0, time.Since(start), err)
 		return nil, &ReadError{Backend: "localfs", BlobID: id, Off: off, Len: int(n), Err: err}
 	}
-	return newRangeReader(f.section(off, n), "localfs", "localfs", id, off, n, &l.hooks, start, nil, 0), nil
+	return newRangeReader(io.NopCloser(io.NewSectionReader(f, off, n)), "localfs", "localfs", id, off, n, &l.hooks, start, nil, 0), nil
 }
