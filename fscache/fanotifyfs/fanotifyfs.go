@@ -382,11 +382,9 @@ type ahead struct {
 
 // AheadWorkers bounds the goroutines filling ahead of one reader: each
 // takes the next unit of the window, so this many units are fetched,
-// verified and written at once. A localfs backend reads with O_DIRECT, so
-// a worker spends part of each unit waiting on the disk rather than on a
-// CPU: on 2 cores, 3 keep both busy beside the reader (paired cold reads,
-// 64 MiB: median 72 ms with 3, 82 ms with 2, same CPU; 4 no better).
-var AheadWorkers = 3
+// verified and written at once (on 2 cores, 2 keep both busy beside the
+// reader; more only queue behind them).
+var AheadWorkers = 2
 
 // aheadUnit is the uncompressed bytes one worker fills per request (at
 // least one chunk): small enough that units finish in the reader's order,
