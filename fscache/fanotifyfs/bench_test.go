@@ -303,16 +303,20 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 	b.ReportMetric(mibps(fw), "fuse-warm-MiB/s")
 	b.ReportMetric(mibps(median(fill)), "fill-only-MiB/s")
 	b.ReportMetric(k.Seconds()/c.Seconds(), "cold/kernel")
-	// Why cold/kernel is what it is: the CPU a read costs. On 2 cores a
-	// cold read takes at least half its CPU time, so kernel wall time over
-	// that is the best cold/kernel this machine allows (with nothing else
-	// running); ms are per 64 MiB read.
+	// Why cold/kernel is what it is: the CPU a read costs (ms per 64 MiB).
+	// The kernel read is one CPU-bound dd (wall ~ CPU on an idle
+	// machine); a cold read spreads its CPU over both cores, so it takes
+	// at least half of it. kernel CPU over half the cold CPU is thus the
+	// best cold/kernel these 2 cores allow. Under load (other work on the
+	// cores) the single-threaded baseline slows more than cold does, so
+	// the measured ratio can exceed it.
 	kc, cc, cdc := median(kernelCPU), median(coldCPU), median(coldDIOCPU)
-	b.Logf("CPU per read (median): kernel %v cold %v cold-directio %v; cold/kernel ceiling on 2 idle cores %.2f (measured %.2f)", kc, cc, cdc, k.Seconds()/(cc.Seconds()/2), k.Seconds()/c.Seconds())
+	ceiling := kc.Seconds() / (cc.Seconds() / 2)
+	b.Logf("CPU per read (median): kernel %v cold %v cold-directio %v; best cold/kernel on 2 idle cores %.2f (measured %.2f)", kc, cc, cdc, ceiling, k.Seconds()/c.Seconds())
 	b.ReportMetric(float64(kc.Microseconds())/1e3, "kernel-cpu-ms")
 	b.ReportMetric(float64(cc.Microseconds())/1e3, "cold-cpu-ms")
 	b.ReportMetric(float64(cdc.Microseconds())/1e3, "cold-directio-cpu-ms")
-	b.ReportMetric(k.Seconds()/(cc.Seconds()/2), "cold/kernel-ceiling")
+	b.ReportMetric(ceiling, "cold/kernel-cpu-bound")
 	kd, cd := median(kernelDIO), median(coldDIO)
 	b.Logf("medians: kernel-directio %v cold-directio %v", kd, cd)
 	b.ReportMetric(mibps(kd), "kernel-directio-MiB/s")
