@@ -238,12 +238,14 @@ func BenchmarkFanotifySeqRead(b *testing.B) {
 			}
 			stop()
 			// The cache is garbage now: removed, its pages go back to the
-			// free lists as the baseline's do when its caches are dropped.
-			// Kept, every cold read takes its 64 MiB of cache file pages
-			// (and EROFS's) from memory the hypervisor reclaimed (this VM
-			// reports free pages to the host), and the first touch of such
-			// a page costs a host fault: measured 200-400 ms CPU per cold
-			// read against 90-130 with the cache removed, the same code.
+			// free lists, as the baseline's do when its caches are dropped,
+			// and the next cold read takes its cache file and EROFS pages
+			// from them. Kept, cold reads cost more CPU, the same code:
+			// 87-106 vs 76-92 ms per read here (directio 116-164 vs
+			// 97-103), 200-400 vs 90-130 ms in a loop of cold reads. The
+			// likely cause is this VM: it reports free pages to the host
+			// (virtio-balloon), and first touches are dear (an anonymous
+			// fault costs ~20 us per 4 KiB here).
 			if err := os.RemoveAll(work); err != nil {
 				b.Fatal(err)
 			}
