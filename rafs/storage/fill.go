@@ -96,7 +96,7 @@ func (f *Fetcher) EnsureChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs
 		}
 		f.stats.total.Add(1)
 		f.m.cacheMisses.Inc()
-		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+		if cl, ok := bs.flying(c.CompressedOffset); ok {
 			st, split := f.join(cl)
 			if split != nil {
 				launch = append(launch, split)

@@ -433,7 +433,7 @@ func (f *Fetcher) loadCached(bs *blobState, c *rafs.Chunk) ([]byte, error) {
 func (f *Fetcher) fetch(ctx context.Context, bs *blobState, c *rafs.Chunk, batch int, p []byte, off uint32) error {
 	bs.mu.Lock()
 	for {
-		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+		if cl, ok := bs.flying(c.CompressedOffset); ok {
 			st, split := f.join(cl)
 			bs.mu.Unlock()
 			if split != nil {

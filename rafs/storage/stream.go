@@ -339,6 +339,30 @@ func wait(ctx context.Context, bs *blobState, st *stream, cl *call, p []byte, of
 	}
 }
 
+// failed reports whether cl's failure was already handed to its waiters.
+func (cl *call) failed() bool {
+	select {
+	case <-cl.done:
+		return cl.err != nil
+	default:
+		return false
+	}
+}
+
+// flying returns the call fetching the chunk stored at off, if one is in
+// flight. A call whose failure was already handed out is on its way out
+// of flight (finish wakes the waiters before it takes the call out) and
+// is taken out here: a read that comes after a failure fetches anew
+// rather than get an error from before it came. bs.mu is held.
+func (bs *blobState) flying(off uint64) (*call, bool) {
+	cl, ok := bs.inflight[off]
+	if ok && cl.failed() {
+		delete(bs.inflight, off)
+		return nil, false
+	}
+	return cl, ok
+}
+
 // release drops a reference to cl's data.
 func (cl *call) release() {
 	if cl.refs.Add(-1) == 0 && cl.pooled {

@@ -280,6 +280,51 @@ func TestStreamBackendDies(t *testing.T) {
 	}
 }
 
+// TestReadAfterFailureFetchesAnew: a failed chunk stays in flight for a
+// moment after its readers got the error (finish wakes them first, then
+// takes the call out). A read that comes in that moment, after the
+// failure, must fetch the chunk anew, not get the old error: that is how
+// TestStreamBackendDies once failed under load, its read after the
+// backend came back joining the last failed call.
+func TestReadAfterFailureFetchesAnew(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		read func(ti *testImage, f *Fetcher, c *rafs.Chunk) error
+	}{
+		{"ReadChunkAt", func(ti *testImage, f *Fetcher, c *rafs.Chunk) error { return readChunk(t, ti, f, int(c.Index)) }},
+		{"EnsureChunks", func(ti *testImage, f *Fetcher, c *rafs.Chunk) error {
+			return f.EnsureChunks(context.Background(), ti.img.Blobs[0], []*rafs.Chunk{c})
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ti, be, f, _ := streamFixture(t, codec.Zstd)
+			c := ti.file().Chunks[2].Chunk
+			bs, err := f.state(ti.img.Blobs[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A fetch of c whose failure was handed out and which finish
+			// has not yet taken out of flight.
+			bs.mu.Lock()
+			stale := f.newStream(bs, []*rafs.Chunk{c}, false).items[0]
+			bs.mu.Unlock()
+			stale.err = fmt.Errorf("an earlier failure: %w", syscall.EIO)
+			close(stale.done)
+			if err := tc.read(ti, f, c); err != nil {
+				t.Fatalf("read after the failure: %v", err)
+			}
+			f.finish(bs, stale) // late: must leave the new fetch alone
+			settle(f)
+			if !f.CacheBlob(ti.img.Blobs[0]).Has(c.Index) {
+				t.Fatal("chunk not cached by the new fetch")
+			}
+			if opens, _ := be.counts(); opens != 1 {
+				t.Fatalf("%d streams, want 1 (the new fetch)", opens)
+			}
+		})
+	}
+}
+
 // TestStreamReopened: a stream that breaks once after some progress is
 // reopened where it stopped and every reader gets its bytes.
 func TestStreamReopened(t *testing.T) {
