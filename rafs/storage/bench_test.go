@@ -55,8 +55,12 @@ const benchSize = 256 << 20
 // left cores idle). X/whole-GET close to X/floor-GET means the fetcher
 // loses little to waiting; a floor above 1.1 means the work per byte
 // (digest, cache write, the registry serving a reader that does more
-// than discard) cannot fit in the GET's time on this machine. The
-// sub-benchmarks put the cache on disk and on tmpfs.
+// than discard) cannot fit in the GET's time on this machine. Other
+// processes' load shows in the wall times, not in the floor. On a VM with
+// virtio-balloon free page reporting, fresh page-cache pages fault on the
+// host: the cache write of 256 MiB measured 35 ms of CPU into recycled
+// pages and up to 850 ms into reported ones (GET-to-file pays it too).
+// The sub-benchmarks put the cache on disk and on tmpfs.
 func BenchmarkColdFetch(b *testing.B) {
 	reg := registrytest.Start(b, registrytest.Options{})
 	ti := buildImage(b, makeContent(31, benchSize), 1<<20, codec.None)
