@@ -1,0 +1,117 @@
+package storage
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"slices"
+	"syscall"
+
+	"github.com/rafsd/rafsd/rafs"
+)
+
+// ReadChunks fills bufs[i] with all of chunks[i]'s verified uncompressed
+// bytes, for a caller that keeps them itself: the fscache mode writes them
+// into the kernel's cache file, so its fetcher has no blob cache and
+// ReadChunkAt would fetch each chunk alone (nowhere to keep neighbours).
+// Here every chunk is wanted, so chunks stored back to back in the blob
+// are fetched with one backend request of up to the merging size (rafs
+// batch_size / amplify_io), as nydusd merges them. A chunk that fails its
+// check is fetched once more alone, then fails the call with EIO.
+// With a blob cache, or for a zran blob, each chunk goes through
+// ReadChunkAt (whose streams merge and cache on their own).
+func (f *Fetcher) ReadChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chunk, bufs [][]byte) error {
+	if len(chunks) != len(bufs) {
+		return fmt.Errorf("storage: %d chunks, %d buffers: %w", len(chunks), len(bufs), syscall.EINVAL)
+	}
+	for i, c := range chunks {
+		if len(bufs[i]) != int(c.UncompressedSize) {
+			return fmt.Errorf("storage: chunk %d of blob %s: %d-byte buffer for %d bytes: %w", c.Index, b.ID, len(bufs[i]), c.UncompressedSize, syscall.EINVAL)
+		}
+	}
+	bs, err := f.state(b)
+	if err != nil {
+		return err
+	}
+	if bs.cache != nil || b.IsZran() {
+		for i, c := range chunks {
+			if err := f.ReadChunkAt(ctx, b, c, bufs[i], 0); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	f.demand.Add(1)
+	defer f.demand.Add(-1)
+	order := make([]int, len(chunks))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(i, j int) int {
+		return cmp.Compare(chunks[i].CompressedOffset, chunks[j].CompressedOffset)
+	})
+	for len(order) > 0 {
+		n := runLen(chunks, order, uint64(max(f.readBatch, 1)))
+		if err := f.readRun(ctx, b, chunks, bufs, order[:n]); err != nil {
+			return err
+		}
+		order = order[n:]
+	}
+	return nil
+}
+
+// runLen is how many of the chunks named by order (sorted by compressed
+// offset) one request fetches: those stored back to back (or twice the
+// same chunk), up to batch bytes (at least one chunk).
+func runLen(chunks []*rafs.Chunk, order []int, batch uint64) int {
+	first := chunks[order[0]]
+	end := chunkEnd(first)
+	n := 1
+	for ; n < len(order); n++ {
+		c := chunks[order[n]]
+		if c.CompressedOffset != end && c.CompressedOffset != chunks[order[n-1]].CompressedOffset {
+			break
+		}
+		e := max(end, chunkEnd(c))
+		if e-first.CompressedOffset > batch {
+			break
+		}
+		end = e
+	}
+	return n
+}
+
+// readRun fetches the chunks named by run (back to back in the blob) with
+// one backend request and decodes each into its buffer.
+func (f *Fetcher) readRun(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chunk, bufs [][]byte, run []int) error {
+	start := chunks[run[0]].CompressedOffset
+	var end uint64
+	for _, i := range run {
+		end = max(end, chunkEnd(chunks[i]))
+	}
+	f.stats.total.Add(uint64(len(run)))
+	f.m.cacheMisses.Add(float64(len(run)))
+	fail := func(c *rafs.Chunk, err error) error {
+		f.m.readErrors.Inc()
+		f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", err)
+		return fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, err)
+	}
+	raw := make([]byte, end-start)
+	if err := f.be.ReadAt(ctx, b.ID, raw, int64(start)); err != nil {
+		return fail(chunks[run[0]], err) // the backend has retried it
+	}
+	for _, i := range run {
+		c := chunks[i]
+		data, err := rafs.DecodeChunkBytes(b, c, raw[c.CompressedOffset-start:chunkEnd(c)-start])
+		if err != nil {
+			f.m.digestFailures.WithLabelValues("backend").Inc()
+			f.stats.digestFailures.Add(1)
+			f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", err)
+			if data, _, err = f.refetch(ctx, b, c); err != nil {
+				return fail(c, err)
+			}
+		}
+		copy(bufs[i], data)
+	}
+	return nil
+}
