@@ -173,6 +173,11 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	if m.ReadAmountTotal == 0 || m.ReadAmountTotal > blob.CompressedSize/10 {
 		t.Errorf("reading 5%% of the image moved %d of %d blob bytes (want <= 10%%)", m.ReadAmountTotal, blob.CompressedSize)
 	}
+	// Chunks the kernel asks for together are fetched together (merged
+	// up to the 1 MiB merging size), not one request per chunk.
+	if chunks := uint64(len(part)) / uint64(im1.img.ChunkSize); m.ReadCount >= chunks {
+		t.Errorf("%d backend requests for the %d chunks read: not merged", m.ReadCount, chunks)
+	}
 	// The corrupt image fails with EIO; the others keep serving below.
 	mount("/mnt/3", "fsid=fsid3")
 	if _, err := a.ReadFile(ctx, "/mnt/3/data/part-01", 0); err == nil || !strings.Contains(err.Error(), "input/output error") {

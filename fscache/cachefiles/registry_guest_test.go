@@ -183,6 +183,11 @@ func TestGuestFscacheRegistry(t *testing.T) {
 	if m.BackendType != "registry" || m.ReadAmountTotal == 0 || m.ReadAmountTotal > blob.CompressedSize/10 {
 		t.Errorf("reading 5%% of the image moved %d of %d blob bytes through %q (want <= 10%% through the registry)", m.ReadAmountTotal, blob.CompressedSize, m.BackendType)
 	}
+	// Chunks the kernel asks for together are fetched together (merged
+	// up to the 1 MiB merging size), not one request per chunk.
+	if chunks := uint64(len(part)) / uint64(im1.img.ChunkSize); m.ReadCount >= chunks {
+		t.Errorf("%d backend requests for the %d chunks read: not merged", m.ReadCount, chunks)
+	}
 	mount("/mnt/reg2", "domain_id=regdom,fsid=reg2")
 	for i, src := range []string{src1, src2} {
 		mnt := fmt.Sprintf("/mnt/reg%d", i+1)
