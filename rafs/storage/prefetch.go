@@ -160,7 +160,7 @@ func (f *Fetcher) prefetchOne(ctx context.Context, it prefetchItem, batch int, l
 	held := false
 	for {
 		bs.mu.Lock()
-		if cl, ok := bs.inflight[c.CompressedOffset]; ok {
+		if cl, ok := bs.flying(c.CompressedOffset); ok {
 			// Prefetch counts on it now: it must not be cancelled as a
 			// read-ahead whose reader left.
 			cl.st.pinned = true
