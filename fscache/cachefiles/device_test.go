@@ -30,6 +30,83 @@ func fakeDevice(t *testing.T) (*os.File, int) {
 	return os.NewFile(uintptr(fds[0]), "cachefiles"), fds[1]
 }
 
+// fakeServer is a Daemon on a fake device and the test's end of it.
+type fakeServer struct {
+	t      *testing.T
+	d      *Daemon
+	peer   int // -1 once closed
+	cancel context.CancelFunc
+	served chan error
+}
+
+// newFakeServer creates a Daemon on a fake device with cfg (Device and
+// Logger filled in). Cleanup closes the test's end before the daemon: a
+// read blocked on the socket returns only when that end closes, and
+// Close waits for Serve.
+func newFakeServer(t *testing.T, cfg Config) *fakeServer {
+	t.Helper()
+	f, peer := fakeDevice(t)
+	cfg.Device, cfg.Logger = f, slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	d, err := New(cfg)
+	if err != nil {
+		unix.Close(peer)
+		t.Fatal(err)
+	}
+	s := &fakeServer{t: t, d: d, peer: peer}
+	t.Cleanup(func() { d.Close() })
+	t.Cleanup(func() {
+		if s.peer >= 0 {
+			unix.Close(s.peer)
+		}
+	})
+	return s
+}
+
+// completions diverts READ completions (READ_COMPLETE on the object's fd)
+// to the returned channel, by message id.
+func (s *fakeServer) completions() <-chan uint32 {
+	ch := make(chan uint32, 16)
+	s.d.complete = func(fd int, id uint32) error { ch <- id; return nil }
+	return ch
+}
+
+// serve starts Serve; its first command must be "restore".
+func (s *fakeServer) serve() {
+	s.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel, s.served = cancel, make(chan error, 1)
+	go func() { s.served <- s.d.Serve(ctx) }()
+	if got := nextCommand(s.t, s.peer); got != "restore" {
+		s.t.Fatalf("first command on Serve = %q, want restore", got)
+	}
+}
+
+// send writes one message to the daemon.
+func (s *fakeServer) send(b []byte) {
+	s.t.Helper()
+	if _, err := unix.Write(s.peer, b); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// stop ends Serve and waits for it: the socket blocks in read where the
+// device would return 0, so closing our end lets the daemon's read
+// return and see its context ended.
+func (s *fakeServer) stop(within time.Duration) {
+	s.t.Helper()
+	s.cancel()
+	unix.Close(s.peer)
+	s.peer = -1
+	select {
+	case err := <-s.served:
+		if err != nil {
+			s.t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(within):
+		s.t.Fatal("Serve did not return after its context ended")
+	}
+}
+
 // nextCommand waits up to 5 s for the daemon's next command on the fake
 // device ("" if none came).
 func nextCommand(t *testing.T, peer int) string {
@@ -50,55 +127,22 @@ func nextCommand(t *testing.T, peer int) string {
 // "restore" would deliver its in-flight requests twice); Serve sends
 // "restore" before answering anything, then serves as usual.
 func TestAdoptedDeviceRestoresOnServe(t *testing.T) {
-	f, peer := fakeDevice(t)
-	peerOpen := true
-	d, err := New(Config{Device: f, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
-	if err != nil {
-		unix.Close(peer)
-		t.Fatal(err)
+	srv := newFakeServer(t, Config{})
+	if testutil.Readable(srv.peer, 200*time.Millisecond) {
+		t.Fatalf("adopting the device sent %q", nextCommand(t, srv.peer))
 	}
-	defer d.Close()
-	// Runs before d.Close: a read blocked on the socket returns only when
-	// our end closes, and Close waits for Serve.
-	defer func() {
-		if peerOpen {
-			unix.Close(peer)
-		}
-	}()
-	if testutil.Readable(peer, 200*time.Millisecond) {
-		t.Fatalf("adopting the device sent %q", nextCommand(t, peer))
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- d.Serve(ctx) }()
-	if got := nextCommand(t, peer); got != "restore" {
-		t.Fatalf("first command on Serve = %q, want restore", got)
-	}
+	srv.serve()
 	// An OPEN nothing is bound for: refused, its fd closed.
 	fd, _ := cacheFile(t)
 	msg := AppendMsg(nil, Msg{ID: 7, Opcode: OpOpen, ObjectID: 1, Open: &OpenMsg{VolumeKey: "erofs,x", CookieKey: "y", FD: uint32(fd)}})
-	if _, err := unix.Write(peer, msg); err != nil {
-		t.Fatal(err)
-	}
-	if got := nextCommand(t, peer); got != "copen 7,-2" {
+	srv.send(msg)
+	if got := nextCommand(t, srv.peer); got != "copen 7,-2" {
 		t.Fatalf("reply to an unbound OPEN = %q, want copen 7,-2", got)
 	}
 	if fdOpen(fd) {
 		t.Error("the refused OPEN's fd is still open")
 	}
-	// The socket blocks in read where the device would return 0: closing
-	// our end lets the daemon's read return so it sees the wake-up.
-	cancel()
-	unix.Close(peer)
-	peerOpen = false
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Fatalf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after its context ended")
-	}
+	srv.stop(5 * time.Second)
 }
 
 // TestServeBadRequests drives Serve through the fake device with what a
@@ -112,36 +156,13 @@ func TestServeBadRequests(t *testing.T) {
 	src := t.TempDir()
 	writeTree(t, src, 9, map[string]int{"f": 300 << 10})
 	im := buildImage(t, src, t.TempDir())
-	f, peer := fakeDevice(t)
-	peerOpen := true
-	d, err := New(Config{Device: f, Threads: 2, NoReadAhead: true, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
-	if err != nil {
-		unix.Close(peer)
-		t.Fatal(err)
-	}
-	defer d.Close()
-	defer func() {
-		if peerOpen {
-			unix.Close(peer)
-		}
-	}()
-	completed := make(chan uint32, 16)
-	d.complete = func(fd int, id uint32) error { completed <- id; return nil }
+	srv := newFakeServer(t, Config{Threads: 2, NoReadAhead: true})
+	d, peer, send := srv.d, srv.peer, srv.send
+	completed := srv.completions()
 	if err := d.BindBlob(bindReq("img", "", im)); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- d.Serve(ctx) }()
-	if got := nextCommand(t, peer); got != "restore" {
-		t.Fatalf("first command = %q, want restore", got)
-	}
-	send := func(b []byte) {
-		t.Helper()
-		if _, err := unix.Write(peer, b); err != nil {
-			t.Fatal(err)
-		}
-	}
+	srv.serve()
 	fd, cachePath := cacheFile(t)
 	blob := im.img.Blobs[0]
 	send(AppendMsg(nil, Msg{ID: 1, Opcode: OpOpen, ObjectID: 5, Open: &OpenMsg{VolumeKey: "erofs,img", CookieKey: blob.ID, FD: uint32(fd)}}))
@@ -198,17 +219,7 @@ func TestServeBadRequests(t *testing.T) {
 	if s.BadMessages != 4 || s.Reads != 2 || s.ReadFailures != 1 || s.BytesWritten == 0 {
 		t.Errorf("stats %+v: want 4 bad messages (unknown object, bad OPEN, short, unknown opcode), 2 READs answered, 1 failed", s)
 	}
-	cancel()
-	unix.Close(peer)
-	peerOpen = false
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Fatalf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after its context ended")
-	}
+	srv.stop(5 * time.Second)
 }
 
 // TestServeParallelAndHungBackend: READs of different objects are served
@@ -248,22 +259,10 @@ func TestServeParallelAndHungBackend(t *testing.T) {
 	writeTree(t, srcB, 11, map[string]int{"b": 200 << 10})
 	imA := buildImage(t, srcA, t.TempDir())
 	imB := buildImage(t, srcB, t.TempDir())
-	f, peer := fakeDevice(t)
-	peerOpen := true
 	const timeout = 3 * time.Second
-	d, err := New(Config{Device: f, Threads: 2, NoReadAhead: true, ReadTimeout: timeout, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
-	if err != nil {
-		unix.Close(peer)
-		t.Fatal(err)
-	}
-	defer d.Close()
-	defer func() {
-		if peerOpen {
-			unix.Close(peer)
-		}
-	}()
-	completed := make(chan uint32, 16)
-	d.complete = func(fd int, id uint32) error { completed <- id; return nil }
+	srv := newFakeServer(t, Config{Threads: 2, NoReadAhead: true, ReadTimeout: timeout})
+	d, peer := srv.d, srv.peer
+	completed := srv.completions()
 	reqA := bindReq("hung", "", imA)
 	reqA.Config.BackendType = "registry"
 	reqA.Config.BackendConfig, _ = json.Marshal(map[string]any{"scheme": "http", "host": silent.Addr().String(), "repo": "x/y", "timeout": 60, "retry_limit": 0})
@@ -273,18 +272,8 @@ func TestServeParallelAndHungBackend(t *testing.T) {
 	if err := d.BindBlob(bindReq("ok", "", imB)); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- d.Serve(ctx) }()
-	if got := nextCommand(t, peer); got != "restore" {
-		t.Fatalf("first command = %q, want restore", got)
-	}
-	send := func(m Msg) {
-		t.Helper()
-		if _, err := unix.Write(peer, AppendMsg(nil, m)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	srv.serve()
+	send := func(m Msg) { t.Helper(); srv.send(AppendMsg(nil, m)) }
 	for i, x := range []struct {
 		domain string
 		im     *testImage
@@ -320,15 +309,5 @@ func TestServeParallelAndHungBackend(t *testing.T) {
 	if s := d.Stats(); s.Reads != 2 || s.ReadFailures != 1 {
 		t.Errorf("stats %+v: want 2 READs answered, the hung one failed", s)
 	}
-	cancel()
-	unix.Close(peer)
-	peerOpen = false
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Fatalf("Serve: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Serve did not return after its context ended")
-	}
+	srv.stop(10 * time.Second)
 }
