@@ -10,8 +10,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -354,16 +352,7 @@ func (cs *coldSetup) start(tb testing.TB, tag, snapshotter, fsPrefetch string) c
 // the snapshotter runs under root, for the log.
 func daemonMetrics(root string) string {
 	var out []string
-	walkOutsideMounts(root, func(p string, d fs.DirEntry) {
-		if d.Type()&fs.ModeSocket == 0 || filepath.Base(p) != "api.sock" {
-			return
-		}
-		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return (&net.Dialer{}).DialContext(ctx, "unix", p)
-			},
-		}}
-		defer hc.CloseIdleConnections()
+	eachDaemonAPI(root, func(_ string, hc *http.Client) {
 		for _, m := range []struct {
 			path   string
 			fields []string

@@ -533,12 +533,9 @@ func taskPid(ctx context.Context, t *testing.T, k *container) uint32 {
 	return k.task.Pid()
 }
 
-// rafsInstances asks every rafsd under the snapshotter root (each API
-// socket) for the RAFS instances it serves (GET /api/v1/daemon,
-// backend_collection) and returns them as "socket:mountpoint".
-func rafsInstances(t testing.TB, root string) []string {
-	t.Helper()
-	var out []string
+// eachDaemonAPI calls fn with an HTTP client for the API socket of every
+// rafsd the snapshotter runs under root (each api.sock).
+func eachDaemonAPI(root string, fn func(sock string, hc *http.Client)) {
 	walkOutsideMounts(root, func(p string, d fs.DirEntry) {
 		if d.Type()&fs.ModeSocket == 0 || filepath.Base(p) != "api.sock" {
 			return
@@ -549,6 +546,17 @@ func rafsInstances(t testing.TB, root string) []string {
 			},
 		}}
 		defer hc.CloseIdleConnections()
+		fn(p, hc)
+	})
+}
+
+// rafsInstances asks every rafsd under the snapshotter root (each API
+// socket) for the RAFS instances it serves (GET /api/v1/daemon,
+// backend_collection) and returns them as "socket:mountpoint".
+func rafsInstances(t testing.TB, root string) []string {
+	t.Helper()
+	var out []string
+	eachDaemonAPI(root, func(p string, hc *http.Client) {
 		resp, err := hc.Get("http://rafsd/api/v1/daemon")
 		if err != nil {
 			return // a dedicated daemon on its way out
