@@ -8,8 +8,6 @@ package main
 
 import (
 	"bytes"
-	"crypto/md5"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -272,32 +270,8 @@ func TestNydusFixturesThroughDaemon(t *testing.T) {
 		mnt := t.TempDir()
 		d := startDaemon(t, mnt, "--bootstrap", filepath.Join(dir, "bootstrap"), "--localfs-dir", filepath.Join(dir, "blobs"))
 		d.waitState("RUNNING")
-		raw, err := os.ReadFile(filepath.Join(dir, "expected-tree.json"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		end := bytes.Index(raw, []byte("\n]\n"))
-		if end < 0 {
-			t.Fatal("expected-tree.json: no end of the JSON listing")
-		}
-		sums := 0
-		for _, line := range strings.Split(string(raw[end+3:]), "\n") {
-			sum, path, ok := strings.Cut(line, "  ")
-			if !ok {
-				continue
-			}
-			data, err := os.ReadFile(mnt + path)
-			if err != nil {
-				t.Fatalf("%s: %v", path, err)
-			}
-			if got := md5.Sum(data); hex.EncodeToString(got[:]) != sum {
-				t.Fatalf("%s: md5 %x, want %s", path, got, sum)
-			}
-			sums++
-		}
-		if sums < 10 {
-			t.Fatalf("checked only %d md5 lines", sums)
-		}
+		_, md5s := testutil.ExpectedTree(t, dir)
+		testutil.CheckMD5s(t, mnt, md5s, 10)
 	})
 	t.Run("v6-zstd-blake3", func(t *testing.T) {
 		dir := filepath.Join(fixtures, "v6-zstd-blake3")

@@ -1,8 +1,13 @@
 package testutil
 
 import (
+	"bytes"
+	"crypto/md5"
+	"encoding/hex"
 	"os"
 	"path/filepath"
+	"strings"
+	"testing"
 )
 
 // NydusFixtures returns the directory of the nydus-image-built fixtures:
@@ -26,5 +31,47 @@ func NydusFixtures() string {
 			return "shared/fixtures/nydus"
 		}
 		dir = parent
+	}
+}
+
+// ExpectedTree reads a fixture's expected-tree.json (see the fixtures'
+// README): a JSON listing of the tree, then "<md5>  <path>" lines. It
+// returns the listing and the md5 lines as path -> hex md5.
+func ExpectedTree(t testing.TB, dir string) (listing []byte, md5s map[string]string) {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(dir, "expected-tree.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := bytes.Index(raw, []byte("\n]\n"))
+	if end < 0 {
+		t.Fatal("expected-tree.json: no end of the JSON listing")
+	}
+	md5s = map[string]string{}
+	for _, line := range strings.Split(string(raw[end+3:]), "\n") {
+		if sum, path, ok := strings.Cut(line, "  "); ok {
+			md5s[path] = sum
+		}
+	}
+	return raw[:end+2], md5s
+}
+
+// CheckMD5s reads every file of a fixture's md5 list under root (a
+// mount of the fixture) and reports each that differs or does not read.
+// It fails t if fewer than atLeast files were listed.
+func CheckMD5s(t testing.TB, root string, md5s map[string]string, atLeast int) {
+	t.Helper()
+	if len(md5s) < atLeast {
+		t.Fatalf("only %d md5 lines, want >= %d", len(md5s), atLeast)
+	}
+	for path, sum := range md5s {
+		data, err := os.ReadFile(root + path)
+		if err != nil {
+			t.Errorf("%s: %v", path, err)
+			continue
+		}
+		if got := md5.Sum(data); hex.EncodeToString(got[:]) != sum {
+			t.Errorf("%s: md5 %x, want %s", path, got, sum)
+		}
 	}
 }

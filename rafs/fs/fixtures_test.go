@@ -2,8 +2,6 @@ package fs_test
 
 import (
 	"bytes"
-	"crypto/md5"
-	"encoding/hex"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -40,16 +38,9 @@ func TestNydusV5Fixture(t *testing.T) {
 	mnt := fstest.Mount(t, rfs.New(img, cr, rfs.DefaultOptions()), nil)
 	fstest.CheckMounted(t, img, cr, mnt, 11)
 
-	raw, err := os.ReadFile(filepath.Join(dir, "expected-tree.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	end := bytes.Index(raw, []byte("\n]\n"))
-	if end < 0 {
-		t.Fatal("expected-tree.json: no end of the JSON listing")
-	}
+	listing, md5s := testutil.ExpectedTree(t, dir)
 	var tree []treeEntry
-	if err := json.Unmarshal(raw[:end+2], &tree); err != nil {
+	if err := json.Unmarshal(listing, &tree); err != nil {
 		t.Fatal(err)
 	}
 	if len(tree) == 0 || tree[0].Type != "directory" {
@@ -98,26 +89,7 @@ func TestNydusV5Fixture(t *testing.T) {
 	}
 	check("/", tree[0])
 
-	sums := 0
-	for _, line := range strings.Split(string(raw[end+3:]), "\n") {
-		sum, path, ok := strings.Cut(line, "  ")
-		if !ok {
-			continue
-		}
-		data, err := os.ReadFile(mnt + path)
-		if err != nil {
-			t.Errorf("%s: %v", path, err)
-			continue
-		}
-		got := md5.Sum(data)
-		if hex.EncodeToString(got[:]) != sum {
-			t.Errorf("%s: md5 %x, want %s", path, got, sum)
-		}
-		sums++
-	}
-	if sums < 10 {
-		t.Fatalf("checked only %d md5 lines", sums)
-	}
+	testutil.CheckMD5s(t, mnt, md5s, 10)
 }
 
 // TestNydusV6Fixture mounts the nydus-image-built v6 image and compares it
