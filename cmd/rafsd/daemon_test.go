@@ -104,11 +104,21 @@ func makeImage(t *testing.T, seed string) *image {
 }
 
 // localfsConfig is a nydusd v1 JSON config for a localfs blob dir.
-func localfsConfig(dir string) string {
-	b, _ := json.Marshal(map[string]any{
+func localfsConfig(dir string, extra ...map[string]any) string {
+	cfg := map[string]any{
 		"device": map[string]any{"backend": map[string]any{"type": "localfs", "config": map[string]any{"dir": dir}}},
 		"mode":   "direct", "digest_validate": true,
-	})
+	}
+	for _, e := range extra {
+		maps.Copy(cfg, e)
+	}
+	b, _ := json.Marshal(cfg)
+	return string(b)
+}
+
+// rafsMount is the body of POST /api/v1/mount for a RAFS image.
+func rafsMount(bootstrap, config string) string {
+	b, _ := json.Marshal(map[string]any{"source": bootstrap, "fs_type": "rafs", "config": config})
 	return string(b)
 }
 
@@ -939,13 +949,9 @@ func TestMetricsFilesPatternInflight(t *testing.T) {
 	mnt := t.TempDir()
 	d := startDaemon(t, mnt)
 	d.waitState("RUNNING")
-	cfg := map[string]any{}
-	json.Unmarshal([]byte(localfsConfig(img.blobs)), &cfg)
-	cfg["iostats_files"], cfg["access_pattern"], cfg["latest_read_files"] = true, true, true
-	acct, _ := json.Marshal(cfg)
-	for _, m := range []struct{ path, config string }{{"/acct", string(acct)}, {"/plain", localfsConfig(img.blobs)}} {
-		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": m.config})
-		d.mustCall("POST", "/api/v1/mount?mountpoint="+m.path, string(body))
+	acct := localfsConfig(img.blobs, map[string]any{"iostats_files": true, "access_pattern": true, "latest_read_files": true})
+	for _, m := range []struct{ path, config string }{{"/acct", acct}, {"/plain", localfsConfig(img.blobs)}} {
+		d.mustCall("POST", "/api/v1/mount?mountpoint="+m.path, rafsMount(img.bootstrap, m.config))
 	}
 	checkTree(t, img, filepath.Join(mnt, "acct"))
 	checkTree(t, img, filepath.Join(mnt, "plain"))
@@ -1314,13 +1320,8 @@ func TestKernelTimeoutsFromConfig(t *testing.T) {
 	d := startDaemon(t, mnt)
 	d.waitState("RUNNING")
 	mount := func(path string, extra map[string]any) {
-		cfg := map[string]any{}
-		json.Unmarshal([]byte(localfsConfig(img.blobs)), &cfg)
-		cfg["iostats_files"] = true
-		maps.Copy(cfg, extra)
-		c, _ := json.Marshal(cfg)
-		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": string(c)})
-		d.mustCall("POST", "/api/v1/mount?mountpoint="+path, string(body))
+		cfg := localfsConfig(img.blobs, map[string]any{"iostats_files": true}, extra)
+		d.mustCall("POST", "/api/v1/mount?mountpoint="+path, rafsMount(img.bootstrap, cfg))
 	}
 	mount("/zero", map[string]any{"entry_timeout": 0, "attr_timeout": 0})
 	mount("/default", nil)
@@ -1354,12 +1355,8 @@ func TestKernelTimeoutsFromConfig(t *testing.T) {
 		t.Errorf("default timeouts: %d GETATTRs for %d stats, want <= 1 (the kernel did not cache)", n, stats)
 	}
 	// Out of range: a 400 naming the key; the daemon keeps serving.
-	cfg := map[string]any{}
-	json.Unmarshal([]byte(localfsConfig(img.blobs)), &cfg)
-	cfg["attr_timeout"] = -1
-	c, _ := json.Marshal(cfg)
-	body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": string(c)})
-	if code, resp := d.call("POST", "/api/v1/mount?mountpoint=/bad", string(body)); code != http.StatusBadRequest || !strings.Contains(string(resp), "attr_timeout") {
+	body := rafsMount(img.bootstrap, localfsConfig(img.blobs, map[string]any{"attr_timeout": -1}))
+	if code, resp := d.call("POST", "/api/v1/mount?mountpoint=/bad", body); code != http.StatusBadRequest || !strings.Contains(string(resp), "attr_timeout") {
 		t.Fatalf("attr_timeout -1: %d %s, want 400 naming attr_timeout", code, resp)
 	}
 	checkTree(t, img, filepath.Join(mnt, "default"))
