@@ -297,10 +297,7 @@ func (d *Daemon) recoverAndServe(maxFD int) {
 	for _, ev := range held {
 		except = append(except, ev.Fd)
 	}
-	if maxFD <= 0 || maxFD > guard.MaxFD {
-		maxFD = guard.MaxFD
-	}
-	orphans := d.g.DenyOrphans(maxFD, except...)
+	orphans := d.g.DenyOrphans(guard.OrphanBound(maxFD), except...)
 	done := make(chan [2]int, 1)
 	d.startServing(held, func(a, dn int) { done <- [2]int{a, dn} })
 	r := <-done

@@ -78,11 +78,17 @@ type Update struct {
 
 // maxFD is the highest fd number to try when answering u's daemon's
 // orphans.
-func (u Update) maxFD() int {
-	if u.MaxFD <= 0 || u.MaxFD > MaxFD {
+func (u Update) maxFD() int { return OrphanBound(u.MaxFD) }
+
+// OrphanBound is the highest fd number to try when answering the orphans
+// of a daemon that named n as its highest fd: n, or MaxFD if it named
+// none (n <= 0) or more. The guard and an upgraded daemon answer a dead
+// daemon's orphans up to the same bound.
+func OrphanBound(n int) int {
+	if n <= 0 || n > MaxFD {
 		return MaxFD
 	}
-	return u.MaxFD
+	return n
 }
 
 // Reply is a guard's answer on its socket.
