@@ -128,14 +128,9 @@ func (f *Fetcher) readRun(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chun
 	}
 	f.stats.total.Add(uint64(len(run)))
 	f.m.cacheMisses.Add(float64(len(run)))
-	fail := func(c *rafs.Chunk, err error) error {
-		f.m.readErrors.Inc()
-		f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", err)
-		return fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, err)
-	}
 	raw := make([]byte, end-start)
 	if err := f.be.ReadAt(ctx, b.ID, raw, int64(start)); err != nil {
-		return fail(chunks[run[0]], err) // the backend has retried it
+		return f.chunkFailed(b, chunks[run[0]], err) // the backend has retried it
 	}
 	// Decompressing and hashing is the CPU work of a run: its chunks are
 	// decoded in parallel.
@@ -148,13 +143,12 @@ func (f *Fetcher) readRun(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chun
 		go func() {
 			defer func() { <-sem; wg.Done() }()
 			c := chunks[i]
-			data, err := rafs.DecodeChunkBytes(b, c, raw[c.CompressedOffset-start:chunkEnd(c)-start])
+			// Decompressed straight into the caller's buffer (a chunk
+			// stored as it is comes back as raw and is copied).
+			data, err := rafs.DecodeChunkInto(b, c, raw[c.CompressedOffset-start:chunkEnd(c)-start], bufs[i])
 			if err != nil {
-				f.m.digestFailures.WithLabelValues("backend").Inc()
-				f.stats.digestFailures.Add(1)
-				f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", err)
-				if data, _, err = f.refetch(ctx, b, c); err != nil {
-					errs[k] = fail(c, err)
+				if data, _, err = f.refetch(ctx, b, c, err); err != nil {
+					errs[k] = f.chunkFailed(b, c, err)
 					return
 				}
 			}

@@ -537,9 +537,13 @@ func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int, stop uint64) []*
 	return group
 }
 
-// refetch reads one chunk again on its own, for a chunk that failed its
-// check (the first read may have been a transient corruption).
-func (f *Fetcher) refetch(ctx context.Context, b *rafs.Blob, c *rafs.Chunk) (data, raw []byte, err error) {
+// refetch reads one chunk again on its own, for a chunk whose fetched
+// bytes failed their check with cause (the first read may have been a
+// transient corruption). Both failures are counted.
+func (f *Fetcher) refetch(ctx context.Context, b *rafs.Blob, c *rafs.Chunk, cause error) (data, raw []byte, err error) {
+	f.m.digestFailures.WithLabelValues("backend").Inc()
+	f.stats.digestFailures.Add(1)
+	f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", cause)
 	raw = make([]byte, c.CompressedSize)
 	if err := f.be.ReadAt(ctx, b.ID, raw, int64(c.CompressedOffset)); err != nil {
 		return nil, nil, err
@@ -551,4 +555,12 @@ func (f *Fetcher) refetch(ctx context.Context, b *rafs.Blob, c *rafs.Chunk) (dat
 		return nil, nil, err
 	}
 	return data, raw, nil
+}
+
+// chunkFailed counts and logs a chunk that could not be read (err) and
+// returns the EIO its readers get.
+func (f *Fetcher) chunkFailed(b *rafs.Blob, c *rafs.Chunk, err error) error {
+	f.m.readErrors.Inc()
+	f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", err)
+	return fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, err)
 }

@@ -746,18 +746,13 @@ func (f *Fetcher) verify(ctx context.Context, st *stream, cl *call, stored []byt
 	}
 	data, err := decode(b, c, stored)
 	if err != nil {
-		f.m.digestFailures.WithLabelValues("backend").Inc()
-		f.stats.digestFailures.Add(1)
-		f.log.Warn("storage: fetched chunk failed its check, fetching it again", "blob", b.ID, "chunk", c.Index, "err", err)
 		putBuf(stored)
-		data, stored, err = f.refetch(ctx, b, c)
+		data, stored, err = f.refetch(ctx, b, c, err)
 	} else {
 		cl.pooled = true
 	}
 	if err != nil {
-		f.m.readErrors.Inc()
-		f.log.Error("storage: chunk read failed", "blob", b.ID, "chunk", c.Index, "err", err)
-		cl.err = fmt.Errorf("storage: chunk %d of blob %s: %w: %w", c.Index, b.ID, syscall.EIO, err)
+		cl.err = f.chunkFailed(b, c, err)
 		f.finish(bs, cl)
 		cl.release()
 		return verified{}, false
