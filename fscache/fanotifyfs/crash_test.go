@@ -112,7 +112,7 @@ func runDaemon() error {
 		Upgrade:        os.Getenv("FANOTIFYFS_TAKEOVER") == "1",
 		Timeout:        20 * time.Second,
 		FetcherOptions: []storage.Option{storage.WithBackend(be)},
-		Guard:          true,
+		Guard:          os.Getenv("FANOTIFYFS_NO_GUARD") != "1",
 		// Every pass of the reader must raise events, complete or not.
 		KeepMarks: true,
 		Ready: func(s *Server, g *guard.Guard) {
@@ -886,6 +886,37 @@ func readIsEIO(t *testing.T, fh *os.File, off int64, what string) {
 func textOf(path string) string {
 	b, _ := os.ReadFile(path)
 	return string(b)
+}
+
+// A daemon that cannot start a guard (DaemonOptions.Guard false) cannot
+// hold a group taken over from a crashed daemon's guard across its own
+// death, so it refuses, with a clear error, a cache directory that guard
+// still guards, instead of having its fills denied by it; the old guard
+// stays while its reader holds a file.
+func TestUnguardedDaemonRefusesGuardedCache(t *testing.T) {
+	st, d, _ := guardedDaemon(t, fstest.Bytes(9, 1<<20))
+	fh, err := os.Open(st.Mountpoint + "/f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	d.kill()
+	waitDetached(t, st.Mountpoint)
+	raw, _ := json.Marshal(st)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), roleEnv+"=daemon", "FANOTIFYFS_NO_GUARD=1", "FANOTIFYFS_STATE="+string(raw))
+	out, err := cmd.CombinedOutput()
+	unix.Unmount(st.Mountpoint, unix.MNT_DETACH) // had it mounted after all
+	if err == nil || !strings.Contains(string(out), "still guarded by guard") {
+		t.Fatalf("daemon without a guard on a guarded cache: %v, want a refusal naming the guard\n%s", err, out)
+	}
+	if testutil.Exited(d.guard) {
+		t.Fatal("the old guard exited while its reader still holds a file")
+	}
+	fh.Close()
+	waitGone(t, 5*time.Second, "old guard after its reader closed", d.guard)
 }
 
 // nydus-snapshotter's failover on a cache directory that a crashed daemon
