@@ -183,18 +183,6 @@ func (d *Daemon) Stats() Stats {
 	}
 }
 
-// BackendBytes is the number of bytes all bound images' fetchers read
-// from their backends.
-func (d *Daemon) BackendBytes() uint64 {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	var n uint64
-	for _, im := range d.images {
-		n += im.fetcher.BackendMetrics().ReadAmountTotal
-	}
-	return n
-}
-
 // BackendMetrics returns the backend counters (nydusd's
 // /api/v1/metrics/backend) of the image bound with fsid id in any domain,
 // or with id "" the sums over every bound image.

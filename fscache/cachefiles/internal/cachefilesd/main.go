@@ -94,13 +94,14 @@ func run(log *slog.Logger, dir, tag string, threads int, statsPath, restartPath 
 			return
 		}
 		seq++
+		backend, _ := d.BackendMetrics("") // "": no error, the sums over all images
 		b, _ := json.Marshal(struct {
 			cachefiles.Stats
 			BackendBytes uint64
 			Pid          int
 			Adopted      bool
 			Seq          uint64 // a reader waits for a later Seq to see counts as of now
-		}{d.Stats(), d.BackendBytes(), os.Getpid(), adoptFD >= 0, seq})
+		}{d.Stats(), backend.ReadAmountTotal, os.Getpid(), adoptFD >= 0, seq})
 		tmp := statsPath + ".tmp"
 		if os.WriteFile(tmp, b, 0o644) == nil {
 			os.Rename(tmp, statsPath)
