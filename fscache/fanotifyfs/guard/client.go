@@ -28,7 +28,8 @@ type Guard struct {
 
 // Start starts a guard for this process holding copies of holds
 // (holds[0]: the daemon's own group, whose inotify instance also gets the
-// watches of mounts the guard detaches) and tells it u. The binary must
+// watches of mounts the guard detaches; with u.Supervised only groups
+// taken over, the supervisor holding the daemon's own) and tells it u. The binary must
 // call MaybeRun first thing in main.
 func Start(holds []Holding, u Update) (*Guard, error) {
 	if len(holds) == 0 || len(holds) > MaxHolds {

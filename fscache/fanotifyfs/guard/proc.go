@@ -50,7 +50,7 @@ type proc struct {
 	msg    int // -1 once the daemon is gone
 	msgBuf []byte
 	update Update
-	holds  []Holding // holds[0] is the daemon's own group
+	holds  []Holding // holds[0] is the daemon's own group, unless update.Supervised
 	lns    map[string]int
 	gone   bool // the daemon died or let go
 }
