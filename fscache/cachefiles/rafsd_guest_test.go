@@ -150,34 +150,7 @@ func TestGuestRafsdSingleton(t *testing.T) {
 		mounts = append(mounts, mnt)
 	}
 	mount("/mnt/1", "domain_id=dom,fsid=fsid1")
-	// 5% of image 1: one 512 KiB part of ~10 MiB. The daemon's metrics
-	// count what its fetcher read from the backend.
-	part, err := a.ReadFile(ctx, "/mnt/1/data/part-07", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if want, _ := os.ReadFile(filepath.Join(src1, "data/part-07")); string(part) != string(want) {
-		t.Fatalf("data/part-07 differs in the guest (%d bytes, want %d)", len(part), len(want))
-	}
-	var m struct {
-		ReadCount       uint64 `json:"read_count"`
-		ReadAmountTotal uint64 `json:"read_amount_total"`
-	}
-	if err := json.Unmarshal([]byte(expect("GET", "/api/v1/metrics/backend?id=fsid1", "", 200)), &m); err != nil {
-		t.Fatal(err)
-	}
-	blob := im1.img.Blobs[0]
-	t.Logf("reading %d of %d bytes (%.1f%%) moved %d of %d blob bytes (%.1f%%) in %d backend reads", len(part), blob.UncompressedSize,
-		100*float64(len(part))/float64(blob.UncompressedSize), m.ReadAmountTotal, blob.CompressedSize,
-		100*float64(m.ReadAmountTotal)/float64(blob.CompressedSize), m.ReadCount)
-	if m.ReadAmountTotal == 0 || m.ReadAmountTotal > blob.CompressedSize/10 {
-		t.Errorf("reading 5%% of the image moved %d of %d blob bytes (want <= 10%%)", m.ReadAmountTotal, blob.CompressedSize)
-	}
-	// Chunks the kernel asks for together are fetched together (merged
-	// up to the 1 MiB merging size), not one request per chunk.
-	if chunks := uint64(len(part)) / uint64(im1.img.ChunkSize); m.ReadCount >= chunks {
-		t.Errorf("%d backend requests for the %d chunks read: not merged", m.ReadCount, chunks)
-	}
+	checkPartialRead(ctx, t, a, "/api.sock", "/mnt/1", "fsid1", src1, im1, "localfs")
 	// The corrupt image fails with EIO; the others keep serving below.
 	mount("/mnt/3", "fsid=fsid3")
 	if _, err := a.ReadFile(ctx, "/mnt/3/data/part-01", 0); err == nil || !strings.Contains(err.Error(), "input/output error") {
@@ -234,6 +207,44 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	}
 	if r.ExitCode != 0 || r.Killed {
 		t.Errorf("rafsd singleton did not exit cleanly on SIGTERM: %+v\n%s", r, r.Output)
+	}
+}
+
+// checkPartialRead reads data/part-07 of scenario image im (one 512 KiB
+// part: 5% of it), mounted on mnt from src, and checks its bytes; then,
+// through the daemon's GET /api/v1/metrics/backend?id= on sock, that the
+// read moved at most 10% of the image's blob through a backend of type
+// backendType, and that the chunks the kernel asked for together were
+// fetched together (merged up to the merging size), not one request per
+// chunk.
+func checkPartialRead(ctx context.Context, t *testing.T, a *guest.Client, sock, mnt, id, src string, im *testImage, backendType string) {
+	t.Helper()
+	part, err := a.ReadFile(ctx, mnt+"/data/part-07", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, _ := os.ReadFile(filepath.Join(src, "data/part-07")); string(part) != string(want) {
+		t.Fatalf("%s/data/part-07 differs in the guest (%d bytes, want %d)", mnt, len(part), len(want))
+	}
+	path := "/api/v1/metrics/backend?id=" + id
+	st, out := guestAPI(ctx, t, a, sock, "GET", path, "")
+	var m struct {
+		BackendType     string `json:"backend_type"`
+		ReadCount       uint64 `json:"read_count"`
+		ReadAmountTotal uint64 `json:"read_amount_total"`
+	}
+	if err := json.Unmarshal([]byte(out), &m); st != 200 || err != nil {
+		t.Fatalf("GET %s: %d %s (%v)", path, st, out, err)
+	}
+	blob := im.img.Blobs[0]
+	t.Logf("reading %d of %d bytes (%.1f%%) moved %d of %d blob bytes (%.1f%%) in %d %s requests", len(part), blob.UncompressedSize,
+		100*float64(len(part))/float64(blob.UncompressedSize), m.ReadAmountTotal, blob.CompressedSize,
+		100*float64(m.ReadAmountTotal)/float64(blob.CompressedSize), m.ReadCount, m.BackendType)
+	if m.BackendType != backendType || m.ReadAmountTotal == 0 || m.ReadAmountTotal > blob.CompressedSize/10 {
+		t.Errorf("reading 5%% of the image moved %d of %d blob bytes through %q (want <= 10%% through %s)", m.ReadAmountTotal, blob.CompressedSize, m.BackendType, backendType)
+	}
+	if chunks := uint64(len(part)) / uint64(im.img.ChunkSize); m.ReadCount >= chunks {
+		t.Errorf("%d backend requests for the %d chunks read: not merged", m.ReadCount, chunks)
 	}
 }
 
