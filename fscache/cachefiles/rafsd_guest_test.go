@@ -75,61 +75,8 @@ func TestGuestRafsdSingleton(t *testing.T) {
 		j, _ := json.Marshal(req)
 		os.WriteFile(filepath.Join(dir, "bind"+n+".json"), j, 0o644)
 	}
-	imgDisk := ext4Disk(t, dir, 64)
-	cacheDisk := ext4Disk(t, "", 64)
-	rafsd, err := testbed.BuildStatic(ctx, "./cmd/rafsd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	client, err := testbed.BuildStatic(ctx, "./fscache/cachefiles/internal/unixhttp")
-	if err != nil {
-		t.Fatal(err)
-	}
-	vm := testbed.StartTB(t, testbed.Options{Disks: []string{imgDisk, cacheDisk}, Console: consoleLog(t),
-		Files: []initramfs.File{{Path: "/bin/rafsd", Source: rafsd}, {Path: "/bin/unixhttp", Source: client}}})
-	a := vm.Agent()
-	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vda", Target: "/img", FSType: "ext4", Flags: 1, Mkdir: true}); err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vdb", Target: "/var/cache/fscache", FSType: "ext4", Mkdir: true}); err != nil {
-		t.Fatal(err)
-	}
-	p, err := a.Start(ctx, guest.StartRequest{Name: "rafsd", Argv: []string{"/bin/rafsd", "singleton",
-		"--fscache", "/var/cache/fscache", "--fscache-tag", "rafsdtag", "--fscache-threads", "4", "--apisock", "/api.sock", "--id", "single", "--log-level", "info"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mounts []string
-	stopped := false
-	t.Cleanup(func() {
-		for _, m := range mounts {
-			a.Unmount(context.Background(), m, 2)
-		}
-		if !stopped {
-			a.StopProcess(context.Background(), guest.StopRequest{Handle: p.Handle, Signal: "KILL"})
-		}
-	})
-	call := func(method, path, body string) (int, string) {
-		t.Helper()
-		return guestAPI(ctx, t, a, "/api.sock", method, path, body)
-	}
-	for deadline := time.Now().Add(60 * time.Second); ; {
-		if st, _ := call("GET", "/api/v1/daemon", ""); st == 200 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("rafsd singleton API never answered")
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	expect := func(method, path, body string, want int) string {
-		t.Helper()
-		st, out := call(method, path, body)
-		if st != want {
-			t.Fatalf("%s %s: %d %s, want %d", method, path, st, out, want)
-		}
-		return out
-	}
+	g := startSingleton(ctx, t, false, ext4Disk(t, dir, 64), "--fscache-tag", "rafsdtag", "--fscache-threads", "4", "--id", "single")
+	a, expect, mount := g.a, g.expect, g.mount
 	// The kernel registered the cache under --fscache-tag.
 	if caches, err := a.ReadFile(ctx, "/proc/fs/fscache/caches", 0); err != nil || !strings.Contains(string(caches), "rafsdtag") {
 		t.Errorf("/proc/fs/fscache/caches does not list the tag rafsdtag: %v\n%s", err, caches)
@@ -141,13 +88,6 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	var list []BlobInfo
 	if err := json.Unmarshal([]byte(expect("GET", "/api/v2/blobs?domain_id=dom", "", 200)), &list); err != nil || len(list) != 4 {
 		t.Fatalf("GET /api/v2/blobs: %v %+v (want 2 bootstraps and 2 data blobs)", err, list)
-	}
-	mount := func(mnt, data string) {
-		t.Helper()
-		if err := a.Mount(ctx, guest.MountRequest{Source: "none", Target: mnt, FSType: "erofs", Data: data, Mkdir: true}); err != nil {
-			t.Fatalf("mount -t erofs -o %s: %v", data, err)
-		}
-		mounts = append(mounts, mnt)
 	}
 	mount("/mnt/1", "domain_id=dom,fsid=fsid1")
 	checkPartialRead(ctx, t, a, "/api.sock", "/mnt/1", "fsid1", src1, im1, "localfs")
@@ -187,12 +127,7 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	if info.Fscache.Opens != 6 {
 		t.Errorf("%d OPENs, want 6 (the shared blob once)", info.Fscache.Opens)
 	}
-	for _, m := range mounts {
-		if err := a.Unmount(ctx, m, 0); err != nil {
-			t.Errorf("umount %s: %v", m, err)
-		}
-	}
-	mounts = nil
+	g.unmountAll()
 	expect("DELETE", "/api/v2/blobs?domain_id=dom&blob_id=fsid1", "", 204)
 	expect("DELETE", "/api/v2/blobs?domain_id=dom&blob_id=fsid1", "", 404)
 	expect("DELETE", "/api/v2/blobs?domain_id=dom", "", 204)
@@ -200,13 +135,107 @@ func TestGuestRafsdSingleton(t *testing.T) {
 	if out := expect("GET", "/api/v2/blobs", "", 200); strings.TrimSpace(out) != "[]" {
 		t.Errorf("after unbinding all: %s", out)
 	}
-	stopped = true
-	r, err := a.StopProcess(ctx, guest.StopRequest{Handle: p.Handle, GraceMS: 10000})
+	g.stop()
+}
+
+// guestSingleton is `rafsd singleton --fscache` in a QEMU guest, the
+// host directory given as an ext4 disk on /img, an empty cache disk on
+// /var/cache/fscache, its API on /api.sock.
+type guestSingleton struct {
+	t       *testing.T
+	ctx     context.Context
+	a       *guest.Client
+	handle  int
+	mounts  []string // erofs mounts to undo
+	stopped bool
+}
+
+// startSingleton boots a guest (with networking if net) with imgDisk, a
+// static rafsd and unixhttp, starts `rafsd singleton` with args added and
+// waits for its API. Cleanup unmounts what is left and kills the daemon.
+func startSingleton(ctx context.Context, t *testing.T, net bool, imgDisk string, args ...string) *guestSingleton {
+	t.Helper()
+	var files []initramfs.File
+	for _, p := range []string{"./cmd/rafsd", "./fscache/cachefiles/internal/unixhttp"} {
+		bin, err := testbed.BuildStatic(ctx, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, initramfs.File{Path: "/bin/" + filepath.Base(p), Source: bin})
+	}
+	vm := testbed.StartTB(t, testbed.Options{Net: net, Disks: []string{imgDisk, ext4Disk(t, "", 64)}, Console: consoleLog(t), Files: files})
+	a := vm.Agent()
+	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vda", Target: "/img", FSType: "ext4", Flags: 1, Mkdir: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vdb", Target: "/var/cache/fscache", FSType: "ext4", Mkdir: true}); err != nil {
+		t.Fatal(err)
+	}
+	argv := append([]string{"/bin/rafsd", "singleton", "--fscache", "/var/cache/fscache", "--apisock", "/api.sock", "--log-level", "info"}, args...)
+	p, err := a.Start(ctx, guest.StartRequest{Name: "rafsd", Argv: argv})
 	if err != nil {
 		t.Fatal(err)
 	}
+	g := &guestSingleton{t: t, ctx: ctx, a: a, handle: p.Handle}
+	t.Cleanup(func() {
+		for _, m := range g.mounts {
+			a.Unmount(context.Background(), m, 2)
+		}
+		if !g.stopped {
+			a.StopProcess(context.Background(), guest.StopRequest{Handle: g.handle, Signal: "KILL"})
+		}
+	})
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		if st, _ := guestAPI(ctx, t, a, "/api.sock", "GET", "/api/v1/daemon", ""); st == 200 {
+			return g
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("rafsd singleton API never answered")
+		}
+	}
+}
+
+// expect calls the daemon's API and fails the test unless it answers
+// with status want; it returns the body.
+func (g *guestSingleton) expect(method, path, body string, want int) string {
+	g.t.Helper()
+	st, out := guestAPI(g.ctx, g.t, g.a, "/api.sock", method, path, body)
+	if st != want {
+		g.t.Fatalf("%s %s: %d %s, want %d", method, path, st, out, want)
+	}
+	return out
+}
+
+// mount mounts an image served by the daemon on mnt (`mount -t erofs -o data`).
+func (g *guestSingleton) mount(mnt, data string) {
+	g.t.Helper()
+	if err := g.a.Mount(g.ctx, guest.MountRequest{Source: "none", Target: mnt, FSType: "erofs", Data: data, Mkdir: true}); err != nil {
+		g.t.Fatalf("mount -t erofs -o %s: %v", data, err)
+	}
+	g.mounts = append(g.mounts, mnt)
+}
+
+// unmountAll unmounts every image mounted so far.
+func (g *guestSingleton) unmountAll() {
+	g.t.Helper()
+	for _, m := range g.mounts {
+		if err := g.a.Unmount(g.ctx, m, 0); err != nil {
+			g.t.Errorf("umount %s: %v", m, err)
+		}
+	}
+	g.mounts = nil
+}
+
+// stop sends the daemon SIGTERM and checks that it exits cleanly.
+func (g *guestSingleton) stop() {
+	g.t.Helper()
+	g.stopped = true
+	r, err := g.a.StopProcess(g.ctx, guest.StopRequest{Handle: g.handle, GraceMS: 10000})
+	if err != nil {
+		g.t.Fatal(err)
+	}
 	if r.ExitCode != 0 || r.Killed {
-		t.Errorf("rafsd singleton did not exit cleanly on SIGTERM: %+v\n%s", r, r.Output)
+		g.t.Errorf("rafsd singleton did not exit cleanly on SIGTERM: %+v\n%s", r, r.Output)
 	}
 }
 

@@ -13,11 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rafsd/rafsd/guest"
 	"github.com/rafsd/rafsd/guest/treehash"
 	"github.com/rafsd/rafsd/rafs/storage/registrytest"
-	"github.com/rafsd/rafsd/testbed"
-	"github.com/rafsd/rafsd/testbed/initramfs"
 )
 
 // pushBlob uploads data to a registry as blob sha256:id of repo
@@ -104,62 +101,10 @@ func TestGuestFscacheRegistry(t *testing.T) {
 		t.Fatalf("%d blobs pushed, want 2 (image 2 shares image 1's and has its own)", len(pushed))
 	}
 
-	var files []initramfs.File
-	for _, p := range []string{"./cmd/rafsd", "./fscache/cachefiles/internal/unixhttp"} {
-		bin, err := testbed.BuildStatic(ctx, p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		files = append(files, initramfs.File{Path: "/bin/" + filepath.Base(p), Source: bin})
-	}
-	vm := testbed.StartTB(t, testbed.Options{Net: true, Disks: []string{ext4Disk(t, dir, 32), ext4Disk(t, "", 64)}, Console: consoleLog(t), Files: files})
-	a := vm.Agent()
-	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vda", Target: "/img", FSType: "ext4", Flags: 1, Mkdir: true}); err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Mount(ctx, guest.MountRequest{Source: "/dev/vdb", Target: "/var/cache/fscache", FSType: "ext4", Mkdir: true}); err != nil {
-		t.Fatal(err)
-	}
-	p, err := a.Start(ctx, guest.StartRequest{Name: "rafsd", Argv: []string{"/bin/rafsd", "singleton",
-		"--fscache", "/var/cache/fscache", "--apisock", "/api.sock", "--id", "reg", "--log-level", "info"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mounts []string
-	stopped := false
-	t.Cleanup(func() {
-		for _, m := range mounts {
-			a.Unmount(context.Background(), m, 2)
-		}
-		if !stopped {
-			a.StopProcess(context.Background(), guest.StopRequest{Handle: p.Handle, Signal: "KILL"})
-		}
-	})
-	expect := func(method, path, body string, want int) string {
-		t.Helper()
-		st, out := guestAPI(ctx, t, a, "/api.sock", method, path, body)
-		if st != want {
-			t.Fatalf("%s %s: %d %s, want %d", method, path, st, out, want)
-		}
-		return out
-	}
-	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-		if st, _ := guestAPI(ctx, t, a, "/api.sock", "GET", "/api/v1/daemon", ""); st == 200 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("rafsd singleton API never answered")
-		}
-	}
+	g := startSingleton(ctx, t, true, ext4Disk(t, dir, 32), "--id", "reg")
+	a, expect, mount := g.a, g.expect, g.mount
 	expect("PUT", "/api/v2/blobs", "/img/bind1.json", 204)
 	expect("PUT", "/api/v2/blobs", "/img/bind2.json", 204)
-	mount := func(mnt, data string) {
-		t.Helper()
-		if err := a.Mount(ctx, guest.MountRequest{Source: "none", Target: mnt, FSType: "erofs", Data: data, Mkdir: true}); err != nil {
-			t.Fatalf("mount -t erofs -o %s: %v", data, err)
-		}
-		mounts = append(mounts, mnt)
-	}
 	mount("/mnt/reg1", "domain_id=regdom,fsid=reg1")
 	checkPartialRead(ctx, t, a, "/api.sock", "/mnt/reg1", "reg1", src1, im1, "registry")
 	mount("/mnt/reg2", "domain_id=regdom,fsid=reg2")
@@ -183,18 +128,6 @@ func TestGuestFscacheRegistry(t *testing.T) {
 	if s := info.Fscache; s.Opens != 4 || s.OpenFailures != 0 || s.ReadFailures != 0 {
 		t.Errorf("daemon counters %+v: want 4 OPENs (the shared blob once), no failures", s)
 	}
-	for _, mnt := range mounts {
-		if err := a.Unmount(ctx, mnt, 0); err != nil {
-			t.Errorf("umount %s: %v", mnt, err)
-		}
-	}
-	mounts = nil
-	stopped = true
-	r, err := a.StopProcess(ctx, guest.StopRequest{Handle: p.Handle, GraceMS: 10000})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if r.ExitCode != 0 || r.Killed {
-		t.Errorf("rafsd singleton did not exit cleanly: %+v\n%s", r, r.Output)
-	}
+	g.unmountAll()
+	g.stop()
 }
