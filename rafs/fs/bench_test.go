@@ -23,6 +23,7 @@ import (
 	"github.com/rafsd/rafsd/rafs/codec"
 	rfs "github.com/rafsd/rafsd/rafs/fs"
 	"github.com/rafsd/rafsd/rafs/fs/fstest"
+	"github.com/rafsd/rafsd/testbed"
 )
 
 // Benchmarks compare the FUSE mount with the same bytes on local disk in
@@ -208,9 +209,9 @@ func BenchmarkWalk100k(b *testing.B) {
 // run on that mount and on the disk tree (warm, after one pass each), and
 // the daemon's resident memory once it has served the walk.
 func daemonLsR(b *testing.B, disk string, entries int) {
-	bin := filepath.Join(b.TempDir(), "rafsd")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/rafsd/rafsd/cmd/rafsd").CombinedOutput(); err != nil {
-		b.Fatalf("building rafsd: %v\n%s", err, out)
+	bin, err := testbed.BuildStatic(context.Background(), "./cmd/rafsd")
+	if err != nil {
+		b.Fatal(err)
 	}
 	work := b.TempDir()
 	blobs, boot, mnt := filepath.Join(work, "blobs"), filepath.Join(work, "bootstrap"), filepath.Join(work, "mnt")
