@@ -18,8 +18,9 @@ import (
 // ReadChunkAt would fetch each chunk alone (nowhere to keep neighbours).
 // Here every chunk is wanted, so chunks stored back to back in the blob
 // are fetched with one backend request of up to the merging size (rafs
-// batch_size / amplify_io) or maxRunPiece, as nydusd merges them. A chunk that fails its
-// check is fetched once more alone, then fails the call with EIO.
+// batch_size / amplify_io) or maxRunPiece, as nydusd merges them. A chunk
+// that fails its check is fetched once more alone, then fails the call
+// with EIO.
 // With a blob cache, or for a zran blob, each chunk goes through
 // ReadChunkAt (whose streams merge and cache on their own).
 func (f *Fetcher) ReadChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chunk, bufs [][]byte) error {
