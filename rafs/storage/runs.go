@@ -20,8 +20,8 @@ import (
 // are fetched with one backend request of up to the merging size (rafs
 // batch_size / amplify_io) or maxRunPiece, as nydusd merges them. A chunk
 // that fails its check is fetched once more alone, then fails the call
-// with EIO.
-// With a blob cache, or for a zran blob, each chunk goes through
+// with EIO; after an error, bufs hold nothing to use (chunks are decoded
+// in place, before their check). With a blob cache, or for a zran blob, each chunk goes through
 // ReadChunkAt (whose streams merge and cache on their own).
 func (f *Fetcher) ReadChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chunk, bufs [][]byte) error {
 	if len(chunks) != len(bufs) {
@@ -153,7 +153,9 @@ func (f *Fetcher) readRun(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chun
 					return
 				}
 			}
-			copy(bufs[i], data)
+			if len(data) > 0 && &data[0] != &bufs[i][0] {
+				copy(bufs[i], data)
+			}
 		}()
 	}
 	wg.Wait()
