@@ -528,7 +528,7 @@ func (f *Fetcher) plan(bs *blobState, c *rafs.Chunk, batch int, stop uint64) []*
 		if max(end, chunkEnd(n))-c.CompressedOffset > uint64(batch) && (chunkEnd(n) > stop || !bs.sameContext(group[len(group)-1], n, end-c.CompressedOffset)) {
 			break
 		}
-		if _, busy := bs.inflight[n.CompressedOffset]; busy || bs.cached(n, f.compressed) {
+		if _, busy := bs.flying(n.CompressedOffset); busy || bs.cached(n, f.compressed) {
 			break
 		}
 		group = append(group, n)
