@@ -4,22 +4,10 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
-)
 
-func isMounted(mnt string) bool {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return false
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) > 4 && f[4] == mnt {
-			return true
-		}
-	}
-	return false
-}
+	"github.com/rafsd/rafsd/internal/testutil"
+)
 
 // TestMountByReference is the end-to-end path a user takes: convert an
 // image, push it, then start rafsd in FUSE mode from the image reference
@@ -51,7 +39,7 @@ func TestMountByReference(t *testing.T) {
 	}
 	mnt := filepath.Join(work, "mnt")
 	os.Mkdir(mnt, 0o755)
-	startRafsd(t, bin, mnt, nil, "--bootstrap", r.BootstrapPath, "--config", cfgPath, "--apisock", filepath.Join(work, "api.sock"))
+	testutil.StartRafsdFUSE(t, bin, mnt, nil, "--bootstrap", r.BootstrapPath, "--config", cfgPath, "--apisock", filepath.Join(work, "api.sock"), "--log-level", "warn")
 	want := filepath.Join(t.TempDir(), "want")
 	os.Mkdir(want, 0o755)
 	applyLayers(t, want, im.layers)

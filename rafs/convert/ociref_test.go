@@ -4,47 +4,29 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
 
 	"github.com/rafsd/rafsd/internal/testutil"
 	"github.com/rafsd/rafsd/rafs/blobmeta"
 	"github.com/rafsd/rafsd/rafs/zran"
+	"github.com/rafsd/rafsd/testbed"
 )
 
-var rafsdBin struct {
-	once sync.Once
-	dir  string
-	err  error
-}
-
-// buildRafsd builds cmd/rafsd once for the package's tests.
+// buildRafsd builds cmd/rafsd (once per test binary) and returns its path.
 func buildRafsd(t *testing.T) string {
 	t.Helper()
-	rafsdBin.once.Do(func() {
-		rafsdBin.dir, rafsdBin.err = os.MkdirTemp("", "rafsd-bin-")
-		if rafsdBin.err != nil {
-			return
-		}
-		out, err := exec.Command("go", "build", "-o", rafsdBin.dir+"/", "github.com/rafsd/rafsd/cmd/rafsd").CombinedOutput()
-		if err != nil {
-			rafsdBin.err = fmt.Errorf("build rafsd: %v\n%s", err, out)
-		}
-	})
-	if rafsdBin.err != nil {
-		t.Fatal(rafsdBin.err)
+	bin, err := testbed.BuildStatic(context.Background(), "./cmd/rafsd")
+	if err != nil {
+		t.Fatal(err)
 	}
-	return rafsdBin.dir
+	return bin
 }
 
 // startRafsdImage runs `rafsd fuse --image ref` on mnt with its own image
@@ -53,48 +35,8 @@ func buildRafsd(t *testing.T) string {
 func startRafsdImage(t *testing.T, bin, ref, mnt string) {
 	t.Helper()
 	work := t.TempDir()
-	startRafsd(t, bin, mnt, []string{"RAFSD_IMAGE_DIR=" + filepath.Join(work, "images")},
-		"--image", ref, "--apisock", filepath.Join(work, "api.sock"))
-}
-
-// startRafsd runs `rafsd fuse --mountpoint mnt args...` with env added to
-// the environment and waits up to 30 s for the mount. Cleanup: SIGTERM,
-// SIGKILL after 5 s, lazy unmount; rafsd's output is logged on failure.
-func startRafsd(t *testing.T, bin, mnt string, env []string, args ...string) {
-	t.Helper()
-	out := &testutil.SyncBuffer{}
-	cmd := exec.Command(filepath.Join(bin, "rafsd"), append([]string{"fuse", "--mountpoint", mnt, "--log-level", "warn"}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		unix.Unmount(mnt, unix.MNT_DETACH)
-		if t.Failed() {
-			t.Logf("rafsd output:\n%s", out.String())
-		}
-	})
-	for deadline := time.Now().Add(30 * time.Second); !isMounted(mnt); time.Sleep(20 * time.Millisecond) {
-		select {
-		case <-done:
-			t.Fatalf("rafsd exited: %s", out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("rafsd did not mount")
-		}
-	}
+	testutil.StartRafsdFUSE(t, bin, mnt, []string{"RAFSD_IMAGE_DIR=" + filepath.Join(work, "images")},
+		"--image", ref, "--apisock", filepath.Join(work, "api.sock"), "--log-level", "warn")
 }
 
 // TestOCIRef converts a multi-layer gzip image with OCIRef into the
@@ -203,11 +145,3 @@ func TestOCIRef(t *testing.T) {
 }
 
 func digestOf(b []byte) string { return digest.FromBytes(b).String() }
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if rafsdBin.dir != "" {
-		os.RemoveAll(rafsdBin.dir)
-	}
-	os.Exit(code)
-}

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/rafsd/rafsd/internal/testutil"
 	"github.com/rafsd/rafsd/rafs/builder"
 	"github.com/rafsd/rafsd/rafs/codec"
 	rfs "github.com/rafsd/rafsd/rafs/fs"
@@ -225,7 +225,7 @@ func daemonLsR(b *testing.B, disk string, entries int) {
 		b.Fatal(err)
 	}
 	bootSize := fileSize(b, boot)
-	d := startRafsd(b, bin, mnt, "--bootstrap", boot, "--localfs-dir", blobs, "--log-level", "warn")
+	d := testutil.StartRafsdFUSE(b, bin, mnt, nil, "--apisock", filepath.Join(work, "api.sock"), "--bootstrap", boot, "--localfs-dir", blobs, "--log-level", "warn")
 	idle := rssMiB(b, d.Process.Pid)
 	lsR := func(dir string) time.Duration {
 		start := time.Now()
@@ -262,43 +262,6 @@ func daemonLsR(b *testing.B, disk string, entries int) {
 	b.ReportMetric(idle, "daemon-RSS-MiB-mounted")
 	b.ReportMetric(rssMiB(b, d.Process.Pid), "daemon-RSS-MiB-after-lsR")
 	b.ReportMetric(float64(bootSize)/(1<<20), "bootstrap-MiB")
-}
-
-// startRafsd runs the rafsd binary on mnt and waits for the mount; the
-// cleanup sends SIGTERM (SIGKILL after 10 s) and detaches a mount left.
-func startRafsd(b *testing.B, bin, mnt string, args ...string) *exec.Cmd {
-	cmd := exec.Command(bin, append([]string{"fuse", "--mountpoint", mnt, "--apisock", filepath.Join(b.TempDir(), "api.sock")}, args...)...)
-	var log bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	b.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-exited
-		}
-		unix.Unmount(mnt, unix.MNT_DETACH)
-	})
-	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		var st, parent unix.Stat_t
-		if unix.Stat(mnt, &st) == nil && unix.Stat(filepath.Dir(mnt), &parent) == nil && st.Dev != parent.Dev {
-			return cmd
-		}
-		select {
-		case <-exited:
-			b.Fatalf("rafsd exited: %s", log.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("rafsd did not mount %s", mnt)
-		}
-	}
 }
 
 // rssMiB is VmRSS of process pid.
