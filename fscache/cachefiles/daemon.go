@@ -198,8 +198,12 @@ func (d *Daemon) BackendMetrics(id string) (storage.BackendMetrics, error) {
 			continue
 		}
 		m := im.fetcher.BackendMetrics()
-		if !found {
+		switch {
+		case !found:
 			sum.BackendType = m.BackendType
+		case sum.BackendType != m.BackendType:
+			// Images on different backends: one type would be wrong.
+			sum.BackendType = "mixed"
 		}
 		found = true
 		sum.ReadCount += m.ReadCount

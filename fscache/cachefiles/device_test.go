@@ -309,5 +309,9 @@ func TestServeParallelAndHungBackend(t *testing.T) {
 	if s := d.Stats(); s.Reads != 2 || s.ReadFailures != 1 {
 		t.Errorf("stats %+v: want 2 READs answered, the hung one failed", s)
 	}
+	// One image on a registry, one on localfs: the sum names no single type.
+	if m, err := d.BackendMetrics(""); err != nil || m.BackendType != "mixed" {
+		t.Errorf("BackendMetrics over a registry and a localfs image: type %q, %v; want mixed", m.BackendType, err)
+	}
 	srv.stop(10 * time.Second)
 }
