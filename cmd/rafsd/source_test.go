@@ -216,7 +216,7 @@ func TestMountMatchesSource(t *testing.T) {
 				if err := d.stop(syscall.SIGTERM, 10*time.Second); err != nil {
 					t.Fatalf("SIGTERM: %v", err)
 				}
-				if mounted(mnt) {
+				if testutil.MountedOn(mnt) {
 					t.Fatal("mount left behind after SIGTERM")
 				}
 				reg.Stop()
@@ -278,30 +278,6 @@ func TestNydusFixturesThroughDaemon(t *testing.T) {
 		mnt := t.TempDir()
 		d := startDaemon(t, mnt, "--bootstrap", filepath.Join(dir, "bootstrap"), "--localfs-dir", filepath.Join(dir, "blobs"))
 		d.waitState("RUNNING")
-		ents, err := os.ReadDir(filepath.Join(dir, "source"))
-		if err != nil || len(ents) == 0 {
-			t.Fatalf("source: %v %v", ents, err)
-		}
-		found := 0
-		err = filepath.Walk(mnt, func(p string, fi os.FileInfo, err error) error {
-			if err != nil || !fi.Mode().IsRegular() {
-				return err
-			}
-			for _, e := range ents {
-				if e.Name() != fi.Name() {
-					continue
-				}
-				want, _ := os.ReadFile(filepath.Join(dir, "source", e.Name()))
-				got, err := os.ReadFile(p)
-				if err != nil || !bytes.Equal(got, want) {
-					t.Errorf("%s differs from source/%s (%d vs %d bytes, %v)", p, e.Name(), len(got), len(want), err)
-				}
-				found++
-			}
-			return nil
-		})
-		if err != nil || found != len(ents) {
-			t.Fatalf("found %d of %d source files (%v)", found, len(ents), err)
-		}
+		testutil.CheckSourceFiles(t, dir, mnt)
 	})
 }

@@ -75,3 +75,37 @@ func CheckMD5s(t testing.TB, root string, md5s map[string]string, atLeast int) {
 		}
 	}
 }
+
+// CheckSourceFiles checks a mount of the v6 fixture against the flat
+// source/ directory it was built from: every regular file under root
+// whose name is a source file's has its bytes, and each source file is
+// found.
+func CheckSourceFiles(t testing.TB, dir, root string) {
+	t.Helper()
+	src := filepath.Join(dir, "source")
+	ents, err := os.ReadDir(src)
+	if err != nil || len(ents) == 0 {
+		t.Fatalf("%s: %d entries, %v", src, len(ents), err)
+	}
+	found := 0
+	err = filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
+		if err != nil || !fi.Mode().IsRegular() {
+			return err
+		}
+		for _, e := range ents {
+			if e.Name() != fi.Name() {
+				continue
+			}
+			want, _ := os.ReadFile(filepath.Join(src, e.Name()))
+			got, err := os.ReadFile(p)
+			if err != nil || !bytes.Equal(got, want) {
+				t.Errorf("%s differs from source/%s (%d vs %d bytes, %v)", p, e.Name(), len(got), len(want), err)
+			}
+			found++
+		}
+		return nil
+	})
+	if err != nil || found != len(ents) {
+		t.Fatalf("found %d of the %d source files (%v)", found, len(ents), err)
+	}
+}

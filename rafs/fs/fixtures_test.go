@@ -1,7 +1,6 @@
 package fs_test
 
 import (
-	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -103,33 +102,5 @@ func TestNydusV6Fixture(t *testing.T) {
 	cr := fstest.DirReader(filepath.Join(dir, "blobs"))
 	mnt := fstest.Mount(t, rfs.New(img, cr, rfs.DefaultOptions()), nil)
 	fstest.CheckMounted(t, img, cr, mnt, 12)
-	src := filepath.Join(dir, "source")
-	ents, err := os.ReadDir(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	found := 0
-	err = filepath.Walk(mnt, func(p string, fi os.FileInfo, err error) error {
-		if err != nil || !fi.Mode().IsRegular() {
-			return err
-		}
-		for _, e := range ents {
-			if e.Name() != fi.Name() {
-				continue
-			}
-			want, _ := os.ReadFile(filepath.Join(src, e.Name()))
-			got, err := os.ReadFile(p)
-			if err != nil || !bytes.Equal(got, want) {
-				t.Errorf("%s differs from source/%s (%d vs %d bytes, %v)", p, e.Name(), len(got), len(want), err)
-			}
-			found++
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if found != len(ents) {
-		t.Errorf("found %d of the %d source files in the image", found, len(ents))
-	}
+	testutil.CheckSourceFiles(t, dir, mnt)
 }
