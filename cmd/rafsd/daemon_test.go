@@ -318,19 +318,6 @@ func (d *proc) waitState(want string) {
 	}
 }
 
-func mounted(mnt string) bool {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return false
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) > 4 && f[4] == mnt {
-			return true
-		}
-	}
-	return false
-}
-
 // checkTree compares every file of img under dir.
 func checkTree(t *testing.T, img *image, dir string) {
 	t.Helper()
@@ -502,7 +489,7 @@ func TestServeBootstrapAndSIGTERM(t *testing.T) {
 	if err := d.stop(syscall.SIGTERM, 10*time.Second); err != nil {
 		t.Fatalf("SIGTERM: exit %v", err)
 	}
-	if mounted(mnt) {
+	if testutil.MountedOn(mnt) {
 		t.Fatal("mount left behind after SIGTERM")
 	}
 	if _, err := os.Stat(d.apisock); !errors.Is(err, os.ErrNotExist) {
@@ -536,11 +523,8 @@ func TestAPIBadInputKeepsServing(t *testing.T) {
 	mnt := t.TempDir()
 	d := startDaemon(t, mnt)
 	d.waitState("RUNNING")
-	good := func(p string) string {
-		b, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": localfsConfig(img.blobs)})
-		return string(b)
-	}
-	d.mustCall("POST", "/api/v1/mount?mountpoint=/ok", good("/ok"))
+	good := rafsMount(img.bootstrap, localfsConfig(img.blobs))
+	d.mustCall("POST", "/api/v1/mount?mountpoint=/ok", good)
 	garbage := filepath.Join(t.TempDir(), "garbage")
 	os.WriteFile(garbage, bytes.Repeat([]byte{0xa5}, 8192), 0o644)
 	for _, tc := range []struct {
@@ -548,14 +532,14 @@ func TestAPIBadInputKeepsServing(t *testing.T) {
 		want                     int
 	}{
 		{"bad json", "POST", "/api/v1/mount?mountpoint=/x", `{"source":`, 400},
-		{"no mountpoint", "POST", "/api/v1/mount", good("/x"), 400},
+		{"no mountpoint", "POST", "/api/v1/mount", good, 400},
 		{"unknown fs_type", "POST", "/api/v1/mount?mountpoint=/x", `{"source":"/","fs_type":"ext4","config":""}`, 400},
 		{"missing bootstrap", "POST", "/api/v1/mount?mountpoint=/x", `{"source":"/nonexistent/boot","fs_type":"rafs","config":` + strconv.Quote(localfsConfig(img.blobs)) + `}`, 400},
 		{"garbage bootstrap", "POST", "/api/v1/mount?mountpoint=/x", `{"source":` + strconv.Quote(garbage) + `,"fs_type":"rafs","config":` + strconv.Quote(localfsConfig(img.blobs)) + `}`, 400},
 		{"bad config", "POST", "/api/v1/mount?mountpoint=/x", `{"source":` + strconv.Quote(img.bootstrap) + `,"fs_type":"rafs","config":"{\"device\":{\"backend\":{\"type\":\"nope\"}}}"}`, 400},
 		{"empty config", "POST", "/api/v1/mount?mountpoint=/x", `{"source":` + strconv.Quote(img.bootstrap) + `,"fs_type":"rafs","config":""}`, 400},
-		{"duplicate mountpoint", "POST", "/api/v1/mount?mountpoint=/ok", good("/ok"), 409},
-		{"bad mount path", "POST", "/api/v1/mount?mountpoint=../../etc", good(""), 400},
+		{"duplicate mountpoint", "POST", "/api/v1/mount?mountpoint=/ok", good, 409},
+		{"bad mount path", "POST", "/api/v1/mount?mountpoint=../../etc", good, 400},
 		{"passthrough not a dir", "POST", "/api/v1/mount?mountpoint=/p", `{"source":"/nonexistent","fs_type":"passthrough_fs","config":""}`, 400},
 		{"umount unknown", "DELETE", "/api/v1/mount?mountpoint=/nope", "", 404},
 		{"bad method", "PATCH", "/api/v1/mount?mountpoint=/ok", "", 405},
@@ -594,8 +578,7 @@ func TestTwoMountsUmountWhileReading(t *testing.T) {
 	d := startDaemon(t, mnt, "--writable")
 	d.waitState("RUNNING")
 	mount := func(p string, img *image) {
-		body, _ := json.Marshal(map[string]any{"source": img.bootstrap, "fs_type": "rafs", "config": localfsConfig(img.blobs)})
-		if st, out := d.call("POST", "/api/v1/mount?mountpoint="+p, string(body)); st != http.StatusNoContent {
+		if st, out := d.call("POST", "/api/v1/mount?mountpoint="+p, rafsMount(img.bootstrap, localfsConfig(img.blobs))); st != http.StatusNoContent {
 			t.Fatalf("mount %s: %d %s", p, st, out)
 		}
 	}
@@ -708,8 +691,7 @@ func TestTakeoverNoErrors(t *testing.T) {
 	mnt2 := t.TempDir()
 	a2 := startDaemon(t, mnt2, "--supervisor", filepath.Join(t.TempDir(), "unused.sock"), "--id", "d2")
 	_ = a2 // a daemon without a takeover, to show the two do not interfere
-	body, _ := json.Marshal(map[string]any{"source": b.bootstrap, "fs_type": "rafs", "config": localfsConfig(b.blobs)})
-	a2.mustCall("POST", "/api/v1/mount?mountpoint=/x", string(body))
+	a2.mustCall("POST", "/api/v1/mount?mountpoint=/x", rafsMount(b.bootstrap, localfsConfig(b.blobs)))
 
 	big := filepath.Join(mnt, "dir/big.bin")
 	r := startReader(t, mnt, big, img.files["dir/big.bin"])
@@ -724,7 +706,7 @@ func TestTakeoverNoErrors(t *testing.T) {
 	if err := a.waitExit(10 * time.Second); err != nil {
 		t.Fatalf("old daemon exit: %v", err)
 	}
-	if !mounted(mnt) {
+	if !testutil.MountedOn(mnt) {
 		t.Fatal("old daemon's exit removed the mount")
 	}
 	nAtExit := r.reads.Load()
@@ -742,7 +724,7 @@ func TestTakeoverNoErrors(t *testing.T) {
 	if err := bd.stop(syscall.SIGTERM, 10*time.Second); err != nil {
 		t.Fatalf("new daemon SIGTERM: %v", err)
 	}
-	if mounted(mnt) {
+	if testutil.MountedOn(mnt) {
 		t.Fatal("mount left behind")
 	}
 }
@@ -819,7 +801,7 @@ func TestFailoverAfterSIGKILL(t *testing.T) {
 		if err := d.waitExit(10 * time.Second); err == nil {
 			t.Fatalf("round %d (%s): daemon exited cleanly after SIGKILL", round, tc.name)
 		}
-		if !mounted(mnt) {
+		if !testutil.MountedOn(mnt) {
 			t.Fatalf("round %d (%s): the mount went away with the daemon", round, tc.name)
 		}
 		atKill := big.reads.Load() + small.reads.Load()
@@ -847,7 +829,7 @@ func TestFailoverAfterSIGKILL(t *testing.T) {
 	if err := d.stop(syscall.SIGTERM, 10*time.Second); err != nil {
 		t.Fatalf("last daemon SIGTERM: %v", err)
 	}
-	if mounted(mnt) {
+	if testutil.MountedOn(mnt) {
 		t.Fatal("mount left behind")
 	}
 }
@@ -1304,7 +1286,7 @@ func TestTakeoverPassthroughKeepsNodes(t *testing.T) {
 	if err := b.stop(syscall.SIGTERM, 10*time.Second); err != nil {
 		t.Fatalf("new daemon SIGTERM: %v", err)
 	}
-	if mounted(mnt) {
+	if testutil.MountedOn(mnt) {
 		t.Fatal("mount left behind")
 	}
 }

@@ -164,7 +164,7 @@ func TestFanotifyAPIMountUmount(t *testing.T) {
 			t.Errorf("%s: status %d body %s, want %d with a JSON error", c.name, st, out, c.want)
 		}
 	}
-	if mounted(root + "/c") {
+	if testutil.MountedOn(root + "/c") {
 		t.Fatal("a bad request left a mount")
 	}
 
@@ -210,7 +210,7 @@ func TestFanotifyAPIMountUmount(t *testing.T) {
 	}
 	waitReads(3)
 	d.mustCall("DELETE", "/api/v1/mount?mountpoint="+mpA, "")
-	if mounted(mpA) {
+	if testutil.MountedOn(mpA) {
 		t.Fatal("unmounted image still mounted")
 	}
 	waitReads(reads.Load() + 3)
@@ -254,7 +254,7 @@ func TestFanotifyAPIMountUmount(t *testing.T) {
 	if err := d.waitExit(10 * time.Second); err != nil {
 		t.Fatalf("rafsd after SIGTERM: %v", err)
 	}
-	if mounted(mpA) || mounted(mpB) {
+	if testutil.MountedOn(mpA) || testutil.MountedOn(mpB) {
 		t.Fatal("mounts left after SIGTERM")
 	}
 }
@@ -307,7 +307,7 @@ func TestFanotifyAPIGuardOnCrash(t *testing.T) {
 	d.cmd.Process.Kill()
 	<-d.exited
 	deadline := time.Now().Add(10 * time.Second)
-	for mounted(mp) {
+	for testutil.MountedOn(mp) {
 		if time.Now().After(deadline) {
 			t.Fatal("guard did not detach the API mount")
 		}
@@ -386,7 +386,7 @@ func TestFanotifyAPIGuardOnCrash(t *testing.T) {
 		t.Fatalf("new rafsd after SIGTERM: %v", err)
 	}
 	waitPidGone(t, g3, "the new daemon's guard after a clean stop")
-	if mounted(mp) {
+	if testutil.MountedOn(mp) {
 		t.Fatal("mount left after SIGTERM")
 	}
 }
