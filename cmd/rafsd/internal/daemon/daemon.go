@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/rafsd/rafsd/rafs/config"
 	"github.com/rafsd/rafsd/rafs/fusedev"
 	"github.com/rafsd/rafsd/rafs/passthrough"
 	"github.com/rafsd/rafsd/rafs/vfs"
@@ -92,7 +93,10 @@ func New(opts Options) *Daemon {
 		globalCfg: map[string]string{},
 		exit:      make(chan struct{}),
 	}
-	d.vfs = vfs.New(vfs.Options{EntryTimeout: 5 * time.Second, AttrTimeout: 5 * time.Second, Logger: d.log})
+	// The pseudo directories change with every mount: the images' default
+	// cache time, not a configured one.
+	rootTimeout := config.DefaultTimeout * time.Second
+	d.vfs = vfs.New(vfs.Options{EntryTimeout: rootTimeout, AttrTimeout: rootTimeout, Logger: d.log})
 	return d
 }
 
