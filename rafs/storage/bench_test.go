@@ -132,6 +132,56 @@ func BenchmarkColdFetch(b *testing.B) {
 		}
 		return first
 	}
+	// ideal does the least any fetcher that verifies and keeps what it
+	// fetches must do, with no fetcher around it: ONE GET of the whole
+	// blob, read in 1 MiB reads by one goroutine while another checks
+	// each chunk's digest and writes it to a file in dir. Its ratios to
+	// the GET bound what any fetcher could reach on this machine.
+	ideal := func(dir string) error {
+		out, err := os.Create(filepath.Join(dir, "ideal"))
+		if err != nil {
+			return err
+		}
+		defer out.Close()
+		resp, err := client.Get(url)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		chunks := ti.file().Chunks
+		// Six buffers go round: four queued, one being read, one being
+		// checked and written (fresh ones would cost page faults).
+		bufs, free := make(chan []byte, 4), make(chan []byte, 6)
+		for range cap(free) {
+			free <- make([]byte, 1<<20)
+		}
+		errc := make(chan error, 1)
+		go func() {
+			defer close(bufs)
+			for _, fc := range chunks {
+				p := (<-free)[:fc.Chunk.CompressedSize]
+				if _, err := io.ReadFull(resp.Body, p); err != nil {
+					errc <- err
+					return
+				}
+				bufs <- p
+			}
+			errc <- nil
+		}()
+		k := 0
+		for p := range bufs {
+			c := chunks[k].Chunk
+			k++
+			if err := ti.img.Blobs[0].Digester.Verify(p, c.Digest); err != nil {
+				return err
+			}
+			if _, err := out.WriteAt(p, int64(c.UncompressedOffset)); err != nil {
+				return err
+			}
+			free <- p[:cap(p)]
+		}
+		return <-errc
+	}
 	modes := []struct {
 		name string
 		run  func(f *Fetcher) error
@@ -161,6 +211,7 @@ func BenchmarkColdFetch(b *testing.B) {
 			fileRatios := make([][]float64, len(modes))
 			floors := make([][]float64, len(modes))
 			var getFloors []float64
+			var idealRatios, idealFloors, idealCPU []float64
 			var getTime time.Duration
 			var gets int
 			newWork := func() string {
@@ -179,6 +230,14 @@ func BenchmarkColdFetch(b *testing.B) {
 					unix.Sync() // earlier rounds' writes do not land on this one
 					work := newWork()
 					gf, _ := measure("GET-to-file", func() error { return getToFile(work) })
+					os.RemoveAll(work)
+					work = newWork()
+					unix.Sync()
+					g, gcpu := measure("GET", func() error { return get(io.Discard) })
+					d, dcpu := measure("ideal", func() error { return ideal(work) })
+					idealRatios = append(idealRatios, d.Seconds()/g.Seconds())
+					idealFloors = append(idealFloors, cpuFloor(dcpu).Seconds()/g.Seconds())
+					idealCPU = append(idealCPU, dcpu.Seconds()/gcpu.Seconds())
 					os.RemoveAll(work)
 					for mi, m := range modes {
 						work := newWork()
@@ -216,6 +275,10 @@ func BenchmarkColdFetch(b *testing.B) {
 				b.ReportMetric(median(fileRatios[mi]), m.name+"/GET-to-file")
 				b.ReportMetric(median(floors[mi]), m.name+"/floor-GET")
 			}
+			b.ReportMetric(median(idealRatios), "ideal/whole-GET")
+			b.ReportMetric(slices.Min(idealRatios), "ideal/whole-GET-min")
+			b.ReportMetric(median(idealCPU), "ideal/cpu-GET")
+			b.ReportMetric(median(idealFloors), "ideal/floor-GET")
 			b.ReportMetric(median(getFloors), "GET/floor-GET")
 			b.ReportMetric(float64(gets)*benchSize/(1<<20)/getTime.Seconds(), "GET-MiB/s")
 		})
