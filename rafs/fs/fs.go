@@ -21,6 +21,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/rafsd/rafsd/rafs"
+	"github.com/rafsd/rafsd/rafs/config"
 )
 
 // Options tune how the kernel caches what the filesystem answers.
@@ -48,12 +49,14 @@ type Options struct {
 	LatestReadFiles bool
 }
 
-// DefaultOptions are what rafsd's daemon serves RAFS images with: entry
-// and attribute timeouts of 5 seconds, the FUSE defaults of fuse-backend-rs
-// that nydusd's passthrough_fs keeps (nydusd keeps RAFS entries 2^32 s;
+// DefaultOptions are what rafsd's daemon serves RAFS images with when the
+// config sets no timeouts: entry and attribute timeouts of
+// config.DefaultTimeout (5 s, the FUSE defaults of fuse-backend-rs that
+// nydusd's passthrough_fs keeps; nydusd keeps RAFS entries 2^32 s, and
 // 5 s bounds what a kernel holds across a remount at the same path).
 func DefaultOptions() Options {
-	return Options{EntryTimeout: 5 * time.Second, AttrTimeout: 5 * time.Second}
+	t := config.DefaultTimeout * time.Second
+	return Options{EntryTimeout: t, AttrTimeout: t}
 }
 
 // FS is a read-only fuse.RawFileSystem over a rafs.Image.
