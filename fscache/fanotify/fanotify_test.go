@@ -392,3 +392,28 @@ func TestJournalSurvivesReopen(t *testing.T) {
 	j.Close(false)
 	k.Close(true)
 }
+
+// TestMarkOnTmpfs: a cache file on a filesystem that does not allow
+// pre-content events (tmpfs) gets ErrNoPreContentFS, which says where the
+// cache must go instead, not a bare EOPNOTSUPP.
+func TestMarkOnTmpfs(t *testing.T) {
+	var st unix.Statfs_t
+	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != unix.TMPFS_MAGIC {
+		t.Fatalf("/dev/shm is not a tmpfs here (%v): the test needs one", err)
+	}
+	f, err := os.CreateTemp("/dev/shm", "rafsd-mark-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	defer os.Remove(f.Name())
+	g, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	err = g.Mark(f.Name())
+	if !errors.Is(err, ErrNoPreContentFS) || !errors.Is(err, unix.EOPNOTSUPP) {
+		t.Fatalf("Mark on tmpfs: %v, want ErrNoPreContentFS wrapping EOPNOTSUPP", err)
+	}
+}

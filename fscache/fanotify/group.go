@@ -27,7 +27,12 @@ type Group struct {
 	fd int
 }
 
-// New creates a pre-content fanotify group.
+// ErrNoPreContentFS is wrapped by Mark for a file on a filesystem that
+// does not allow pre-content events.
+var ErrNoPreContentFS = errors.New("the cache file's filesystem does not allow fanotify pre-content events (tmpfs, overlayfs and network filesystems do not; put the cache directory on ext4, xfs or btrfs)")
+
+// New creates a pre-content fanotify group. It fails with ErrUnsupported
+// on a kernel that cannot mark files for FAN_PRE_ACCESS.
 func New() (*Group, error) {
 	fd, err := unix.FanotifyInit(unix.FAN_CLASS_PRE_CONTENT|unix.FAN_CLOEXEC|unix.FAN_UNLIMITED_QUEUE, unix.O_RDWR|unix.O_LARGEFILE)
 	if err != nil {
@@ -35,6 +40,14 @@ func New() (*Group, error) {
 			return nil, ErrUnsupported
 		}
 		return nil, fmt.Errorf("fanotify_init: %w", err)
+	}
+	// Kernels before 6.14 create the group (pre-content is an old class)
+	// but refuse FAN_PRE_ACCESS in any mark: ask now, at start, rather
+	// than at the first mount. Removing a mark that is not there checks
+	// the mask first (EINVAL for an unknown event) and has no effect.
+	if err := unix.FanotifyMark(fd, unix.FAN_MARK_REMOVE, unix.FAN_PRE_ACCESS, unix.AT_FDCWD, "/"); errors.Is(err, unix.EINVAL) {
+		unix.Close(fd)
+		return nil, ErrUnsupported
 	}
 	return &Group{fd: fd}, nil
 }
@@ -53,6 +66,9 @@ func (g *Group) Mark(path string) error {
 	if err := unix.FanotifyMark(g.fd, unix.FAN_MARK_ADD, unix.FAN_PRE_ACCESS, unix.AT_FDCWD, path); err != nil {
 		if errors.Is(err, unix.EINVAL) {
 			return fmt.Errorf("fanotify_mark %s: %w (%w)", path, err, ErrUnsupported)
+		}
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			return fmt.Errorf("fanotify_mark %s: %w: %w", path, ErrNoPreContentFS, err)
 		}
 		return fmt.Errorf("fanotify_mark %s: %w", path, err)
 	}
