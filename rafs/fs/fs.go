@@ -472,29 +472,7 @@ func (f *FS) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Status {
 	if in.Mask&2 != 0 { // W_OK
 		return fuse.EROFS
 	}
-	return checkAccess(i, in.Caller, in.Mask)
-}
-
-func checkAccess(i *rafs.Inode, c fuse.Caller, mask uint32) fuse.Status {
-	mask &= 7
-	if mask == 0 {
-		return fuse.OK
-	}
-	if c.Uid == 0 {
-		// Root may read anything, and execute anything with an x bit or a directory.
-		if mask&1 != 0 && !i.IsDir() && i.Mode&0o111 == 0 {
-			return fuse.EACCES
-		}
-		return fuse.OK
-	}
-	perm := i.Mode & 7
-	switch {
-	case c.Uid == i.UID:
-		perm = (i.Mode >> 6) & 7
-	case c.Gid == i.GID:
-		perm = (i.Mode >> 3) & 7
-	}
-	if perm&mask != mask {
+	if !rafs.Allows(i.Mode, i.UID, i.GID, in.Uid, in.Gid, in.Mask) {
 		return fuse.EACCES
 	}
 	return fuse.OK

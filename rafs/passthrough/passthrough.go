@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/rafsd/rafsd/rafs"
 	"golang.org/x/sys/unix"
 )
 
@@ -710,24 +711,7 @@ func (f *FS) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Status {
 	if err := fstat(n.fd, &s); err != nil {
 		return errno(err)
 	}
-	mask := in.Mask & 7
-	if mask == 0 {
-		return fuse.OK
-	}
-	if in.Uid == 0 {
-		if mask&1 != 0 && s.Mode&syscall.S_IFMT != syscall.S_IFDIR && s.Mode&0o111 == 0 {
-			return fuse.EACCES
-		}
-		return fuse.OK
-	}
-	perm := s.Mode & 7
-	switch {
-	case in.Uid == s.Uid:
-		perm = (s.Mode >> 6) & 7
-	case in.Gid == s.Gid:
-		perm = (s.Mode >> 3) & 7
-	}
-	if perm&mask != mask {
+	if !rafs.Allows(s.Mode, s.Uid, s.Gid, in.Uid, in.Gid, in.Mask) {
 		return fuse.EACCES
 	}
 	return fuse.OK
