@@ -141,6 +141,7 @@ func (d *Daemon) BindBlob(req *BindRequest) error {
 	if err != nil {
 		return fmt.Errorf("cachefiles: bind %s: %w", req.ID, err)
 	}
+	bootstrap.ReleaseMemory()
 	if img.Version != 6 {
 		return fmt.Errorf("cachefiles: bind %s: RAFS v%d bootstrap; EROFS over fscache needs RAFS v6", req.ID, img.Version)
 	}

@@ -609,6 +609,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 		if img, err = bootstrap.Open(boot); err != nil {
 			return nil, fmt.Errorf("fanotifyfs: %w: %w", ErrInvalid, err)
 		}
+		bootstrap.ReleaseMemory()
 	}
 	if img.Version != 6 {
 		return nil, fmt.Errorf("fanotifyfs: %w: %s is a RAFS v%d bootstrap; the kernel mounts only v6", ErrInvalid, boot, img.Version)

@@ -100,6 +100,7 @@ func (d *Daemon) openRafs(cmd MountCmd) (*instance, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: bootstrap %s: %v", ErrInvalid, cmd.Source, err)
 	}
+	bootstrap.ReleaseMemory()
 	if len(cmd.PrefetchFiles) > 0 {
 		img.Prefetch = prefetchInodes(img, cmd.PrefetchFiles)
 	}
