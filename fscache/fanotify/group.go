@@ -29,7 +29,7 @@ type Group struct {
 
 // ErrNoPreContentFS is wrapped by Mark for a file on a filesystem that
 // does not allow pre-content events.
-var ErrNoPreContentFS = errors.New("the cache file's filesystem does not allow fanotify pre-content events (tmpfs, overlayfs and network filesystems do not; put the cache directory on ext4, xfs or btrfs)")
+var ErrNoPreContentFS = errors.New("the cache file's filesystem does not allow fanotify pre-content events (tmpfs, for one): put the cache directory on ext4, xfs or btrfs")
 
 // New creates a pre-content fanotify group. It fails with ErrUnsupported
 // on a kernel that cannot mark files for FAN_PRE_ACCESS.

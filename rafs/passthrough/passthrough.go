@@ -28,8 +28,9 @@ import (
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
-	"github.com/rafsd/rafsd/rafs"
 	"golang.org/x/sys/unix"
+
+	"github.com/rafsd/rafsd/rafs"
 )
 
 // Options tune the cache timeouts handed to the kernel. The directory may
