@@ -231,6 +231,9 @@ func (d *decoder) readChunks(ext *extSuperBlock) error {
 	if err := d.table("chunk table", ext.ChunkTableOffset, ext.ChunkTableSize, ChunkInfoSize); err != nil {
 		return err
 	}
+	// Sized once (the table lies within the bootstrap, checked above):
+	// a 100k-chunk map grown entry by entry rehashes ~17 times.
+	d.chunks = make(map[chunkKey]*rafs.Chunk, ext.ChunkTableSize/ChunkInfoSize)
 	buf := make([]byte, ext.ChunkTableSize)
 	if err := d.rd.ReadRaw(buf, int64(ext.ChunkTableOffset)); err != nil {
 		return err
@@ -264,7 +267,11 @@ func (d *decoder) readChunks(ext *extSuperBlock) error {
 // walk discovers every inode reachable from the root, depth-first in name
 // order, and reads each directory once.
 func (d *decoder) walk() error {
-	d.byNid = map[uint64]*node{}
+	// The superblock's inode count is a hint only (a hostile one is
+	// bounded by what the bootstrap can hold).
+	hint := min(d.rd.SuperBlock().Inos, d.size/erofs.SlotSize)
+	d.byNid = make(map[uint64]*node, hint)
+	d.nodes = make([]*node, 0, hint)
 	root, err := d.visit(d.rd.RootNid(), nil)
 	if err != nil {
 		return err
@@ -373,6 +380,9 @@ func (d *decoder) buildInodes() error {
 		}
 		switch {
 		case in.IsDir():
+			if len(nd.ents) > 2 {
+				ri.Entries = make([]rafs.Dirent, 0, len(nd.ents)-2)
+			}
 			for _, e := range nd.ents {
 				if e.Name == "." || e.Name == ".." {
 					continue
@@ -415,7 +425,7 @@ func (d *decoder) fileChunks(in *erofs.Inode) ([]rafs.FileChunk, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out []rafs.FileChunk
+	out := make([]rafs.FileChunk, 0, len(idx))
 	for k, ci := range idx {
 		if ci.BlkAddr == erofs.NullAddr {
 			continue // a hole
@@ -429,6 +439,9 @@ func (d *decoder) fileChunks(in *erofs.Inode) ([]rafs.FileChunk, error) {
 			return nil, invalid("nid %d chunk %d: no chunk record for blob %d index %d block %d", in.Nid, k, key.blob, key.ciIndex, key.blkAddr)
 		}
 		out = append(out, rafs.FileChunk{FileOffset: uint64(k) * cs, Chunk: c})
+	}
+	if len(out) == 0 {
+		return nil, nil // all holes
 	}
 	return out, nil
 }
