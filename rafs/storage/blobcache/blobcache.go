@@ -360,10 +360,23 @@ func (b *Blob) Flush() error {
 		return nil
 	}
 	if err := unix.Fdatasync(int(b.data.Fd())); err != nil {
+		// A failed writeback may have lost the data (Linux marks the
+		// pages clean and reports the error once): a retry would succeed
+		// and mark chunks durable that never reached the disk, and the
+		// page cache may drop them and read back holes. Forget them, and
+		// those written meanwhile (their pages may have been in the failed
+		// writeback too); a later read fetches them again.
 		b.mu.Lock()
-		b.pending = append(b.pending, pend...)
+		pend = append(pend, b.pending...)
+		b.pending = nil
+		for _, i := range pend {
+			if b.bits[i/8]&mask(i) != 0 {
+				b.bits[i/8] &^= mask(i)
+				b.ready--
+			}
+		}
 		b.mu.Unlock()
-		return fmt.Errorf("blobcache: blob %s: fdatasync: %w", b.id, err)
+		return fmt.Errorf("blobcache: blob %s: fdatasync: %d chunks dropped from the cache: %w", b.id, len(pend), err)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
