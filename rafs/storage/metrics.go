@@ -18,6 +18,7 @@ type metrics struct {
 	failovers       *prometheus.CounterVec   // backend, from
 	cacheHits       prometheus.Counter
 	cacheMisses     prometheus.Counter
+	cacheWriteFails prometheus.Counter
 	digestFailures  *prometheus.CounterVec // source: cache|backend
 	readErrors      prometheus.Counter
 	prefetchQueued  prometheus.Counter
@@ -74,6 +75,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		})),
 		cacheMisses: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: "blobcache", Name: "misses_total", Help: "Chunk reads that had to fetch.",
+		})),
+		cacheWriteFails: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: "blobcache", Name: "write_errors_total",
+			Help: "Verified chunks the blob cache could not store (disk full, I/O error): handed out from memory and fetched again when next read.",
 		})),
 		digestFailures: register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: "chunk", Name: "digest_failures_total",

@@ -17,8 +17,10 @@ import (
 
 	"github.com/rafsd/rafsd/rafs"
 	"github.com/rafsd/rafsd/rafs/codec"
+	"github.com/rafsd/rafsd/rafs/fs/fstest"
 	"github.com/rafsd/rafsd/rafs/storage/backend"
 	"github.com/rafsd/rafsd/rafs/storage/blobcache"
+	"golang.org/x/sys/unix"
 )
 
 func localConfig(blobDir, cacheType, workDir string, compressed, validate bool, batch int) string {
@@ -429,5 +431,58 @@ func TestNewRejects(t *testing.T) {
 		if _, err := New(parseConfig(t, tc.js)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("New(%s) = %v, want %q", tc.js, err, tc.want)
 		}
+	}
+}
+
+// TestCacheDiskFull: with the cache on a filesystem that fills up (a
+// 1 MiB tmpfs for a 4 MiB blob), every read still returns the right
+// bytes (fetched, verified, handed out from memory when the cache write
+// fails with ENOSPC), only the chunks that fit count as cached, and a
+// kernel-mode fill, which needs the bytes in the cache file, fails with
+// EIO rather than letting the kernel read a hole.
+func TestCacheDiskFull(t *testing.T) {
+	fstest.RequireRoot(t)
+	ti := buildImage(t, makeContent(41, 4<<20), 256<<10, codec.None)
+	dir := t.TempDir()
+	ti.writeBlob(t, dir)
+	work := filepath.Join(dir, "cache")
+	if err := os.Mkdir(work, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", work, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(work, 0); err != nil {
+			t.Errorf("unmount %s: %v", work, err)
+		}
+	})
+	f, reg := newFetcher(t, parseConfig(t, localConfig(dir, "blobcache", work, false, false, 1<<20)))
+	addImage(t, f, ti.img)
+	for round := range 2 {
+		if got := ti.readAll(t, f); !bytes.Equal(got, ti.content) {
+			t.Fatalf("round %d: wrong bytes with the cache disk full", round)
+		}
+	}
+	cb := f.CacheBlob(ti.img.Blobs[0])
+	ready, total := cb.Ready()
+	if ready == 0 || ready >= total {
+		t.Fatalf("cached %d/%d chunks on a 1 MiB cache for a 4 MiB blob: want some, not all", ready, total)
+	}
+	// Every chunk that did not fit failed at least once per round (a
+	// read-ahead and a read may each fetch one that is not cached).
+	settle(f)
+	if got, least := metric(t, reg, "rafsd_blobcache_write_errors_total", nil), float64(2*(total-ready)); got < least {
+		t.Errorf("cache write errors = %v, want at least %v", got, least)
+	}
+	var missing []*rafs.Chunk
+	for _, fc := range ti.file().Chunks {
+		if !cb.Has(fc.Chunk.Index) {
+			missing = append(missing, fc.Chunk)
+		}
+	}
+	err := f.EnsureChunks(context.Background(), ti.img.Blobs[0], missing)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("EnsureChunks of %d chunks that cannot be cached: %v, want EIO", len(missing), err)
 	}
 }

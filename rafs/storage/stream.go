@@ -774,6 +774,7 @@ func (f *Fetcher) keep(bs *blobState, v verified) {
 			w.Off, w.Data = int64(c.CompressedOffset), v.stored
 		}
 		if werr := bs.cache.WriteChunks([]blobcache.Write{w}); werr != nil {
+			f.m.cacheWriteFails.Inc()
 			f.log.Warn("storage: caching chunk failed", "blob", bs.blob.ID, "chunk", c.Index, "err", werr)
 		}
 	}
