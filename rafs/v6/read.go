@@ -267,9 +267,10 @@ func (d *decoder) readChunks(ext *extSuperBlock) error {
 // walk discovers every inode reachable from the root, depth-first in name
 // order, and reads each directory once.
 func (d *decoder) walk() error {
-	// The superblock's inode count is a hint only (a hostile one is
-	// bounded by what the bootstrap can hold).
-	hint := min(d.rd.SuperBlock().Inos, d.size/erofs.SlotSize)
+	// The superblock's inode count is a hint only: a hostile one is
+	// bounded by what the bootstrap can hold, and beyond a million the
+	// map grows as inodes are found.
+	hint := min(d.rd.SuperBlock().Inos, d.size/erofs.SlotSize, 1<<20)
 	d.byNid = make(map[uint64]*node, hint)
 	d.nodes = make([]*node, 0, hint)
 	root, err := d.visit(d.rd.RootNid(), nil)
