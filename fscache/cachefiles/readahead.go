@@ -2,7 +2,6 @@ package cachefiles
 
 import (
 	"context"
-	"sort"
 	"time"
 
 	"github.com/rafsd/rafsd/rafs"
@@ -22,74 +21,6 @@ const (
 	minReadAhead = 256 << 10
 	maxReadAhead = 2 << 20
 )
-
-// extent is a run of one file's chunks stored contiguously in a blob's
-// uncompressed space (references to chunks stored earlier, deduplicated,
-// do not break it).
-type extent struct{ lo, hi uint64 }
-
-// fileExtents returns the extents of every regular file of img in blob
-// b, sorted by start.
-func fileExtents(img *rafs.Image, b *rafs.Blob) []extent {
-	var out []extent
-	for i := range img.Inodes {
-		ino := img.Inodes[i]
-		if ino == nil {
-			continue
-		}
-		var cur extent
-		open := false
-		for _, fc := range ino.Chunks {
-			if fc.Chunk == nil {
-				continue
-			}
-			if cb, err := img.Blob(fc.Chunk); err != nil || cb.ID != b.ID {
-				continue
-			}
-			lo, hi := fc.UncompressedOffset, fc.UncompressedOffset+uint64(fc.UncompressedSize)
-			switch {
-			case open && lo >= cur.hi && lo <= roundUp(cur.hi):
-				cur.hi = hi
-				continue
-			case open && lo < cur.hi:
-				// A chunk stored earlier (deduplicated, e.g. zeros): the
-				// file's own data goes on after it.
-				continue
-			}
-			if open {
-				out = append(out, cur)
-			}
-			cur, open = extent{lo, hi}, true
-		}
-		if open {
-			out = append(out, cur)
-		}
-	}
-	sortExtents(out)
-	return out
-}
-
-func sortExtents(e []extent) {
-	sort.Slice(e, func(a, b int) bool {
-		if e[a].lo != e[b].lo {
-			return e[a].lo < e[b].lo
-		}
-		return e[a].hi > e[b].hi
-	})
-}
-
-// extentAt returns an extent holding offset off, if any. Extents of
-// different files overlap only where chunks are deduplicated, so looking
-// a few back from the last one starting at or before off is enough.
-func extentAt(es []extent, off uint64) (extent, bool) {
-	k := sort.Search(len(es), func(i int) bool { return es[i].lo > off }) - 1
-	for n := 0; k >= 0 && n < 8; k, n = k-1, n+1 {
-		if off < es[k].hi {
-			return es[k], true
-		}
-	}
-	return extent{}, false
-}
 
 // flight is a run of chunks being written into an object's cache file by
 // a READ or a read-ahead: others wanting the same run wait for it.
@@ -198,16 +129,16 @@ func (d *Daemon) readAhead(o *object, r ReadMsg) {
 	if o.closing {
 		return
 	}
-	e, ok := extentAt(o.blob.extents, end-1)
-	if !ok || e.hi <= end {
+	e, ok := rafs.ExtentAt(o.blob.extents, end-1)
+	if !ok || e.Hi <= end {
 		return
 	}
-	seq := (r.Off <= prev && prev <= end) || roundDown(r.Off) <= e.lo
+	seq := (r.Off <= prev && prev <= end) || roundDown(r.Off) <= e.Lo
 	if !seq {
 		return
 	}
 	window := min(max(4*r.Len, minReadAhead), maxReadAhead)
-	lo, hi := max(end, o.raHi), min(e.hi, end+window)
+	lo, hi := max(end, o.raHi), min(e.Hi, end+window)
 	if lo >= hi {
 		return
 	}

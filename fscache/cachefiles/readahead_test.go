@@ -23,7 +23,7 @@ func TestReadAhead(t *testing.T) {
 		t.Fatal(err)
 	}
 	blob := im.img.Blobs[0]
-	extentOf := func(path string) extent {
+	extentOf := func(path string) rafs.Extent {
 		var ino *rafs.Inode
 		im.img.Walk(func(p string, i *rafs.Inode) error {
 			if p == path {
@@ -34,7 +34,7 @@ func TestReadAhead(t *testing.T) {
 		if ino == nil {
 			t.Fatalf("%s not in the image", path)
 		}
-		es := fileExtents(&rafs.Image{Inodes: []*rafs.Inode{ino}, Blobs: im.img.Blobs}, blob)
+		es := (&rafs.Image{Inodes: []*rafs.Inode{ino}, Blobs: im.img.Blobs}).FileExtents(blob)
 		if len(es) != 1 {
 			t.Fatalf("%s: %d extents, want 1 (the builder stores a file's chunks together)", path, len(es))
 		}
@@ -47,27 +47,27 @@ func TestReadAhead(t *testing.T) {
 	fetched := func() uint64 { return o.im.fetcher.BackendMetrics().ReadAmountTotal }
 
 	// The kernel's first READ of a/big: 128 KiB at its start.
-	r := ReadMsg{Off: big.lo, Len: 128 << 10}
+	r := ReadMsg{Off: big.Lo, Len: 128 << 10}
 	if err := d.fill(context.Background(), o, r); err != nil {
 		t.Fatal(err)
 	}
 	d.readAhead(o, r)
 	d.bg.Wait()
-	want := min(big.hi, r.Off+r.Len+minReadAhead*2) // 4 x 128 KiB window
-	if !present(fd, roundDown(big.lo), roundDown(want)) {
-		t.Fatalf("read-ahead did not fill [%d, %d)", big.lo, want)
+	want := min(big.Hi, r.Off+r.Len+minReadAhead*2) // 4 x 128 KiB window
+	if !present(fd, roundDown(big.Lo), roundDown(want)) {
+		t.Fatalf("read-ahead did not fill [%d, %d)", big.Lo, want)
 	}
 	if s := d.Stats(); s.ReadAheads != 1 || s.ReadAheadBytes == 0 || s.ReadAheadBytes > maxReadAhead+64<<10 {
 		t.Fatalf("read-ahead stats %+v", s)
 	}
 	cache, _ := os.ReadFile(path)
-	if n := checkFiles(t, im, blob, cache, func(c *rafs.Chunk) bool { return chunkEnd(c) <= want && c.UncompressedOffset >= big.lo }); n == 0 {
+	if n := checkFiles(t, im, blob, cache, func(c *rafs.Chunk) bool { return chunkEnd(c) <= want && c.UncompressedOffset >= big.Lo }); n == 0 {
 		t.Fatal("no read-ahead chunk checked")
 	}
 
 	// A READ of what read-ahead wrote fetches nothing.
 	before := fetched()
-	if err := d.fill(context.Background(), o, ReadMsg{Off: big.lo + 256<<10, Len: 128 << 10}); err != nil {
+	if err := d.fill(context.Background(), o, ReadMsg{Off: big.Lo + 256<<10, Len: 128 << 10}); err != nil {
 		t.Fatal(err)
 	}
 	if fetched() != before {
@@ -75,19 +75,19 @@ func TestReadAhead(t *testing.T) {
 	}
 
 	// The last READ of a/big: read-ahead stops at the file's end.
-	r = ReadMsg{Off: roundDown(big.hi - 64<<10), Len: 64 << 10}
+	r = ReadMsg{Off: roundDown(big.Hi - 64<<10), Len: 64 << 10}
 	if err := d.fill(context.Background(), o, r); err != nil {
 		t.Fatal(err)
 	}
 	d.readAhead(o, r)
 	d.bg.Wait()
-	if next.lo >= roundUp(big.hi) && present(fd, next.lo, next.lo+pageSize) {
+	if next.Lo >= roundUp(big.Hi) && present(fd, next.Lo, next.Lo+pageSize) {
 		t.Fatal("read-ahead crossed into the next file")
 	}
 
 	// A random READ in the middle of b/next starts nothing.
 	n := d.Stats().ReadAheads
-	r = ReadMsg{Off: roundDown(next.lo + (next.hi-next.lo)/2), Len: 4096}
+	r = ReadMsg{Off: roundDown(next.Lo + (next.Hi-next.Lo)/2), Len: 4096}
 	if err := d.fill(context.Background(), o, r); err != nil {
 		t.Fatal(err)
 	}

@@ -71,7 +71,7 @@ type sharedBlob struct {
 	users  []*image
 	size   uint64 // object size answered to OPEN
 	// extents are the files' chunk runs, bounding read-ahead.
-	extents []extent
+	extents []rafs.Extent
 }
 
 type key struct{ domain, name string }
@@ -174,8 +174,8 @@ func (d *Daemon) BindBlob(req *BindRequest) error {
 		}
 		sb.users = append(sb.users, im)
 		sb.layout.Chunks = mergeChunks(sb.layout.Chunks, l.Chunks)
-		ext := append(append([]extent(nil), sb.extents...), fileExtents(img, l.Blob)...)
-		sortExtents(ext)
+		ext := append(append([]rafs.Extent(nil), sb.extents...), img.FileExtents(l.Blob)...)
+		rafs.SortExtents(ext)
 		sb.extents = ext // replaced, never modified: READs use it unlocked
 		sb.size = max(sb.size, objectSize(&sb.layout))
 	}

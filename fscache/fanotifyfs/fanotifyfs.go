@@ -170,47 +170,22 @@ type blobFile struct {
 	runEnd []uint64
 }
 
-// runEnds computes blobFile.runEnd for blob blobIndex of img.
-func runEnds(l rafs.BlobLayout, img *rafs.Image, blobIndex int) []uint64 {
+// runEnds computes blobFile.runEnd: for each chunk of l, the end of the
+// file extent holding it (rafs.Image.FileExtents), or its own end.
+func runEnds(l rafs.BlobLayout, img *rafs.Image) []uint64 {
+	es := img.FileExtents(l.Blob)
 	ends := make([]uint64, len(l.Chunks))
-	pos := make(map[uint64]int, len(l.Chunks))
 	for i, c := range l.Chunks {
-		pos[c.UncompressedOffset] = i
 		ends[i] = c.UncompressedOffset + uint64(c.UncompressedSize)
-	}
-	var run []int
-	flush := func() {
-		if len(run) == 0 {
-			return
+		if e, ok := rafs.ExtentAt(es, c.UncompressedOffset); ok {
+			ends[i] = max(ends[i], e.Hi)
 		}
-		end := ends[run[len(run)-1]]
-		for _, p := range run {
-			ends[p] = max(ends[p], end)
-		}
-		run = run[:0]
-	}
-	for _, in := range img.Inodes {
-		for _, fc := range in.Chunks {
-			p, ok := pos[fc.UncompressedOffset]
-			if int(fc.BlobIndex) != blobIndex || !ok {
-				flush()
-				continue
-			}
-			if len(run) > 0 {
-				last := l.Chunks[run[len(run)-1]]
-				if last.UncompressedOffset+uint64(last.UncompressedSize) != fc.UncompressedOffset {
-					flush()
-				}
-			}
-			run = append(run, p)
-		}
-		flush()
 	}
 	return ends
 }
 
-func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout, img *rafs.Image, blobIndex int) *blobFile {
-	bf := &blobFile{path: path, f: f, layout: l, present: make([]atomic.Bool, len(l.Chunks)), runEnd: runEnds(l, img, blobIndex)}
+func newBlobFile(path string, f *storage.Fetcher, l rafs.BlobLayout, img *rafs.Image) *blobFile {
+	bf := &blobFile{path: path, f: f, layout: l, present: make([]atomic.Bool, len(l.Chunks)), runEnd: runEnds(l, img)}
 	bf.missing.Store(int64(len(l.Chunks)))
 	for i := range l.Chunks {
 		bf.has(i)
@@ -637,7 +612,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 	}()
 	// Opening the cache files here, before they are marked, keeps the
 	// fetcher's own I/O on them free of events.
-	for bi, l := range img.BlobLayouts() {
+	for _, l := range img.BlobLayouts() {
 		path, err := opts.Fetcher.CachePath(l.Blob)
 		if err != nil {
 			return nil, fmt.Errorf("fanotifyfs: %w", err)
@@ -650,7 +625,7 @@ func (s *Server) mount(opts Options, adopt bool) (*Mount, error) {
 		s.mu.Lock()
 		bf := s.file(k.dev, k.ino)
 		if bf == nil {
-			bf = newBlobFile(path, opts.Fetcher, l, img, bi)
+			bf = newBlobFile(path, opts.Fetcher, l, img)
 			s.setFile(k, bf)
 		} else if bf.f != opts.Fetcher {
 			// Two fetchers over one cache file would each trust only
