@@ -6,8 +6,9 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
-	"sync"
 	"syscall"
+
+	"golang.org/x/sync/errgroup"
 
 	"github.com/rafsd/rafsd/rafs"
 )
@@ -60,22 +61,12 @@ func (f *Fetcher) ReadChunks(ctx context.Context, b *rafs.Blob, chunks []*rafs.C
 		runs = append(runs, order[:n])
 		order = order[n:]
 	}
-	if len(runs) == 1 {
-		return f.readRun(ctx, b, chunks, bufs, runs[0])
+	var g errgroup.Group
+	g.SetLimit(runParallelism)
+	for _, run := range runs {
+		g.Go(func() error { return f.readRun(ctx, b, chunks, bufs, run) })
 	}
-	errs := make([]error, len(runs))
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, runParallelism)
-	for k, run := range runs {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			errs[k] = f.readRun(ctx, b, chunks, bufs, run)
-		}()
-	}
-	wg.Wait()
-	return firstError(errs)
+	return g.Wait()
 }
 
 // A set of chunks is fetched in pieces of at most maxRunPiece bytes (or
@@ -88,15 +79,6 @@ const (
 	maxRunPiece    = 256 << 10
 	runParallelism = 4
 )
-
-func firstError(errs []error) error {
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
 
 // runLen is how many of the chunks named by order (sorted by compressed
 // offset) one request fetches: those stored back to back (or twice the
@@ -135,29 +117,24 @@ func (f *Fetcher) readRun(ctx context.Context, b *rafs.Blob, chunks []*rafs.Chun
 	}
 	// Decompressing and hashing is the CPU work of a run: its chunks are
 	// decoded in parallel.
-	errs := make([]error, len(run))
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
-	for k, i := range run {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
+	var g errgroup.Group
+	g.SetLimit(runtime.GOMAXPROCS(0))
+	for _, i := range run {
+		g.Go(func() error {
 			c := chunks[i]
 			// Decompressed straight into the caller's buffer (a chunk
 			// stored as it is comes back as raw and is copied).
 			data, err := rafs.DecodeChunkInto(b, c, raw[c.CompressedOffset-start:chunkEnd(c)-start], bufs[i])
 			if err != nil {
 				if data, _, err = f.refetch(ctx, b, c, err); err != nil {
-					errs[k] = f.chunkFailed(b, c, err)
-					return
+					return f.chunkFailed(b, c, err)
 				}
 			}
 			if len(data) > 0 && &data[0] != &bufs[i][0] {
 				copy(bufs[i], data)
 			}
-		}()
+			return nil
+		})
 	}
-	wg.Wait()
-	return firstError(errs)
+	return g.Wait()
 }
