@@ -27,8 +27,7 @@ func TestAPIDaemonInfoRemountBlobcache(t *testing.T) {
 	}
 	metricsAddr := l.Addr().String()
 	l.Close()
-	d := startDaemon(t, mnt, "--id", "daemon-7", "--metrics-addr", metricsAddr)
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt, "--id", "daemon-7", "--metrics-addr", metricsAddr)
 
 	work := t.TempDir()
 	cacheConfig := func(img *image) string {

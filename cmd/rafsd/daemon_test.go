@@ -144,6 +144,14 @@ func startDaemon(t *testing.T, mnt string, args ...string) *proc {
 	return startDaemonAt(t, mnt, filepath.Join(t.TempDir(), "api.sock"), args...)
 }
 
+// runningDaemon is startDaemon, then waits until the daemon says RUNNING.
+func runningDaemon(t *testing.T, mnt string, args ...string) *proc {
+	t.Helper()
+	d := startDaemon(t, mnt, args...)
+	d.waitState("RUNNING")
+	return d
+}
+
 // startDaemonAt is startDaemon with a given API socket path: a daemon
 // restarted after a crash keeps its predecessor's command line.
 func startDaemonAt(t *testing.T, mnt, apisock string, args ...string) *proc {
@@ -452,8 +460,7 @@ func TestServeBootstrapAndSIGTERM(t *testing.T) {
 	requireRoot(t)
 	img := makeImage(t, "serve")
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs, "--thread-num", "2")
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs, "--thread-num", "2")
 	checkTree(t, img, mnt)
 
 	var mounts []map[string]any
@@ -521,8 +528,7 @@ func TestAPIBadInputKeepsServing(t *testing.T) {
 	requireRoot(t)
 	img := makeImage(t, "bad")
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt)
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt)
 	good := rafsMount(img.bootstrap, localfsConfig(img.blobs))
 	d.mustCall("POST", "/api/v1/mount?mountpoint=/ok", good)
 	garbage := filepath.Join(t.TempDir(), "garbage")
@@ -575,8 +581,7 @@ func TestTwoMountsUmountWhileReading(t *testing.T) {
 	shared := t.TempDir()
 	os.WriteFile(filepath.Join(shared, "host.txt"), []byte("from the host"), 0o644)
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt, "--writable")
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt, "--writable")
 	mount := func(p string, img *image) {
 		if st, out := d.call("POST", "/api/v1/mount?mountpoint="+p, rafsMount(img.bootstrap, localfsConfig(img.blobs))); st != http.StatusNoContent {
 			t.Fatalf("mount %s: %d %s", p, st, out)
@@ -684,8 +689,7 @@ func TestTakeoverNoErrors(t *testing.T) {
 			unix.Close(sup.fd)
 		}
 	})
-	a := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs, "--supervisor", sup.path, "--id", "d1", "--thread-num", "2")
-	a.waitState("RUNNING")
+	a := runningDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs, "--supervisor", sup.path, "--id", "d1", "--thread-num", "2")
 	// A second image mounted through the API must come back at its index.
 	b := makeImage(t, "second")
 	mnt2 := t.TempDir()
@@ -929,8 +933,7 @@ func TestMetricsFilesPatternInflight(t *testing.T) {
 	requireRoot(t)
 	img := makeImage(t, "metrics")
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt)
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt)
 	acct := localfsConfig(img.blobs, map[string]any{"iostats_files": true, "access_pattern": true, "latest_read_files": true})
 	for _, m := range []struct{ path, config string }{{"/acct", acct}, {"/plain", localfsConfig(img.blobs)}} {
 		d.mustCall("POST", "/api/v1/mount?mountpoint="+m.path, rafsMount(img.bootstrap, m.config))
@@ -1072,8 +1075,7 @@ func TestMetricsInflightDuringRead(t *testing.T) {
 	// takes many seconds to come, the READ stays in flight meanwhile.
 	p := capproxy.Start(t, reg.Addr, 32<<10)
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", registryConfig(t, p.Addr, "test/inflight"), "--thread-num", "2")
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", registryConfig(t, p.Addr, "test/inflight"), "--thread-num", "2")
 	done := make(chan error, 1)
 	go func() {
 		_, err := directRead(filepath.Join(mnt, "dir/big.bin"), make([]byte, 4<<20))
@@ -1133,8 +1135,7 @@ func TestBackendKilledMidRead(t *testing.T) {
 	reg := registrytest.Start(t, registrytest.Options{})
 	pushBlobs(t, reg, "test/backend", img)
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", registryConfig(t, reg.Addr, "test/backend"))
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt, "--bootstrap", img.bootstrap, "--config", registryConfig(t, reg.Addr, "test/backend"))
 	small := filepath.Join(mnt, "dir/sub/a.txt")
 	if got, err := directRead(small, make([]byte, 1<<20)); err != nil || !bytes.Equal(got, img.files["dir/sub/a.txt"]) {
 		t.Fatalf("read before the kill: %v", err)
@@ -1227,8 +1228,7 @@ func TestTakeoverPassthroughKeepsNodes(t *testing.T) {
 			unix.Close(sup.fd)
 		}
 	})
-	a := startDaemon(t, mnt, "--shared-dir", shared, "--writable", "--supervisor", sup.path, "--id", "p1")
-	a.waitState("RUNNING")
+	a := runningDaemon(t, mnt, "--shared-dir", shared, "--writable", "--supervisor", sup.path, "--id", "p1")
 	f, err := os.OpenFile(filepath.Join(mnt, "sub/f.txt"), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -1299,8 +1299,7 @@ func TestKernelTimeoutsFromConfig(t *testing.T) {
 	requireRoot(t)
 	img := makeImage(t, "timeouts")
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt)
-	d.waitState("RUNNING")
+	d := runningDaemon(t, mnt)
 	mount := func(path string, extra map[string]any) {
 		cfg := localfsConfig(img.blobs, map[string]any{"iostats_files": true}, extra)
 		d.mustCall("POST", "/api/v1/mount?mountpoint="+path, rafsMount(img.bootstrap, cfg))

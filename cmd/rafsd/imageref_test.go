@@ -102,8 +102,7 @@ func TestMountImageRef(t *testing.T) {
 	pushNydus(t, img, ref)
 
 	mnt := t.TempDir()
-	d := startDaemon(t, mnt, "--image", ref)
-	d.waitState("RUNNING")
+	runningDaemon(t, mnt, "--image", ref)
 	diffTree(t, img.src, mnt)
 
 	// The same tree as an --oci-ref image: its blob is the OCI layer
@@ -111,8 +110,7 @@ func TestMountImageRef(t *testing.T) {
 	zref := reg.Addr + "/rafsd/app:nydus-oci-ref"
 	layout := pushNydus(t, img, zref, "--oci-ref")
 	zmnt := t.TempDir()
-	zd := startDaemon(t, zmnt, "--image", zref)
-	zd.waitState("RUNNING")
+	runningDaemon(t, zmnt, "--image", zref)
 	diffTree(t, img.src, zmnt)
 
 	// With --config, that config reads the blobs: here a localfs backend
@@ -130,8 +128,7 @@ func TestMountImageRef(t *testing.T) {
 		t.Fatal(err)
 	}
 	lmnt := t.TempDir()
-	ld := startDaemon(t, lmnt, "--image", zref, "--config", cfg)
-	ld.waitState("RUNNING")
+	runningDaemon(t, lmnt, "--image", zref, "--config", cfg)
 	reg.Stop()
 	diffTree(t, img.src, lmnt)
 }

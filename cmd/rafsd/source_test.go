@@ -198,8 +198,7 @@ func TestMountMatchesSource(t *testing.T) {
 
 			t.Run("localfs", func(t *testing.T) {
 				mnt := t.TempDir()
-				d := startDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs)
-				d.waitState("RUNNING")
+				runningDaemon(t, mnt, "--bootstrap", img.bootstrap, "--localfs-dir", img.blobs)
 				compareSource(t, src, mnt, uint64(k))
 			})
 
@@ -268,16 +267,14 @@ func TestNydusFixturesThroughDaemon(t *testing.T) {
 	t.Run("v5-none-sha256", func(t *testing.T) {
 		dir := filepath.Join(fixtures, "v5-none-sha256")
 		mnt := t.TempDir()
-		d := startDaemon(t, mnt, "--bootstrap", filepath.Join(dir, "bootstrap"), "--localfs-dir", filepath.Join(dir, "blobs"))
-		d.waitState("RUNNING")
+		runningDaemon(t, mnt, "--bootstrap", filepath.Join(dir, "bootstrap"), "--localfs-dir", filepath.Join(dir, "blobs"))
 		_, md5s := testutil.ExpectedTree(t, dir)
 		testutil.CheckMD5s(t, mnt, md5s, 10)
 	})
 	t.Run("v6-zstd-blake3", func(t *testing.T) {
 		dir := filepath.Join(fixtures, "v6-zstd-blake3")
 		mnt := t.TempDir()
-		d := startDaemon(t, mnt, "--bootstrap", filepath.Join(dir, "bootstrap"), "--localfs-dir", filepath.Join(dir, "blobs"))
-		d.waitState("RUNNING")
+		runningDaemon(t, mnt, "--bootstrap", filepath.Join(dir, "bootstrap"), "--localfs-dir", filepath.Join(dir, "blobs"))
 		testutil.CheckSourceFiles(t, dir, mnt)
 	})
 }
